@@ -1,0 +1,54 @@
+"""Prometheus metrics, in a registry per gateway so tests can run several side by side."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_STATES = ("starting", "connecting", "authenticating", "connected", "backing_off", "auth_failed",
+           "stopped")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.readings_sampled = Counter("gatewayd_readings_sampled", "Readings read from devices",
+                                        ["device"], registry=r)
+        self.readings_queued = Counter("gatewayd_readings_queued", "Readings committed to the queue",
+                                       registry=r)
+        self.readings_sent = Counter("gatewayd_readings_sent", "Readings confirmed by an uplink's cloud",
+                                     ["uplink"], registry=r)
+        self.readings_acked = Counter("gatewayd_readings_acked", "Readings past an uplink's cursor",
+                                      ["uplink"], registry=r)
+        self.readings_dropped = Counter("gatewayd_readings_dropped", "Readings dropped, by reason",
+                                        ["uplink", "reason"], registry=r)
+        self.store_failures = Counter("gatewayd_queue_store_failures",
+                                      "Readings that could not be stored (disk full, read-only)",
+                                      ["reason"], registry=r)
+        self.device_failures = Counter("gatewayd_device_read_failures", "Failed device reads",
+                                       ["device"], registry=r)
+        self.commands = Counter("gatewayd_commands", "Commands by outcome",
+                                ["uplink", "outcome"], registry=r)
+        self.command_latency = Histogram("gatewayd_command_latency_seconds",
+                                         "Command execution time", ["uplink"], registry=r,
+                                         buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5, 30))
+        self.commit_latency = Histogram("gatewayd_queue_commit_seconds", "Queue commit time",
+                                        registry=r,
+                                        buckets=(0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1))
+        self.backlog_rows = Gauge("gatewayd_backlog_rows", "Rows past an uplink's cursor",
+                                  ["uplink"], registry=r)
+        self.backlog_bytes = Gauge("gatewayd_backlog_bytes", "Bytes past an uplink's cursor (approx.)",
+                                   ["uplink"], registry=r)
+        self.backlog_age = Gauge("gatewayd_backlog_oldest_age_seconds",
+                                 "Age of the oldest reading past an uplink's cursor",
+                                 ["uplink"], registry=r)
+        self.queue_rows = Gauge("gatewayd_queue_rows", "Rows in the queue", registry=r)
+        self.uplink_connected = Gauge("gatewayd_uplink_state", "1 for the uplink's current state",
+                                      ["uplink", "state"], registry=r)
+        self.uplink_errors = Counter("gatewayd_uplink_errors", "Uplink errors by kind",
+                                     ["uplink", "kind"], registry=r)
+        self.device_ok = Gauge("gatewayd_device_ok", "1 if the device's last read succeeded",
+                               ["device"], registry=r)
+
+    def uplink_state(self, uplink: str, state: str) -> None:
+        for s in _STATES:
+            self.uplink_connected.labels(uplink, s).set(1 if s == state else 0)
