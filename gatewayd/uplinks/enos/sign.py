@@ -44,7 +44,8 @@ def sign(params: Mapping[str, str], secret: str, method: str = "sha256") -> str:
     return digest.upper() if algo == "sha1" else digest
 
 
-def login_params(product_key: str, device_key: str, client_id: str, timestamp: str) -> dict[str, str]:
+def login_params(product_key: str, device_key: str, client_id: str,
+                 timestamp: str) -> dict[str, str]:
     """The four signed fields of a CONNECT or a sub-device login (nothing else is signed)."""
     return {
         "productKey": product_key,
