@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,9 @@ class Rig:
     def __init__(self, sim: EnosSimulator, tmp_path: Path) -> None:
         self.sim = sim
         self.tmp_path = tmp_path
-        self.queue = Queue(tmp_path / "queue.db", QueueConfig(commit_window=0.01), ["enos"])
+        # Test timestamps are in 2023: keep the queue from dropping them as too old.
+        qcfg = QueueConfig(commit_window=0.01, max_age=20 * 365 * 86400.0)
+        self.queue = Queue(tmp_path / "queue.db", qcfg, ["enos"])
         self.relay = LogActuator("relay", LogActuatorConfig(), buses=None)  # type: ignore[arg-type]
         self.dispatcher = Dispatcher(
             [CommandMap("switch", "relay", uplink="enos", device="relay",
@@ -108,19 +111,23 @@ class Rig:
         self.seq = 0
 
     async def __aenter__(self) -> Rig:
+        # aiomqtt connects in the loop's default executor: give it one this rig can end.
+        self._executor = ThreadPoolExecutor(2, thread_name_prefix="enos-test-executor")
+        asyncio.get_running_loop().set_default_executor(self._executor)
         await self.queue.open()
         self._tasks.append(asyncio.create_task(self.queue.run(), name="test-queue"))
         self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="test-dispatch"))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.stop_uplink()
-        for t in self._tasks:
-            t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.queue.close()
-        # aiomqtt connects in the loop's default executor; end its thread with the test.
-        await asyncio.get_running_loop().shutdown_default_executor()
+        try:
+            await self.stop_uplink()
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await self.queue.close()
+            self._executor.shutdown(wait=False)  # its idle threads exit at once
 
     def start_uplink(self, config: EnosConfig | None = None, **overrides: Any) -> EnosUplink:
         cfg = config or make_config(self.sim, **overrides)
@@ -135,6 +142,8 @@ class Rig:
 
     async def stop_uplink(self) -> None:
         if self.uplink is not None:
+            if self._uplink_task.done():  # run() must never end on its own: surface the bug
+                self._uplink_task.result()
             self._uplink_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._uplink_task

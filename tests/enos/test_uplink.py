@@ -24,3 +24,145 @@ async def test_live_data_goes_through_post_batch_for_logged_in_sub_devices(
     assert pts[("gw-001", "cpuLoad")].value == 0.25  # the gateway's own point, no keys
     await rig.acked(3)
     assert uplink.status()["points_post"] == 3
+
+
+async def test_wrong_secret_is_refused_and_waits_the_full_cap(rig: Rig, sim: EnosSimulator) -> None:
+    from gatewayd.schema import Secret
+    uplink = rig.start_uplink(device_secret=Secret("not-the-secret"), backoff_cap=30.0)
+    await rig.wait_state("auth_failed")
+    assert "refused the login" in uplink.last_error
+    assert [c.code for c in sim.hub.connects] == [4]  # CONNACK: bad username or password
+    assert not sim.online(GW)
+    assert "not-the-secret" not in str(uplink.status())
+
+
+async def test_dynamic_activation_persists_the_secret_0600_and_reconnects_with_it(
+        rig: Rig, sim: EnosSimulator) -> None:
+    from gatewayd.schema import Secret
+    uplink = rig.start_uplink(product_key="DYNPK", device_key="dyn-gw", device_secret=None,
+                              product_secret=Secret("dynProductSecret"), subs=(),
+                              backoff_base=0.05)
+    await sim.wait_until(lambda: sim.online(("DYNPK", "dyn-gw"))
+                         and sim.hub.sessions[("DYNPK", "dyn-gw")].state.secure_mode == "2")
+    await rig.wait_state("connected")
+    stored = uplink.secret_path.read_text()
+    assert stored == sim.registry.devices[("DYNPK", "dyn-gw")].secret
+    assert uplink.secret_path.stat().st_mode & 0o777 == 0o600
+    assert [c.secure_mode for c in sim.hub.connects] == ["3", "2"]
+    await rig.queue.put([Reading("cpu", "load", 0.5, 1_700_000_000_000)])
+    await sim.wait_until(lambda: len(sim.points(device_key="dyn-gw")) == 1)
+    # A restart of the uplink uses the stored secret straight away (mode 2, no activation).
+    await rig.stop_uplink()
+    rig.start_uplink(product_key="DYNPK", device_key="dyn-gw", device_secret=None,
+                     product_secret=Secret("dynProductSecret"), subs=())
+    await rig.wait_state("connected")
+    assert [c.secure_mode for c in sim.hub.connects] == ["3", "2", "2"]
+
+
+async def test_topology_is_reconciled_and_optionally_pruned(rig: Rig, sim: EnosSimulator) -> None:
+    from gatewayd.sim.enos import Device
+    extra = sim.registry.add_device(Device("SUBPK01", "meter-old", "x", "sub"))
+    sim.registry.devices[GW].topology.add(extra.key)
+    rig.start_uplink(prune_topology=True)
+    await rig.wait_state("connected")
+    assert sim.registry.devices[GW].topology == set(SUBS.values())
+    methods = [r.method for r in sim.hub.requests]
+    assert methods[:3] == ["thing.topo.get", "thing.topo.add", "thing.topo.delete"]
+    adds = [r for r in sim.hub.requests if r.method == "thing.topo.add"]
+    assert len(adds) == 1 and adds[0].code == 200  # meter2 and relay, in one request
+
+
+async def test_batch_login_with_one_disabled_sub_device(rig: Rig, sim: EnosSimulator) -> None:
+    sim.registry.devices[SUBS["meter2"]].topology = set()
+    sim.registry.devices[GW].topology.add(SUBS["meter2"])
+    sim.registry.devices[SUBS["meter2"]].enabled = False
+    uplink = rig.start_uplink()
+    await rig.wait_state("connected")
+    assert sim.logged_in(GW) == {SUBS["meter1"], SUBS["relay"]}
+    st = uplink.status()["sub_devices"]
+    assert st["meter2"]["state"] == "failed" and st["meter2"]["code"] == 723
+    assert st["meter1"]["state"] == "logged_in"
+    # Data of the disabled one is quarantined; the rest flows; the cursor never wedges.
+    await rig.put("meter2", "temp", 3)
+    await rig.put("meter1", "temp", 2)
+    await rig.acked(5)
+    assert [p.value for p in sim.points(device_key="meter-001")] == [3.0, 4.0]
+    assert sim.points(device_key="meter-002") == []
+    assert rig.outbox is not None
+    assert [r for _, r, _ in rig.outbox.quarantined] == ["code_1212"] * 3
+    # Re-enabled in the cloud: the retry loop logs it in again.
+    sim.registry.devices[SUBS["meter2"]].enabled = True
+    rec = sim.combine(GW, "enable", [SUBS["meter2"]])
+    assert (await sim.wait_reply(rec))["code"] == 200
+    await sim.wait_until(lambda: SUBS["meter2"] in sim.logged_in(GW))
+
+
+async def test_backlog_after_an_outage_goes_through_resume(rig: Rig, sim: EnosSimulator) -> None:
+    uplink = rig.start_uplink(backoff_base=0.5)
+    await rig.wait_state("connected")
+    live = await rig.put("meter1", "temp", 10)
+    await rig.acked(10)
+    await sim.go_offline()
+    await rig.wait_state("backing_off")
+    backlog = await rig.put("meter1", "temp", 20)
+    await sim.go_online()
+    await rig.wait_state("connected")
+    more_live = await rig.put("meter1", "temp", 5)
+    await rig.acked(35)
+    assert sorted(p.value for p in sim.points(how="post")) == [float(v) for v in live + more_live]
+    assert sorted(p.value for p in sim.points(how="resume")) == [float(v) for v in backlog]
+    assert uplink.status()["points_resume"] == 20
+    # The new connection re-subscribed before its first request: every reply was delivered.
+    assert all(r.delivered for r in sim.hub.requests)
+
+
+async def test_simulator_restart_mid_stream_loses_nothing(rig: Rig, sim: EnosSimulator) -> None:
+    batch = 200
+    rig.start_uplink(backoff_base=0.5, batch_max_points=batch)
+    await rig.wait_state("connected")
+    sent: list[int] = []
+    for i in range(30):
+        sent += await rig.put(("meter1", "meter2", "cpu")[i % 3], "temp" if i % 3 < 2 else "load",
+                              100)
+        if i in (10, 20):  # twice: a second drop must be survived as well as the first
+            await sim.restart()
+    await rig.acked(len(sent), timeout_s=20)
+    got = [int(p.value) for p in sim.points()]
+    assert set(got) == set(sent)  # nothing lost
+    assert len(got) - len(set(got)) <= batch  # duplicates bounded by one in-flight lease
+    assert [c.code for c in sim.hub.connects] == [0, 0, 0]
+    assert sim.logged_in(GW) == set(SUBS.values())  # logged in again after the restart
+    assert all(r.delivered for r in sim.hub.requests)
+
+
+async def test_lost_replies_are_resent(rig: Rig, sim: EnosSimulator) -> None:
+    sim.hub.drop_replies = 1
+    rig.start_uplink(request_timeout=0.3)
+    await rig.wait_state("connected")
+    vals = await rig.put("meter1", "temp", 5)
+    await rig.acked(5)
+    assert sim.hub.counts["replies_dropped"] == 1
+    assert sorted({p.value for p in sim.points()}) == [float(v) for v in vals]
+
+
+async def test_model_mismatch_is_quarantined_without_wedging(rig: Rig, sim: EnosSimulator) -> None:
+    uplink = rig.start_uplink()
+    await rig.wait_state("connected")
+    await rig.queue.put([Reading("meter1", "temp", 1.0, 1_700_000_000_000),
+                         Reading("meter1", "count", "not-a-number", 1_700_000_000_000),
+                         Reading("meter2", "temp", 2.0, 1_700_000_000_001),
+                         Reading("meter1", "temp", 3.0, 1_700_000_000_002)])
+    await rig.acked(4)
+    assert sorted(p.value for p in sim.points()) == [1.0, 2.0, 3.0]
+    assert rig.outbox is not None
+    assert [(seq, r) for seq, r, _ in rig.outbox.quarantined] == [(2, "code_1204")]
+    assert uplink.status()["quarantined"] == 1
+
+
+async def test_unmapped_devices_are_quarantined(rig: Rig, sim: EnosSimulator) -> None:
+    rig.start_uplink()
+    await rig.wait_state("connected")
+    await rig.queue.put([Reading("attic", "temp", 1.0, 1), Reading("meter1", "temp", 2.0, 2)])
+    await rig.acked(2)
+    assert [p.value for p in sim.points()] == [2.0]
+    assert rig.outbox is not None and rig.outbox.quarantined[0][1] == "unmapped"

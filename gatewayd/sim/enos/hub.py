@@ -101,6 +101,7 @@ class HubOptions:
     record_points: bool = True  # keep every accepted point (benches turn it off, counters stay)
     max_login_batch: int = 0  # OPEN: undocumented cap on combine.login.batch; 0 = none
     command_qos: int = 1  # OPEN: the QoS of pushed commands is undocumented
+    drop_replies: int = 0  # test aid: lose the replies to this many data requests
 
 
 def _truthy(v: Any) -> bool:
@@ -141,6 +142,7 @@ class Hub:
         self._attempts: dict[Key, deque[float]] = {}
         self._blocked_until: dict[Key, float] = {}
         self._cmd_ids = itertools.count(1)
+        self.drop_replies = self.options.drop_replies
         self._changed = asyncio.Condition()
         self._handlers: dict[str, Handler] = {
             "thing/measurepoint/post": self._mp_single,
@@ -327,6 +329,10 @@ class Hub:
                 message: str) -> None:
         reply_topic = topic + P.REPLY_SUFFIX
         delivered = self.options.lenient_replies or conn.subscribed(reply_topic)
+        if delivered and self.drop_replies > 0 and "/measurepoint/" in topic:
+            self.drop_replies -= 1
+            delivered = False
+            self.counts["replies_dropped"] += 1
         if delivered:
             conn.publish(reply_topic, P.reply(msg_id, code, data, message), qos=0)
         else:
@@ -408,9 +414,11 @@ class Hub:
             pk, dk = item.get("productKey") or "", item.get("deviceKey") or ""
             key = st.key if not pk and not dk else (pk, dk)
             if key != st.key:
-                if key not in gateway.topology:
+                dev = self.registry.devices.get(key)
+                if key not in gateway.topology or dev is None or not dev.enabled:
+                    # OPEN: data for a disabled sub-device is refused like an unknown one.
                     raise _Refusal(P.SUB_DEVICE_NO_PERMISSION,
-                                   f"{pk}&{dk} is not a sub-device of this gateway")
+                                   f"{pk}&{dk} is not an enabled sub-device of this gateway")
                 if key not in st.logged_in and not allow_offline:
                     raise _Refusal(P.SUB_DEVICE_NO_PERMISSION, f"{pk}&{dk} is offline")
             good = self._check_points(key, item.get("measurepoints"), skip_invalid)

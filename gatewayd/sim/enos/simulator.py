@@ -90,10 +90,21 @@ class EnosSimulator:
 
     async def restart(self) -> None:
         """Drop all connections (their sub-device logins go with them) and listen again."""
+        await self.go_offline()
+        await self.go_online()
+
+    async def go_offline(self) -> None:
+        """Stop listening and drop every connection, as an outage would; state is kept."""
         if self._server is not None:
             await self._server.close()
-        await self._listen()
-        log.info("sim_restarted", port=self.port)
+            self._server = None
+        log.info("sim_offline", port=self.port)
+
+    async def go_online(self) -> None:
+        """Listen again on the same ports."""
+        if self._server is None:
+            await self._listen()
+        log.info("sim_online", port=self.port)
 
     async def __aenter__(self) -> Self:
         await self.start()

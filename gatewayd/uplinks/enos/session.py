@@ -70,11 +70,13 @@ class Session:
 
     async def subscribe(self, topics: list[str]) -> None:
         """Subscribe to reply topics (QoS 1) and wait for the SUBACK."""
+        cancels = _cancels()
         try:
             async with asyncio.timeout(self.request_timeout_s):
                 await self.client.subscribe([(t, 1) for t in topics])
         except aiomqtt.MqttError as exc:
             raise UplinkUnavailableError(f"subscribe failed: {exc}") from exc
+        _resume_cancellation(cancels)
 
     async def request(self, topic: str, method: str, params: Any, **top_level: Any) -> dict[str, Any]:
         """Send a request and return its reply envelope. Raises TimeoutError if none came."""
@@ -98,7 +100,26 @@ class Session:
     async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
         if self.closed:
             raise UplinkUnavailableError("connection lost")
+        cancels = _cancels()
         try:
             await self.client.publish(topic, payload, qos=qos, timeout=self.request_timeout_s)
         except aiomqtt.MqttError as exc:
             raise UplinkUnavailableError(f"publish failed: {exc}") from exc
+        _resume_cancellation(cancels)
+
+
+def _cancels() -> int:
+    task = asyncio.current_task()
+    return task.cancelling() if task is not None else 0
+
+
+def _resume_cancellation(before: int) -> None:
+    """Re-raise a cancellation that aiomqtt's `asyncio.wait_for` swallowed.
+
+    On Python 3.11, `wait_for` returns the result instead of raising CancelledError when the
+    awaited PUBACK/SUBACK lands in the same loop turn as the cancel (CPython gh-86296); the
+    task would then run on with its cancel request lost and never stop. A cancel request
+    that arrived during the call and is still pending shows as a higher `cancelling()`.
+    """
+    if _cancels() > before:
+        raise asyncio.CancelledError

@@ -42,7 +42,7 @@ _MAX_RESENDS = 2  # a batch whose reply times out is resent this often before re
 _REMEMBERED_COMMANDS = 1000
 
 
-@dataclass
+@dataclass(eq=False)
 class SubDevice:
     """A configured sub-device and where it stands with the hub."""
 
@@ -186,21 +186,28 @@ class EnosUplink(Uplink):
                     await client.__aexit__(None, None, None)
 
     async def _run_session(self, session: Session, mode: int) -> None:
+        # Reader and work both run as children: when one fails the group cancels the other.
+        # (The parent only waits; on 3.11 a stale cancel count on the parent task would stop
+        # the group from cancelling a body that ran in the parent itself.)
         async with asyncio.TaskGroup() as tg:
             reader = tg.create_task(session.read_loop(), name=f"enos-read[{self.name}]")
-            if mode == 3:
-                await self._activate(session)
-                reader.cancel()
-                return
-            # Reply subscriptions first: the hub only answers topics we subscribed (§6.2).
-            await session.subscribe(self._reply_topics())
-            if self.subs:
-                await self._reconcile(session)
-                await self._login(session, [s for s in self.subs.values()
-                                            if s.state == "in_topology"])
-            self.set_state(UplinkState.CONNECTED)
-            tg.create_task(self._login_retry_loop(session), name=f"enos-relogin[{self.name}]")
-            await self.pump(self._send_lease, self.config.batch_max_points)
+            tg.create_task(self._work(session, mode, tg, reader), name=f"enos-work[{self.name}]")
+
+    async def _work(self, session: Session, mode: int, tg: asyncio.TaskGroup,
+                    reader: asyncio.Task[None]) -> None:
+        if mode == 3:
+            await self._activate(session)
+            reader.cancel()  # the session ends; the next one connects with the new secret
+            return
+        # Reply subscriptions first: the hub only answers topics we subscribed (§6.2).
+        await session.subscribe(self._reply_topics())
+        if self.subs:
+            await self._reconcile(session)
+            await self._login(session, [s for s in self.subs.values()
+                                        if s.state == "in_topology"])
+        self.set_state(UplinkState.CONNECTED)
+        tg.create_task(self._login_retry_loop(session), name=f"enos-relogin[{self.name}]")
+        await self.pump(self._send_lease, self.config.batch_max_points)
 
     def _reply_topics(self) -> list[str]:
         pk, dk = self.gateway
