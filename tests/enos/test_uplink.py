@@ -126,6 +126,7 @@ async def test_simulator_restart_mid_stream_loses_nothing(rig: Rig, sim: EnosSim
                               100)
         if i in (10, 20):  # twice: a second drop must be survived as well as the first
             await sim.restart()
+            await sim.wait_until(lambda: sim.logged_in(GW) == set(SUBS.values()))
     await rig.acked(len(sent), timeout_s=20)
     got = [int(p.value) for p in sim.points()]
     assert set(got) == set(sent)  # nothing lost
