@@ -499,7 +499,7 @@ class EnosUplink(Uplink):
             device = self._local_device(key)
             if device is None:
                 self._answer(topic_name, msg_id, P.DEVICE_CODE_BASE + 404,
-                             f"{topic.pk}&{topic.dk} is not a logged-in device of this gateway")
+                             f"{topic.pk}&{topic.dk} is not an enabled device of this gateway")
                 return
             service = topic.path[len("thing/service/"):]
             params = env.get("params")
@@ -525,11 +525,15 @@ class EnosUplink(Uplink):
         self.ctx.submit_command(cmd)
 
     def _local_device(self, key: Key) -> str | None:
-        """"" for the gateway, the local name of a logged-in sub-device, else None."""
+        """"" for the gateway, the local name of a configured, enabled sub-device, else None.
+
+        The hub only pushes commands for sub-devices logged in on this connection; a command
+        can land just before our login reply does, so "logged in" is not checked here.
+        """
         if key == self.gateway:
             return ""
         sub = self._by_key.get(key)
-        return sub.name if sub is not None and sub.state == "logged_in" else None
+        return sub.name if sub is not None and sub.state != "disabled" else None
 
     def _measurepoint_get(self, topic: str, msg_id: str, key: Key, params: Any) -> None:
         if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
