@@ -111,9 +111,6 @@ class Rig:
         self.seq = 0
 
     async def __aenter__(self) -> Rig:
-        # aiomqtt connects in the loop's default executor: give it one this rig can end.
-        self._executor = ThreadPoolExecutor(2, thread_name_prefix="enos-test-executor")
-        asyncio.get_running_loop().set_default_executor(self._executor)
         await self.queue.open()
         self._tasks.append(asyncio.create_task(self.queue.run(), name="test-queue"))
         self._tasks.append(asyncio.create_task(self.dispatcher.run(), name="test-dispatch"))
@@ -127,7 +124,6 @@ class Rig:
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.queue.close()
-            self._executor.shutdown(wait=False)  # its idle threads exit at once
 
     def start_uplink(self, config: EnosConfig | None = None, **overrides: Any) -> EnosUplink:
         cfg = config or make_config(self.sim, **overrides)
@@ -166,6 +162,15 @@ class Rig:
                                    for v in vals])
         assert ok
         return vals
+
+
+@pytest.fixture(autouse=True)
+async def _own_executor() -> AsyncIterator[None]:
+    """aiomqtt connects in the loop's default executor: give each test one it can end."""
+    executor = ThreadPoolExecutor(2, thread_name_prefix="enos-test-executor")
+    asyncio.get_running_loop().set_default_executor(executor)
+    yield
+    executor.shutdown(wait=False)  # its idle threads exit at once
 
 
 @pytest.fixture
