@@ -6,8 +6,8 @@ import asyncio
 import contextlib
 import dataclasses
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 

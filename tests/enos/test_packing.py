@@ -8,7 +8,7 @@ import json
 from drivers.base import Reading
 from gatewayd.sim.enos import EnosSimulator
 from gatewayd.uplinks.base import Item
-from gatewayd.uplinks.enos.packing import Target, build_entries, pack
+from gatewayd.uplinks.enos.packing import Message, Target, build_entries, pack
 from gatewayd.uplinks.enos.protocol import MAX_PAYLOAD_BYTES
 from tests.enos.conftest import Rig
 
@@ -23,7 +23,7 @@ def _items(n: int, device: str = "m1", value: object = 1.5, backlog: bool = Fals
                  backlog) for i in range(n)]
 
 
-def _pack(items: list[Item], max_bytes: int) -> tuple[list, list]:
+def _pack(items: list[Item], max_bytes: int) -> tuple[list[Message], list[tuple[int, str]]]:
     rejected: list[tuple[int, str]] = []
 
     def reject(it: Item, reason: str, detail: str) -> None:
@@ -33,7 +33,8 @@ def _pack(items: list[Item], max_bytes: int) -> tuple[list, list]:
     return pack(entries, max_bytes, reject), rejected
 
 
-def _payload(msg) -> bytes:  # noqa: ANN001 - the envelope the uplink builds around params
+def _payload(msg: Message) -> bytes:
+    """The longest envelope the uplink builds around a message's params."""
     return (b'{"id":"123456","version":"1.0","method":"thing.measurepoint.resume.batch",'
             b'"allowOfflineSubDevice":false,"skipInvalidMeasurepoints":false,"params":'
             + msg.params_json() + b"}")
