@@ -68,8 +68,3 @@ def run(args: argparse.Namespace) -> int:
         asyncio.run(main())
     return 0
 
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="gatewayd sim enos")
-    add_arguments(_parser)
-    raise SystemExit(run(_parser.parse_args()))

@@ -254,5 +254,6 @@ class EnosSimulator:
 
 
 def _command_json(rec: CommandRecord) -> dict[str, Any]:
+    rtt_ms = round((rec.replied_at - rec.sent_at) * 1000, 3) if rec.reply is not None else None
     return {"id": rec.msg_id, "topic": rec.topic, "method": rec.method, "reply": rec.reply,
-            "delivered": rec.sent_at > 0}
+            "delivered": rec.sent_at > 0, "rtt_ms": rtt_ms}
