@@ -80,10 +80,15 @@ def readings(start: int, n: int, ts0: int) -> list[Reading]:
     return out
 
 
-async def fill(queue: Queue, n: int, chunk: int = 20_000) -> None:
+async def fill(queue: Queue, n: int, chunk: int = 20_000, window: int = 10) -> None:
+    """Queue `n` readings as a fast sampler would: up to `window` chunks awaiting commit."""
     ts0 = int(time.time() * 1000) - n // 100
-    futs = [queue.submit(readings(i, min(chunk, n - i), ts0)) for i in range(0, n, chunk)]
-    assert all(await asyncio.gather(*futs))
+    pending: list[asyncio.Future[bool]] = []
+    for i in range(0, n, chunk):
+        pending.append(queue.submit(readings(i, min(chunk, n - i), ts0)))
+        if len(pending) >= window:
+            assert await pending.pop(0)
+    assert all(await asyncio.gather(*pending))
 
 
 async def wait_acked(queue: Queue, seq: int, timeout_s: float) -> None:

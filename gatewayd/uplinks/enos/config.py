@@ -85,3 +85,8 @@ class EnosConfig:
         keys = [(m.product_key, m.device_key) for m in self.devices.values() if not m.gateway]
         if len(keys) != len(set(keys)):
             raise ValueError("two local devices map to the same EnOS sub-device")
+
+    def check_devices(self, names: set[str]) -> list[str]:
+        """Problems with the device map against the config's local device names."""
+        return [f"devices.{local}: no device or actuator named {local!r} in this config"
+                for local in self.devices if local not in names]
