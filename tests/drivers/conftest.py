@@ -1,0 +1,33 @@
+"""Fixtures for the driver tests: a BusManager and a fresh emulated I2C bus per test."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from drivers.bus import BusManager
+from drivers.sim.i2c import SimI2CBus, drop_sim_bus, sim_bus
+
+_names = itertools.count()
+
+
+@pytest.fixture
+async def buses() -> AsyncIterator[BusManager]:
+    manager = BusManager()
+    try:
+        yield manager
+    finally:
+        await manager.close()
+
+
+@pytest.fixture
+def sim() -> Iterator[SimI2CBus]:
+    """An empty emulated bus with a unique name; its spec is `f"sim:{sim.name}"`."""
+    name = f"t{next(_names)}"
+    bus = sim_bus(name)
+    try:
+        yield bus
+    finally:
+        drop_sim_bus(name)
