@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
 from drivers.bus import BusManager
 from drivers.sim.i2c import SimI2CBus, drop_sim_bus, sim_bus
+from drivers.sim.serial import ModbusSlaveSim
 
 _names = itertools.count()
 
@@ -31,3 +33,20 @@ def sim() -> Iterator[SimI2CBus]:
         yield bus
     finally:
         drop_sim_bus(name)
+
+
+@pytest.fixture
+def modbus_sim() -> Iterator[ModbusSlaveSim]:
+    sim = ModbusSlaveSim(units=(1, 2))
+    sim.start()
+    try:
+        yield sim
+    finally:
+        sim.stop()
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Await `predicate()` until it is true, or fail after `timeout` seconds."""
+    async with asyncio.timeout(timeout):
+        while not await predicate():
+            await asyncio.sleep(0.02)
