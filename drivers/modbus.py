@@ -336,9 +336,11 @@ class ModbusLine:
             return pdu
 
 
-class _CrcError(Exception):
+class _CrcError(DriverError):
+    """A response frame whose CRC does not match (retried, then reported)."""
+
     def __init__(self, frame: bytes) -> None:
-        super().__init__(frame.hex())
+        super().__init__("modbus", f"CRC error in {frame.hex()}")
         self.frame = frame
 
 

@@ -11,7 +11,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from drivers.base import Buses, Driver, DriverError, Duration, Quality, Reading, now_ms
+from drivers.base import (
+    Buses,
+    Driver,
+    DriverError,
+    Duration,
+    Quality,
+    Reading,
+    ReadTimeoutError,
+    now_ms,
+)
 from drivers.serialport import SerialLinkConfig, SerialPort
 
 _PARSE = "nmea"
@@ -154,15 +163,19 @@ class NMEADriver(Driver):
             port.discard_input()  # only sentences that arrive from now on are fresh
             while True:
                 left = deadline - time.monotonic()
-                if left <= 0:
-                    raise DriverError(self.name, f"no valid GGA sentence within "
-                                                 f"{self.config.fix_timeout:g}s ({last_error})")
                 try:
+                    if left <= 0:
+                        raise ReadTimeoutError(self.name, "deadline passed")
                     line = await port.read_until(b"\n", left, self.name, max_len=1024)
+                except ReadTimeoutError as exc:
+                    raise ReadTimeoutError(self.name, f"no valid GGA sentence within "
+                                                      f"{self.config.fix_timeout:g}s "
+                                                      f"({last_error})") from exc
                 except DriverError as exc:
                     if port.is_open and "terminator" in exc.message:
+                        last_error = exc.message
                         continue
-                    raise DriverError(self.name, f"{exc.message} ({last_error})") from exc
+                    raise
                 if not line.strip():
                     continue
                 try:

@@ -371,7 +371,11 @@ class NMEASim(SerialSim):
         return [nmea_sentence(gga), nmea_sentence(rmc)]
 
     def corrupt(self, message: bytes) -> bytes:
-        return message.replace(b"*", b"*F", 1)[:-4] + b"\r\n" if b"*" in message else message
+        star = message.rfind(b"*")
+        if star < 0:
+            return message
+        wrong = int(message[star + 1:star + 3], 16) ^ 0x55
+        return message[:star + 1] + f"{wrong:02X}".encode() + message[star + 3:]
 
     async def serve(self) -> None:
         while True:
