@@ -12,12 +12,15 @@ never interleave.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
+import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import serial
 import structlog
@@ -27,6 +30,7 @@ from drivers.base import Duration, DriverError, ReadTimeoutError
 log = structlog.get_logger(__name__)
 
 _MAX_LINE = 4096
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +95,79 @@ class _Protocol(asyncio.Protocol):
         self.changed.set()
 
 
+class _FdTransport:
+    """Reads and writes a pyserial port's file descriptor on the event loop.
+
+    pyserial opens and configures the port (termios, RS-485); the loop watches the descriptor.
+    A read error or end of file means the port went away (USB adapter pulled, pty closed).
+    """
+
+    def __init__(self, ser: serial.Serial, protocol: _Protocol, loop: asyncio.AbstractEventLoop) -> None:
+        self.serial = ser
+        self._fd = ser.fileno()
+        os.set_blocking(self._fd, False)
+        self._protocol = protocol
+        self._loop = loop
+        self._out = bytearray()
+        self._closed = False
+        loop.add_reader(self._fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            data = os.read(self._fd, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        if not data:
+            self._lost(None)
+            return
+        self._protocol.data_received(data)
+
+    def _writable(self) -> None:
+        try:
+            n = os.write(self._fd, self._out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(exc)
+            return
+        del self._out[:n]
+        if not self._out:
+            self._loop.remove_writer(self._fd)
+
+    def write(self, data: bytes) -> None:
+        if self._closed:
+            raise OSError(errno.EBADF, "port is closed")
+        if self._out:
+            self._out += data
+            return
+        try:
+            n = os.write(self._fd, data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        if n < len(data):
+            self._out += data[n:]
+            self._loop.add_writer(self._fd, self._writable)
+
+    def _lost(self, exc: Exception | None) -> None:
+        self.close()
+        self._protocol.connection_lost(exc or OSError(errno.EIO, "end of file on port"))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loop.remove_reader(self._fd)
+        self._loop.remove_writer(self._fd)
+        with contextlib.suppress(OSError, serial.SerialException):
+            self.serial.close()
+
+
 class _ThreadTransport:
-    """For pyserial URLs without a pollable file descriptor (loop://, rfc2217://, spy://...):
-    a reader thread feeds the protocol; writes go straight to pyserial."""
+    """For pyserial URLs (socket://, rfc2217://, loop://, ...): a reader thread feeds the
+    protocol; writes go straight to pyserial."""
 
     def __init__(self, ser: serial.SerialBase, protocol: _Protocol, loop: asyncio.AbstractEventLoop) -> None:
         self.serial = ser
@@ -120,10 +194,37 @@ class _ThreadTransport:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
-        self.serial.close()
+        with contextlib.suppress(OSError, serial.SerialException):
+            self.serial.close()
 
-    def is_closing(self) -> bool:
-        return self._stop.is_set()
+
+async def _in_thread(fn: Callable[[], T]) -> T:
+    """Run a blocking call (opening a port) in a short-lived thread of its own, so that no
+    executor thread outlives the port. A result that arrives after cancellation is closed."""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[T] = loop.create_future()
+
+    def deliver(result: T) -> None:
+        if fut.done():
+            with contextlib.suppress(Exception):
+                result.close()  # type: ignore[attr-defined]
+        else:
+            fut.set_result(result)
+
+    def fail(exc: BaseException) -> None:
+        if not fut.done():
+            fut.set_exception(exc)
+
+    def work() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(fail, exc)
+        else:
+            loop.call_soon_threadsafe(deliver, result)
+
+    threading.Thread(target=work, name="serial[open]", daemon=True).start()
+    return await fut
 
 
 class SerialPort:
@@ -175,21 +276,17 @@ class SerialPort:
             log.info("serial_opened", port=self.url, opens=self.opens)
 
     async def _open(self) -> None:
-        import serial_asyncio_fast
-
         s = self.settings
         kwargs: dict[str, Any] = {"baudrate": s.baudrate, "bytesize": s.bytesize,
                                   "parity": s.parity, "stopbits": s.stopbits}
         loop = asyncio.get_running_loop()
         protocol = _Protocol()
-        scheme = self.url.split("://", 1)[0] if "://" in self.url else ""
-        if scheme and scheme != "socket":
-            ser = await loop.run_in_executor(None, lambda: serial.serial_for_url(
-                self.url, timeout=0.05, **kwargs))
-            transport: Any = _ThreadTransport(ser, protocol, loop)
+        ser = await _in_thread(lambda: serial.serial_for_url(self.url, timeout=0.05, **kwargs))
+        transport: Any
+        if "://" in self.url:
+            transport = _ThreadTransport(ser, protocol, loop)
         else:
-            transport, _ = await serial_asyncio_fast.create_serial_connection(
-                loop, lambda: protocol, self.url, **kwargs)
+            transport = _FdTransport(ser, protocol, loop)
         try:
             if s.rs485:
                 self._set_rs485(transport)
@@ -276,7 +373,6 @@ class SerialPort:
         transport, self._transport, self._protocol = self._transport, None, None
         if transport is not None:
             transport.close()
-            await asyncio.sleep(0)  # let the transport run its close callbacks
 
     async def close(self) -> None:
         """Close the port; never raises."""
