@@ -40,6 +40,35 @@ class ExpanderConfig:
     keep_state: bool = False  # true: leave the outputs as found at start (initial_on ignored)
     verify: bool = True  # read the pins back after each change
 
+    CHANNELS: ClassVar[int] = 8
+
+    def __post_init__(self) -> None:
+        bad = sorted({c for c in [*self.outputs, *self.initial_on] if not 0 <= c < self.CHANNELS})
+        if bad:
+            raise ValueError(f"channels {bad} do not exist (0..{self.CHANNELS - 1})")
+        if self.outputs and set(self.initial_on) - set(self.outputs):
+            raise ValueError("initial_on lists channels that are not outputs")
+
+
+@dataclass(frozen=True, slots=True)
+class PCF8574Config(ExpanderConfig):
+    address: int = 0x20  # PCF8574: 0x20-0x27; PCF8574A: 0x38-0x3F
+
+    def __post_init__(self) -> None:
+        ExpanderConfig.__post_init__(self)
+        if not (0x20 <= self.address <= 0x27 or 0x38 <= self.address <= 0x3F):
+            raise ValueError(f"address must be 0x20..0x27 or 0x38..0x3F, got {self.address:#04x}")
+
+
+@dataclass(frozen=True, slots=True)
+class MCP23017Config(ExpanderConfig):
+    CHANNELS: ClassVar[int] = 16
+
+    def __post_init__(self) -> None:
+        ExpanderConfig.__post_init__(self)
+        if not 0x20 <= self.address <= 0x27:
+            raise ValueError(f"address must be 0x20..0x27, got {self.address:#04x}")
+
 
 class Expander(Actuator):
     """Shared logic of the expander boards; subclasses give the chip's register access."""
@@ -52,9 +81,6 @@ class Expander(Actuator):
         self._dev: I2CDevice | None = None
         self.on: dict[int, bool] = {}
         outputs = config.outputs or list(range(self.CHANNELS))
-        bad = [c for c in [*outputs, *config.initial_on] if not 0 <= c < self.CHANNELS]
-        if bad:
-            raise ValueError(f"{name}: channels {bad} do not exist (0..{self.CHANNELS - 1})")
         self.outputs = sorted(set(outputs))
         self.out_mask = sum(1 << c for c in self.outputs)
         self._lock = asyncio.Lock()
@@ -169,7 +195,7 @@ class PCF8574(Expander):
 
     CHANNELS = 8
     SIM_MODEL = "pcf8574"
-    Config = ExpanderConfig
+    Config = PCF8574Config
 
     def _read_latch(self, raw: RawI2C, addr: int) -> int | None:
         return None  # the latch is write-only; reading returns the pin levels
@@ -189,7 +215,7 @@ class MCP23017(Expander):
 
     CHANNELS = 16
     SIM_MODEL = "mcp23017"
-    Config = ExpanderConfig
+    Config = MCP23017Config
 
     def _read_latch(self, raw: RawI2C, addr: int) -> int | None:
         data = raw.transfer(addr, bytes([MCP_OLATA]), 2)

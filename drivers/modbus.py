@@ -379,6 +379,8 @@ class ModbusConfig(SerialLinkConfig):
             raise ValueError("max_registers must be 1..125")
         if self.retries < 0 or self.max_gap < 0:
             raise ValueError("retries and max_gap must not be negative")
+        if not self.points:
+            raise ValueError("points: configure at least one register")
 
 
 class _ModbusBase:
@@ -408,8 +410,6 @@ class ModbusDriver(_ModbusBase, Driver):
 
     def __init__(self, name: str, config: ModbusConfig, buses: Buses) -> None:
         Driver.__init__(self, name, config, buses)
-        if not config.points:
-            raise ValueError(f"{name}: points: configure at least one register")
         self.blocks = plan_reads(config.points, config.max_gap, config.max_registers)
 
     async def read(self) -> list[Reading]:
@@ -439,6 +439,12 @@ class ModbusDriver(_ModbusBase, Driver):
 class ModbusWriterConfig(ModbusConfig):
     verify: bool = True  # read the value back after writing
 
+    def __post_init__(self) -> None:
+        ModbusConfig.__post_init__(self)
+        bad = [n for n, p in self.points.items() if p.function not in ("coil", "holding")]
+        if bad:
+            raise ValueError(f"points {bad} are read-only (function must be coil or holding)")
+
 
 class ModbusWriter(_ModbusBase, Actuator):
     """Writes coils and holding registers by point name, with the point's type and scaling.
@@ -450,9 +456,6 @@ class ModbusWriter(_ModbusBase, Actuator):
 
     def __init__(self, name: str, config: ModbusWriterConfig, buses: Buses) -> None:
         Actuator.__init__(self, name, config, buses)
-        bad = [n for n, p in config.points.items() if p.function not in ("coil", "holding")]
-        if bad:
-            raise ValueError(f"{name}: points {bad} are read-only (function must be coil or holding)")
         self.last: dict[str, Any] = {}
 
     async def apply(self, action: str, params: Mapping[str, Any]) -> dict[str, Any]:

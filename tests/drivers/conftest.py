@@ -51,13 +51,3 @@ async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.
         while not await predicate():
             await asyncio.sleep(0.02)
 
-
-@pytest.fixture(autouse=True)
-def _no_leftover_bus_threads() -> Iterator[None]:
-    """Bus workers, serial readers and simulators must all be stopped by the end of a test."""
-    yield
-    import threading
-
-    left = [t.name for t in threading.enumerate()
-            if t.name.startswith(("i2c[", "sim[", "serial[")) and t.is_alive()]
-    assert not left, f"threads left running: {left}"

@@ -132,7 +132,7 @@ async def test_two_units_share_one_line(modbus_sim: ModbusSlaveSim, buses: BusMa
 
     results = await asyncio.gather(*[d.read() for d in (d1, d2) for _ in range(5)])
     assert [r[0].value for r in results] == [11] * 5 + [22] * 5
-    assert buses.modbus(modbus_sim.path, **cfg(modbus_sim, {}).serial_settings()) is d1._line()
+    assert buses.modbus(modbus_sim.path, **d2.config.serial_settings()) is d1._line()
     assert d1.stats()["requests"] == 5 and d2.stats()["requests"] == 5
 
 
@@ -157,8 +157,7 @@ async def test_writer_encodes_scales_and_verifies(modbus_sim: ModbusSlaveSim, bu
 
 def test_writer_refuses_read_only_points() -> None:
     with pytest.raises(ValueError, match="read-only"):
-        ModbusWriter("w", ModbusWriterConfig(port="/dev/null", unit=1, points={
-            "x": ModbusPoint(address=0, function="input")}), BusManager())
+        ModbusWriterConfig(port="/dev/null", unit=1, points={"x": ModbusPoint(address=0, function="input")})
 
 
 async def test_unplugged_port_is_reopened(modbus_sim: ModbusSlaveSim, buses: BusManager) -> None:
@@ -198,4 +197,6 @@ def test_point_validation() -> None:
     with pytest.raises(ValueError, match="does not match"):
         ModbusPoint(address=0, type="int32", count=1)
     with pytest.raises(ValueError, match="unit"):
-        ModbusConfig(port="/dev/x", unit=0)
+        ModbusConfig(port="/dev/x", unit=0, points={"a": ModbusPoint(address=0)})
+    with pytest.raises(ValueError, match="at least one register"):
+        ModbusConfig(port="/dev/x", unit=1)
