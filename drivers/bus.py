@@ -173,7 +173,7 @@ class I2CBus:
             return DeviceNotFoundError(device, f"i2c bus {self.spec}: {what}: no acknowledge "
                                                f"(device absent, unpowered or wrong address)")
         if exc.errno in _GONE or exc.errno in (errno.EACCES, errno.EBUSY):
-            return DriverError(device, f"i2c bus {self.spec}: {describe_os_error(exc, path)}")
+            return DriverError(device, describe_os_error(exc, path))
         return DriverError(device, f"i2c bus {self.spec}: {what}: {exc.strerror or exc}")
 
     async def probe(self, addr: int) -> bool:
@@ -184,7 +184,7 @@ class I2CBus:
                 return await loop.run_in_executor(self._executor, self._job,
                                                   lambda raw: raw.probe(addr))
         except OSError as exc:
-            raise self._wrap(exc, f"i2c {self.spec}", f"probe {addr:#04x}") from exc
+            raise self._wrap(exc, "probe", f"probe {addr:#04x}") from exc
 
     def device(self, addr: int, name: str) -> I2CDevice:
         return I2CDevice(self, addr, name)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -94,6 +95,7 @@ class SimI2CBus:
         self.name = name
         self.chips: dict[int, SimChip] = {}
         self.plugged = True
+        self.model_cpu_s = 0.0  # CPU time spent inside chip models (benchmarks subtract it)
         self._lock = threading.Lock()
 
     # -- configuration -------------------------------------------------------------------------
@@ -143,9 +145,13 @@ class SimI2CBus:
             if chip is None or not chip.present or chip.nack:
                 raise _nack(addr)
             chip.transfers += 1
-            if write:
-                chip.write(bytes(write))
-            return chip.read(read_len) if read_len else b""
+            t0 = time.thread_time()
+            try:
+                if write:
+                    chip.write(bytes(write))
+                return chip.read(read_len) if read_len else b""
+            finally:
+                self.model_cpu_s += time.thread_time() - t0
 
     def probe(self, addr: int) -> bool:
         """True if a device ACKs its address (what i2cdetect shows)."""
