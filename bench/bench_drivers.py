@@ -26,14 +26,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from drivers.ads1115 import ADCPoint, ADS1115, ADS1115Config  # noqa: E402
-from drivers.base import Driver, Reading  # noqa: E402
-from drivers.bme280 import BME280, BME280Config  # noqa: E402
-from drivers.bus import BusManager  # noqa: E402
-from drivers.modbus import ModbusConfig, ModbusDriver, ModbusPoint  # noqa: E402
-from drivers.sht import SHT, SHTConfig  # noqa: E402
-from drivers.sim.i2c import sim_bus  # noqa: E402
-from gatewayd.sampler import Sampler  # noqa: E402
+from drivers.ads1115 import ADS1115, ADCPoint, ADS1115Config
+from drivers.base import Driver, Reading
+from drivers.bme280 import BME280, BME280Config
+from drivers.bus import BusManager
+from drivers.modbus import ModbusConfig, ModbusDriver, ModbusPoint
+from drivers.sht import SHT, SHTConfig
+from drivers.sim.i2c import sim_bus
+from gatewayd.sampler import Sampler
 
 RATE_HZ = 10.0
 
@@ -129,12 +129,16 @@ for s in sims:
 """
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 async def modbus_scenario(seconds: float) -> dict[str, Any]:
-    root = Path(__file__).resolve().parent.parent
-    child = subprocess.Popen([sys.executable, "-c", _CHILD, "5"], stdin=subprocess.PIPE,
-                             stdout=subprocess.PIPE, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    root = ROOT
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CHILD, "5", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
     assert child.stdout is not None and child.stdin is not None
-    paths = (await asyncio.to_thread(child.stdout.readline)).decode().split()
+    paths = (await child.stdout.readline()).decode().split()
     buses = BusManager()
     points = {"power_w": ModbusPoint(address=0, type="float32"),
               "energy_wh": ModbusPoint(address=2, type="uint32", scale=0.1)}
@@ -147,15 +151,16 @@ async def modbus_scenario(seconds: float) -> dict[str, Any]:
     finally:
         await buses.close()
         child.stdin.close()
-        child.wait(20)
+        await asyncio.wait_for(child.wait(), 20)
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=12.0)
     args = parser.parse_args()
-    import structlog
     import logging
+
+    import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     results = [await i2c_scenario(args.seconds), await modbus_scenario(args.seconds)]

@@ -230,9 +230,11 @@ class BME280(Driver):
         t, t_fine = compensate_t(adc_t, self._cal)
         out = [Reading(self.name, "temperature_c", t / 100, ts)]
         if self.config.oversampling_p and adc_p != SKIPPED_20:
-            out.append(Reading(self.name, "pressure_hpa", round(compensate_p(adc_p, t_fine, self._cal) / 25600, 4), ts))
+            p_hpa = compensate_p(adc_p, t_fine, self._cal) / 25600
+            out.append(Reading(self.name, "pressure_hpa", round(p_hpa, 4), ts))
         if self.config.oversampling_h and adc_h != SKIPPED_16:
-            out.append(Reading(self.name, "humidity_pct", round(compensate_h(adc_h, t_fine, self._cal) / 1024, 3), ts))
+            h_pct = compensate_h(adc_h, t_fine, self._cal) / 1024
+            out.append(Reading(self.name, "humidity_pct", round(h_pct, 3), ts))
         return out
 
     async def close(self) -> None:

@@ -80,7 +80,8 @@ def _convert(raw: str, spec: LineField, group: str, device: str) -> Any:
     try:
         value: float | int = int(raw, 10) if spec.type == "int" else float(raw)
     except ValueError:
-        raise DriverError(device, f"group {group}: {raw[:40]!r} is not a{'n int' if spec.type == 'int' else ' number'}") from None
+        kind = "an int" if spec.type == "int" else "a number"
+        raise DriverError(device, f"group {group}: {raw[:40]!r} is not {kind}") from None
     if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
         raise DriverError(device, f"group {group}: {raw[:40]!r} is not a finite number")
     if spec.scale != 1.0 or spec.offset != 0.0:

@@ -255,7 +255,7 @@ class ModbusLine:
         s = self.port.settings
         return 0.00175 if s.baudrate > 19200 else 3.5 * s.char_time_s()
 
-    async def request(self, unit: int, pdu: ModbusPDU, *, device: str, timeout: float = 0.5,
+    async def request(self, unit: int, pdu: ModbusPDU, *, device: str, timeout_s: float = 0.5,
                       retries: int = 1) -> ModbusPDU:
         """Send `pdu` to `unit` and return its response PDU.
 
@@ -275,7 +275,7 @@ class ModbusLine:
                 self.port.discard_input()
                 await self.port.write(frame, device)
                 try:
-                    response = await self._receive(unit, pdu.function_code, timeout, device)
+                    response = await self._receive(unit, pdu.function_code, timeout_s, device)
                 except ReadTimeoutError:
                     stats.timeouts += 1
                     if attempt == retries:
@@ -296,9 +296,9 @@ class ModbusLine:
                 return response
         raise AssertionError("unreachable")
 
-    async def _receive(self, unit: int, fc: int, timeout: float, device: str) -> ModbusPDU:
+    async def _receive(self, unit: int, fc: int, timeout_s: float, device: str) -> ModbusPDU:
         """Read one response frame for (unit, fc), skipping leading garbage; check its CRC."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout_s
         port = self.port
 
         def left() -> float:
@@ -328,7 +328,7 @@ class ModbusLine:
                 raise _CrcError(frame)
             try:
                 pdu = self._decoder.decode(frame[1:-2])
-            except Exception as exc:  # noqa: BLE001 - pymodbus raises assorted errors on bad PDUs
+            except Exception as exc:
                 raise DriverError(device, f"modbus unit {unit}: undecodable response "
                                           f"{frame.hex()}: {exc}") from exc
             if pdu is None:
@@ -398,7 +398,7 @@ class _ModbusBase:
 
     async def _call(self, pdu: ModbusPDU) -> ModbusPDU:
         c = self.config
-        return await self._line().request(c.unit, pdu, device=self.name, timeout=c.request_timeout,
+        return await self._line().request(c.unit, pdu, device=self.name, timeout_s=c.request_timeout,
                                           retries=c.retries)
 
 
@@ -458,10 +458,12 @@ class ModbusWriter(_ModbusBase, Actuator):
         Actuator.__init__(self, name, config, buses)
         self.last: dict[str, Any] = {}
 
+    config: ModbusWriterConfig
+
     async def apply(self, action: str, params: Mapping[str, Any]) -> dict[str, Any]:
         point_name = params.get("point") if action == "write" else action
         p = self.config.points.get(point_name) if isinstance(point_name, str) else None
-        if p is None:
+        if p is None or not isinstance(point_name, str):
             raise ActionError(self.name, f"unknown point {point_name!r} (known: "
                                          f"{', '.join(self.config.points)})")
         if "value" not in params:

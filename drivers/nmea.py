@@ -126,7 +126,7 @@ def parse_sentence(line: bytes | str) -> tuple[str, dict[str, Any]]:
         return kind, {}
     except DriverError:
         raise
-    except Exception as exc:  # noqa: BLE001 - the contract: nothing but DriverError escapes
+    except Exception as exc:
         raise _err(f"unparsable sentence: {exc}") from exc
 
 

@@ -25,7 +25,7 @@ from typing import Any, Literal, TypeVar
 import serial
 import structlog
 
-from drivers.base import Duration, DriverError, ReadTimeoutError
+from drivers.base import DriverError, Duration, ReadTimeoutError
 
 log = structlog.get_logger(__name__)
 
@@ -181,7 +181,7 @@ class _ThreadTransport:
         while not self._stop.is_set():
             try:
                 data = self.serial.read(max(1, self.serial.in_waiting))
-            except Exception as exc:  # noqa: BLE001 - any failure means the port is gone
+            except Exception as exc:
                 if not self._stop.is_set():
                     self._loop.call_soon_threadsafe(self._protocol.connection_lost, exc)
                 return
@@ -218,7 +218,7 @@ async def _in_thread(fn: Callable[[], T]) -> T:
     def work() -> None:
         try:
             result = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+        except BaseException as exc:
             loop.call_soon_threadsafe(fail, exc)
         else:
             loop.call_soon_threadsafe(deliver, result)
@@ -330,13 +330,13 @@ class SerialPort:
         if self._protocol is not None:
             self._protocol.buffer.clear()
 
-    async def _wait(self, device: str, ready: Any, timeout: float, what: str) -> bytes:
+    async def _wait(self, device: str, ready: Any, timeout_s: float, what: str) -> bytes:
         """Wait until `ready(buffer)` returns the number of bytes to take (or raises)."""
         await self.ensure_open(device)
         p = self._protocol
         assert p is not None
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(timeout_s):
                 while True:
                     n = ready(p.buffer)
                     if n:
@@ -349,12 +349,14 @@ class SerialPort:
                     p.changed.clear()
                     await p.changed.wait()
         except TimeoutError as exc:
-            raise ReadTimeoutError(device, f"serial port {self.url}: no {what} within {timeout:g}s") from exc
+            raise ReadTimeoutError(
+                device, f"serial port {self.url}: no {what} within {timeout_s:g}s") from exc
 
-    async def read_exactly(self, n: int, timeout: float, device: str) -> bytes:
-        return await self._wait(device, lambda b: n if len(b) >= n else 0, timeout, f"{n} bytes")
+    async def read_exactly(self, n: int, timeout_s: float, device: str) -> bytes:
+        return await self._wait(device, lambda b: n if len(b) >= n else 0, timeout_s, f"{n} bytes")
 
-    async def read_until(self, sep: bytes, timeout: float, device: str, max_len: int = _MAX_LINE) -> bytes:
+    async def read_until(self, sep: bytes, timeout_s: float, device: str,
+                         max_len: int = _MAX_LINE) -> bytes:
         """Bytes up to and including `sep`. A run longer than `max_len` is dropped as garbage."""
 
         def ready(buf: bytearray) -> int:
@@ -367,7 +369,7 @@ class SerialPort:
                                           f"without a {sep!r} terminator")
             return 0
 
-        return await self._wait(device, ready, timeout, "line")
+        return await self._wait(device, ready, timeout_s, "line")
 
     async def _drop(self) -> None:
         transport, self._transport, self._protocol = self._transport, None, None
@@ -389,7 +391,7 @@ def describe_serial_error(exc: BaseException, url: str) -> str:
     if err == errno.EACCES or "Permission denied" in text:
         return (f"permission denied on {url}: add the user to the 'dialout' group "
                 f"(sudo usermod -aG dialout $USER, then log in again)")
-    if err == errno.ENOENT or "No such file" in text or "could not open port" in text and "2]" in text:
+    if err == errno.ENOENT or "No such file" in text or ("could not open port" in text and "2]" in text):
         return f"serial port {url} does not exist (unplugged? check /dev/serial/by-id/)"
     if err == errno.EBUSY or "busy" in text.lower():
         return f"serial port {url} is busy: another program (ModemManager, a console?) holds it"

@@ -16,7 +16,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TextIO
 
 import drivers
@@ -59,13 +59,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ser.add_argument("--poll", default="", help="text sent before each line (\\r and \\n escapes)")
     dev = sub.add_parser("device", help="read one configured device once and print its points")
     dev.add_argument("name", help="the device's name in the config")
-    dev.add_argument("-c", "--config", default=os.environ.get("GATEWAYD_CONFIG", "/etc/gatewayd/gatewayd.toml"))
+    dev.add_argument("-c", "--config",
+                     default=os.environ.get("GATEWAYD_CONFIG", "/etc/gatewayd/gatewayd.toml"))
 
 
 def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """Run the chosen probe; returns the exit status."""
     out = out or sys.stdout
-    commands: dict[str, Callable[[argparse.Namespace, TextIO], Awaitable[int]]] = {
+    commands: dict[str, Callable[[argparse.Namespace, TextIO], Coroutine[Any, Any, int]]] = {
         "i2c": probe_i2c, "serial": probe_serial, "device": probe_device}
     try:
         return asyncio.run(commands[args.probe_command](args, out))
@@ -157,7 +158,8 @@ async def _modbus_read(buses: BusManager, args: argparse.Namespace, settings: di
     fc = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}[args.function]
     pdu = _READ_PDU[fc](address=args.register, count=args.count)
     try:
-        response = await line.request(args.unit, pdu, device="probe", timeout=args.timeout, retries=0)
+        response = await line.request(args.unit, pdu, device="probe", timeout_s=args.timeout,
+                                      retries=0)
     except ModbusExceptionError as exc:
         print(f"unit {args.unit} answered exception {exc.code}: "
               f"{EXCEPTION_NAMES.get(exc.code, 'unknown')}", file=out)

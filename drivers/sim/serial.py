@@ -124,7 +124,7 @@ class SerialSim:
         try:
             await self.setup()
             self._plug()
-        except BaseException as exc:  # noqa: BLE001 - reported to start()
+        except BaseException as exc:
             self._error = exc
             self._ready.set()
             return

@@ -45,9 +45,9 @@ def modbus_sim() -> Iterator[ModbusSlaveSim]:
         sim.stop()
 
 
-async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    """Await `predicate()` until it is true, or fail after `timeout` seconds."""
-    async with asyncio.timeout(timeout):
+async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 5.0) -> None:
+    """Await `predicate()` until it is true, or fail after `timeout_s` seconds."""
+    async with asyncio.timeout(timeout_s):
         while not await predicate():
             await asyncio.sleep(0.02)
 

@@ -33,7 +33,8 @@ def test_datasheet_worked_example_temperature_and_pressure() -> None:
 @pytest.mark.parametrize("adc_t,adc_p,adc_h", [
     (519888, 415148, 30000), (480000, 380000, 24000), (560000, 450000, 36000), (400000, 300000, 20000),
 ])
-def test_integer_compensation_matches_the_double_precision_formulas(adc_t: int, adc_p: int, adc_h: int) -> None:
+def test_integer_compensation_matches_the_double_precision_formulas(
+        adc_t: int, adc_p: int, adc_h: int) -> None:
     # the float formulas (datasheet 8.1) are an independent implementation of the same model
     t, t_fine = bme.compensate_t(adc_t, CAL)
     ft, ft_fine = float_t(adc_t, CAL)
@@ -99,7 +100,7 @@ async def test_wrong_chip_id_is_reported(buses: BusManager, sim: SimI2CBus) -> N
 def test_raw_generator_inverts_the_model() -> None:
     adc_t, adc_p, adc_h = bme280_raw(25.08, 1006.5327, 50.0)
     assert float_t(adc_t, CAL)[0] == pytest.approx(25.08, abs=0.0001)
-    t, t_fine = bme.compensate_t(adc_t, CAL)
+    _, t_fine = bme.compensate_t(adc_t, CAL)
     assert bme.compensate_p(adc_p, t_fine, CAL) / 256 == pytest.approx(100653.27, abs=0.5)
     assert bme.compensate_h(adc_h, t_fine, CAL) / 1024 == pytest.approx(50.0, abs=0.01)
 

@@ -70,7 +70,7 @@ async def test_failing_devices_do_not_slow_the_others_and_recover(buses: BusMana
             gps.replug()  # type: ignore[attr-defined]
             mark = dict(sink.reads)
             await wait_for(lambda: _true(sink.reads["nacker"] > mark["nacker"]
-                                         and sink.reads["gps"] > mark["gps"]), timeout=10)
+                                         and sink.reads["gps"] > mark["gps"]), timeout_s=10)
             assert samplers["nacker"].status.state == "ok"
         finally:
             for t in tasks:
@@ -198,7 +198,7 @@ async def test_daemon_runs_every_driver_on_emulations_and_switches_a_relay(tmp_p
                                 out[(r.get("device"), r.get("point"))] = r.get("value")
                 return out
 
-            await wait_for(lambda: _true(wanted <= set(seen())), timeout=20)
+            await wait_for(lambda: _true(wanted <= set(seen())), timeout_s=20)
             values = seen()
             assert values[("meter", "power_w")] == pytest.approx(1234.5)
             assert values[("meter", "energy_wh")] == pytest.approx(1234.5)

@@ -48,7 +48,8 @@ async def test_transient_nack_is_retried_in_the_bus_thread(buses: BusManager, si
 async def test_persistent_nack_names_device_address_and_register(buses: BusManager, sim: SimI2CBus) -> None:
     chip = sim.attach(0x30, FlakyChip(fails=100))
     dev = buses.i2c(f"sim:{sim.name}").device(0x30, "flaky")
-    with pytest.raises(DeviceNotFoundError, match=r"flaky: i2c bus sim:t\d+: read 0xf7 at 0x30: no acknowledge"):
+    expected = r"flaky: i2c bus sim:t\d+: read 0xf7 at 0x30: no acknowledge"
+    with pytest.raises(DeviceNotFoundError, match=expected):
         await dev.read(0xF7, 1)
     assert chip.fails == 100 - 3  # one try and two retries
 

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from drivers.base import DriverError
 from drivers.line import LineField, parse_line
 from drivers.modbus import ModbusLine, ModbusPoint, decode_value
-from drivers.nmea import check_sentence, parse_sentence
+from drivers.nmea import parse_sentence
 from drivers.sim.serial import nmea_sentence
 
 GGA = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
@@ -120,7 +120,7 @@ class _FeedPort:
     def __init__(self, data: bytes) -> None:
         self.data = data
 
-    async def read_exactly(self, n: int, timeout: float, device: str) -> bytes:
+    async def read_exactly(self, n: int, timeout_s: float, device: str) -> bytes:
         from drivers.base import ReadTimeoutError
 
         if len(self.data) < n:

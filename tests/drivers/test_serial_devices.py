@@ -69,7 +69,7 @@ async def test_nmea_port_unplugged_and_back(gps: NMEASim, buses: BusManager) -> 
     drv = NMEADriver("gps", NMEAConfig(port=gps.path, fix_timeout=1.0), buses)
     await drv.read()
     gps.unplug()
-    with pytest.raises(DriverError, match="closed|does not exist|unavailable"):
+    with pytest.raises(DriverError, match=r"closed|does not exist|unavailable"):
         await drv.read()
     gps.replug()
 
@@ -83,13 +83,15 @@ async def test_nmea_port_unplugged_and_back(gps: NMEASim, buses: BusManager) -> 
 
 
 def line_cfg(sim: LineInstrumentSim, **kw: object) -> LineConfig:
-    return LineConfig(port=sim.path, pattern=r"T=(?P<temperature_c>-?[\d.]+) H=(?P<humidity_pct>[\d.]+) ST=(?P<ok>\w+)",
+    pattern = r"T=(?P<temperature_c>-?[\d.]+) H=(?P<humidity_pct>[\d.]+) ST=(?P<ok>\w+)"
+    return LineConfig(port=sim.path, pattern=pattern,
                       fields={"ok": LineField(type="bool")}, response_timeout=0.5, **kw)  # type: ignore[arg-type]
 
 
 async def test_line_instrument_polled(instrument: LineInstrumentSim, buses: BusManager) -> None:
     drv = LineDriver("probe", line_cfg(instrument, poll="READ\r"), buses)
-    assert {r.point: r.value for r in await drv.read()} == {"temperature_c": 21.5, "humidity_pct": 40.0, "ok": True}
+    got = {r.point: r.value for r in await drv.read()}
+    assert got == {"temperature_c": 21.5, "humidity_pct": 40.0, "ok": True}
     instrument.values.update(temperature=-4.25, status="FAIL")
     assert {r.point: r.value for r in await drv.read()}["ok"] is False
     assert instrument.polls == 2
@@ -191,5 +193,5 @@ async def test_missing_port_error_is_readable_and_backs_off(buses: BusManager) -
 
 async def test_read_timeout_is_a_read_timeout_error(buses: BusManager) -> None:
     port = buses.serial("loop://")
-    with pytest.raises(ReadTimeoutError, match="no line within 0.05s"):
+    with pytest.raises(ReadTimeoutError, match=r"no line within 0\.05s"):
         await port.read_until(b"\n", 0.05, "x")
