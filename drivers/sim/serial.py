@@ -19,10 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import math
 import os
 import re
+import struct
 import tempfile
 import threading
+import time
 import tty
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -235,6 +238,13 @@ class SerialSim:
 
 # --- Modbus RTU slave ---------------------------------------------------------------------------
 
+# The register map an animated ModbusSlaveSim unit serves (holding registers), as driver points.
+METER_MAP = {
+    "power_w": {"address": 0, "type": "float32"},
+    "energy_kwh": {"address": 2, "type": "uint32", "scale": 0.0001},
+    "voltage_v": {"address": 4, "type": "uint16", "scale": 0.1},
+}
+
 
 class ModbusSlaveSim(SerialSim):
     """A pymodbus RTU server (one or more unit ids) behind the terminal.
@@ -245,9 +255,10 @@ class ModbusSlaveSim(SerialSim):
     """
 
     def __init__(self, units: tuple[int, ...] = (1,), size: int = 256, path: str | None = None,
-                 baudrate: int = 19200) -> None:
+                 baudrate: int = 19200, animate: bool = False) -> None:
         super().__init__(path)
         self.units = units
+        self.animate = animate
         self.size = size
         self.baudrate = baudrate
         self.exception_code: int | None = None
@@ -309,6 +320,22 @@ class ModbusSlaveSim(SerialSim):
 
     def corrupt(self, message: bytes) -> bytes:
         return message[:-1] + bytes([message[-1] ^ 0xFF]) if message else message
+
+    async def serve(self) -> None:
+        """With `animate`, every unit behaves as an energy meter (see `METER_MAP`)."""
+        if not self.animate:
+            await asyncio.Event().wait()
+        energy_wh = 0.0
+        while True:
+            now = time.time()
+            for unit in self.units:
+                power_w = 1500.0 + 500.0 * math.sin(now / 30 + unit)
+                energy_wh += power_w / 3600
+                regs = [*struct.unpack(">HH", struct.pack(">f", power_w)),
+                        *divmod(int(energy_wh * 10) & 0xFFFFFFFF, 0x10000),
+                        int(230.0 * 10 + 20 * math.sin(now / 7))]
+                await self._server.context.async_setValues(unit, 16, 0, regs)
+            await asyncio.sleep(1.0)
 
     def set_values(self, unit: int, table: Literal["coil", "discrete", "holding", "input"],
                    address: int, values: list[int] | list[bool]) -> None:
