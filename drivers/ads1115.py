@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from drivers.base import Buses, Driver, DriverError, Quality, Reading, now_ms
+from drivers.base import Buses, DeviceNotFoundError, Driver, DriverError, Quality, Reading, now_ms
 from drivers.bus import I2CDevice, open_i2c_device
 
 REG_CONVERSION = 0x00
@@ -105,8 +105,15 @@ class ADS1115(Driver):
         self._dev: I2CDevice | None = None
 
     async def open(self) -> None:
+        """Check the chip answers: its config register must read back (any value)."""
         c = self.config
-        self._dev = open_i2c_device(self.buses, self.name, c.bus, c.address, "ads1115")
+        self._dev = dev = open_i2c_device(self.buses, self.name, c.bus, c.address, "ads1115")
+        try:
+            await dev.read(REG_CONFIG, 2)
+        except DriverError as exc:
+            self._dev = None
+            raise DeviceNotFoundError(self.name, f"no ADS1115 answering at {c.address:#04x} "
+                                                 f"on bus {c.bus}: {exc.message}") from exc
 
     async def convert(self, point: ADCPoint) -> int:
         """One single-shot conversion; returns the raw 16-bit code."""

@@ -10,7 +10,7 @@ import asyncio
 from dataclasses import dataclass
 from typing import Literal
 
-from drivers.base import Buses, Driver, DriverError, Reading, now_ms
+from drivers.base import Buses, DeviceNotFoundError, Driver, DriverError, Reading, now_ms
 from drivers.bus import I2CDevice, open_i2c_device
 
 # (command bytes, max measurement time in s) per variant and repeatability, from the datasheets
@@ -80,8 +80,18 @@ class SHT(Driver):
         self.crc_errors = 0
 
     async def open(self) -> None:
+        """Check the chip answers an identification read (SHT3x status, SHT4x serial number)."""
         c = self.config
-        self._dev = open_i2c_device(self.buses, self.name, c.bus, c.address, c.variant)
+        self._dev = dev = open_i2c_device(self.buses, self.name, c.bus, c.address, c.variant)
+        command, length = (b"\xf3\x2d", 3) if c.variant == "sht3x" else (b"\x89", 6)
+        try:
+            await dev.send(command)
+            await asyncio.sleep(_MARGIN_S)
+            check_words(await dev.receive(length))
+        except (DriverError, ValueError) as exc:
+            self._dev = None
+            raise DeviceNotFoundError(self.name, f"no {c.variant.upper()} answering at "
+                                                 f"{c.address:#04x} on bus {c.bus}: {exc}") from exc
 
     async def read(self) -> list[Reading]:
         if self._dev is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from drivers import ads1115 as ads
-from drivers.base import DriverError, Quality
+from drivers.base import DeviceNotFoundError, DriverError, Quality
 from drivers.bus import BusManager
 from drivers.sim.chips import ADS1115Chip
 from drivers.sim.i2c import SimI2CBus
@@ -79,3 +79,10 @@ async def test_chip_that_lost_its_config_is_an_error(buses: BusManager, sim: Sim
     await drv.open()
     with pytest.raises(DriverError, match="readback"):
         await drv.read()
+
+
+async def test_open_reports_a_missing_chip(buses: BusManager, sim: SimI2CBus) -> None:
+    drv = ads.ADS1115("a", ads.ADS1115Config(bus=f"sim:{sim.name}", address=0x4B), buses)
+    sim.ensure(0x4B, "ads1115").vanish()
+    with pytest.raises(DeviceNotFoundError, match="no ADS1115 answering at 0x4b"):
+        await drv.open()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from drivers.base import DriverError
+from drivers.base import DeviceNotFoundError, DriverError
 from drivers.bus import BusManager
 from drivers.sht import SHT, SHTConfig, check_words, convert, crc8
 from drivers.sim.chips import SHTChip
@@ -63,3 +63,13 @@ async def test_reading_too_early_is_nacked_by_the_model(sim: SimI2CBus) -> None:
     with pytest.raises(OSError):
         sim.transfer(0x44, b"", 6)  # 15 ms measurement still running: read header NACKed
     assert chip.measurements == 1
+
+
+@pytest.mark.parametrize("variant", ["sht3x", "sht4x"])
+async def test_open_identifies_the_chip(buses: BusManager, sim: SimI2CBus, variant: str) -> None:
+    chip = sim.attach(0x44, SHTChip(variant=variant))
+    drv = SHT("room", SHTConfig(bus=f"sim:{sim.name}", variant=variant), buses)  # type: ignore[arg-type]
+    await drv.open()
+    chip.vanish()
+    with pytest.raises(DeviceNotFoundError, match=f"no {variant.upper()} answering at 0x44"):
+        await drv.open()
