@@ -417,7 +417,7 @@ class Queue:
         series = self._series
         seq = self.tail
         first = seq + 1
-        rows = []
+        rows: list[tuple[Any, ...]] = []
         nbytes = 0
         new_series: list[tuple[int, str, str]] = []
         append = rows.append

@@ -95,7 +95,8 @@ class Sampler:
                 async with asyncio.timeout(self.timeout_s):
                     readings = await self.driver.read()
             except (DriverError, TimeoutError) as exc:
-                error = f"read timed out after {self.timeout_s:g}s" if isinstance(exc, TimeoutError) else str(exc)
+                error = (f"read timed out after {self.timeout_s:g}s" if isinstance(exc, TimeoutError)
+                         else str(exc))
                 st.failures += 1
                 st.consecutive_failures += 1
                 if isinstance(exc, DeviceNotFoundError):

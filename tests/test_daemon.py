@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from .conftest import Daemon, free_port, read_jsonl
+from .conftest import Daemon, free_port
 
 BATCH = 200
 

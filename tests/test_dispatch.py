@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from drivers.base import ActionError, Actuator, Command, CommandResult
+from drivers.base import Actuator, Command, CommandResult
 from drivers.logact import LogActuator, LogActuatorConfig
 from gatewayd.config import CommandMap, DispatchSection, ParamSpec
 from gatewayd.dispatch import Dispatcher
@@ -148,7 +148,7 @@ async def test_slow_actuator_times_out() -> None:
 
 
 async def test_actions_are_serialized_per_actuator() -> None:
-    d, relay, slow = make()
+    d, _, slow = make()
     tasks = [asyncio.create_task(d.execute(cmd("slow", {"n": i}, f"s{i}"))) for i in range(5)]
     quick = await d.execute(cmd("set_relay", {"channel": 0, "on": True}, "q"))
     assert quick.ok  # another actuator is not held up by the slow one

@@ -30,8 +30,8 @@ class Flaky(Driver):
         return [Reading(self.name, "x", 1.0, now_ms())]
 
 
-async def until(pred, timeout: float = 10.0) -> None:  # noqa: ANN001
-    async with asyncio.timeout(timeout):
+async def until(pred, limit_s: float = 10.0) -> None:
+    async with asyncio.timeout(limit_s):
         while not pred():
             await asyncio.sleep(0.005)  # polling a condition, bounded by the timeout
 
