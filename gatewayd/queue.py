@@ -662,12 +662,16 @@ class Outbox:
         self.closed = False
         self._ack_lock = asyncio.Lock()
 
-    async def lease(self, max_items: int, max_bytes: int = 0, wait_s: float | None = None) -> Lease:
+    async def lease(self, max_items: int, max_bytes: int = 0, wait_s: float | None = None,
+                    linger_s: float = 0.0) -> Lease:
         q = self.queue
         if self.next_seq < self.acked:
             self.next_seq = self.acked
         if not await q.wait_committed(self.next_seq, wait_s) or self.closed:
             return Lease(self.name, [])
+        if linger_s > 0 and q.tail - self.next_seq < max_items:
+            # A trickle: wait a little for a fuller batch (fewer wake-ups, messages and acks).
+            await q.wait_committed(self.next_seq + max_items - 1, linger_s)
         items = await q._on_reader(q._lease_sync, self.next_seq, q.tail, max_items, max_bytes,
                                    self.bit, self.live_from)
         if items:

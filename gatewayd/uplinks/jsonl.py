@@ -28,6 +28,7 @@ class JsonlConfig:
     fsync: bool = False  # fsync each batch before acking (survives power loss)
     pause_file: str = ""  # while this file exists, delivery pauses and a backlog builds
     retry_max: Duration = 30.0
+    linger: Duration = 1.0  # wait up to this for a full batch: fewer writes when data trickles
 
 
 class JsonlUplink(Uplink):
@@ -52,7 +53,7 @@ class JsonlUplink(Uplink):
         await asyncio.to_thread(self._check_pause)
         await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
         self.set_state(UplinkState.CONNECTED)
-        await self.pump(self._send, self.config.batch, wait_s=1.0)
+        await self.pump(self._send, self.config.batch, wait_s=1.0, linger_s=self.config.linger)
 
     async def _send(self, lease: Lease) -> None:
         lines = "".join(
