@@ -56,8 +56,8 @@ _HTML_LOGIN_PAGE = (
     "<body><form method='post' action='/login'><input name='username'></form></body></html>"
 )
 
-FaultKind = Literal["status", "slow", "drop", "html", "unauthorized"]
-FAULT_KINDS: tuple[str, ...] = ("status", "slow", "drop", "html", "unauthorized")
+FaultKind = Literal["status", "slow", "drop", "html", "unauthorized", "error", "raw"]
+FAULT_KINDS: tuple[str, ...] = ("status", "slow", "drop", "html", "unauthorized", "error", "raw")
 
 # M2M_data columns, in the order rows are stored.
 ROW_FIELDS = ("id", "dc", "metric", "data", "latitude", "longitude", "altitude", "timestamp",
@@ -74,7 +74,9 @@ class Fault:
     - `slow`: process (and store) normally, then wait `delay_s` before answering;
     - `drop`: close the connection without an answer, before processing;
     - `html`: answer HTTP 200 with an HTML sign-in page, without processing;
-    - `unauthorized`: answer the unauthorized error whatever the token.
+    - `unauthorized`: answer the unauthorized error whatever the token;
+    - `error`: answer the error message with `code` (e.g. 1, bad JSON) without processing;
+    - `raw`: answer HTTP 200 with `body` as is (malformed or hand-written answers).
     """
 
     kind: FaultKind
@@ -82,6 +84,8 @@ class Fault:
     count: int = 1
     status: int = 503
     delay_s: float = 1.0
+    code: int = 1
+    body: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -116,6 +120,10 @@ def valid_time(value: object) -> bool:
     return True
 
 
+def _random_token() -> str:
+    return "-".join(secrets.token_hex(4).upper() for _ in range(4))
+
+
 def _scalar(value: object) -> bool:
     return isinstance(value, str | int | float) and not isinstance(value, bool)
 
@@ -130,6 +138,8 @@ class OpsHubSimulator:
     `users` maps username to password; each user's account name is the username. `tokens`
     pre-issues tokens (token -> username), e.g. to replay the vendor page's examples. `clock`
     (monotonic seconds) decides idle expiry; tests may pass a controllable one.
+    `token_factory` makes the token of each successful login (default: four random hex groups,
+    in the shape of the page's "00000000-00000000-00409DFF-FF521DB2").
     """
 
     def __init__(
@@ -146,6 +156,7 @@ class OpsHubSimulator:
         keep_requests: int = 200,
         ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.monotonic,
+        token_factory: Callable[[], str] | None = None,
     ) -> None:
         self.users = dict(users if users is not None else {"demo": "demo"})
         self.host = host
@@ -156,6 +167,7 @@ class OpsHubSimulator:
         self.reject_vals: set[str] = set()
         self.ssl_context = ssl_context
         self.clock = clock
+        self.token_factory = token_factory or _random_token
         self._sessions: dict[str, _Session] = {
             t: _Session(u, clock()) for t, u in (tokens or {}).items()
         }
@@ -313,6 +325,10 @@ class OpsHubSimulator:
         if fault.kind == "unauthorized":
             status, answer = self._unauthorized()
             return _json_response(answer, status)
+        if fault.kind == "error":
+            return _json_response(error_body(fault.code))
+        if fault.kind == "raw":
+            return web.Response(text=fault.body, content_type="application/json")
         # drop: close the socket under the request; the client sees a disconnect, no answer.
         if request.transport is not None:
             request.transport.abort()
@@ -359,7 +375,7 @@ class OpsHubSimulator:
             self.stats["logins_refused"] += 1
             log.info("opshub_sim_login_refused", user=user)
             return 200, {"handshake": {"stage": "login", "code": "0"}}
-        token = "-".join(secrets.token_hex(4).upper() for _ in range(4))
+        token = self.token_factory()
         self._sessions[token] = _Session(user, self.clock())
         self.stats["logins"] += 1
         return 200, {"handshake": {"stage": "login", "code": "1"}, "token": token}

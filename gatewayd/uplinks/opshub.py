@@ -52,6 +52,7 @@ RESULT_METRIC = "cmd_result"
 _OFFSET_RE = re.compile(r"^([+-])(\d{2}):(\d{2})$")
 _ID_RE = re.compile(r"^[^/\s]+$")  # page: avoid spaces in names and ids; "/" splits a channel
 _PARAM_TYPES = ("str", "int", "float", "bool")
+_PROBE_LEVELS = 3  # split levels tried before "everything refused" means a config error
 _QUALITY_NAMES = {int(q): q.name.lower() for q in Quality}
 _TRUE, _FALSE = {"1", "true", "on", "yes"}, {"0", "false", "off", "no"}
 
@@ -90,6 +91,7 @@ class GpsMap:
     lat: str = "lat"  # local point names
     long: str = "long"
     alt: str = "alt"
+    decimals: Annotated[int, Range(0, 12)] = 6  # lat/long digits after the point (6: ~0.1 m)
     publish: bool = False  # also publish the GPS readings as a channel of their own
 
 
@@ -113,7 +115,8 @@ class CommandPattern:
         except re.error as exc:
             raise ValueError(f"pattern {self.pattern!r} is not a valid regex: {exc}") from None
         if not self.action and "action" not in rx.groupindex:
-            raise ValueError(f"pattern {self.pattern!r}: set `action` or use a (?P<action>...) group")
+            raise ValueError(f"pattern {self.pattern!r}: set `action` or use a (?P<action>...) "
+                             "group")
         unknown = set(self.types) - set(rx.groupindex)
         if unknown:
             raise ValueError(f"types names groups the pattern lacks: {', '.join(sorted(unknown))}")
@@ -231,10 +234,10 @@ def format_value(value: Value) -> tuple[str, str]:
     return json.dumps(value, separators=(",", ":"), sort_keys=True), "String"
 
 
-def command_id(dc: str, command: str, ordinal: int) -> str:
-    """A stable id for a command, which carries none: hash of channel, string and ordinal."""
-    digest = hashlib.sha256(f"{dc}\n{command}\n{ordinal}".encode()).hexdigest()
-    return f"oh-{digest[:20]}"
+def command_key(dc: str, command: str, ordinal: int) -> str:
+    """The dedupe key of a polled command, which carries no id of its own: a hash of its
+    channel, its string and its ordinal among identical commands in the same poll answer."""
+    return hashlib.sha256(f"{dc}\n{command}\n{ordinal}".encode()).hexdigest()[:20]
 
 
 _UNQUOTED_KEY = re.compile(r'([{,]\s*)([A-Za-z_]\w*)\s*:')
@@ -283,7 +286,9 @@ def publish_verdicts(answer: Any) -> dict[str, bool]:
     out: dict[str, bool] = {}
     for a in answers:
         hs = a.get("handshake") if isinstance(a, dict) else None
-        if not isinstance(hs, dict) or hs.get("stage") != "publish" or not isinstance(hs.get("dc"), str):
+        if not isinstance(hs, dict) or hs.get("stage") != "publish":
+            continue
+        if not isinstance(hs.get("dc"), str):
             continue
         out[hs["dc"]] = str(hs.get("code")).strip() == "1"
     return out
@@ -386,7 +391,8 @@ class OpsHubApi:
         except (aiohttp.ClientError, OSError) as exc:
             raise UplinkUnavailableError(f"{stage}: {type(exc).__name__}: {exc}") from exc
         except TimeoutError as exc:
-            raise UplinkUnavailableError(f"{stage}: no answer in {self.config.request_timeout}s") from exc
+            raise UplinkUnavailableError(
+                f"{stage}: no answer in {self.config.request_timeout}s") from exc
         if status in (401, 403):
             raise _TokenInvalid(f"HTTP {status}")
         if status in (400, 413, 422):
@@ -535,7 +541,7 @@ class OpsHubUplink(Uplink):
                 "polls": self.polls, "commands_received": self.commands_received,
                 "results_pending": len(self._results), "quarantined": self.quarantined}
 
-    # -- publish ------------------------------------------------------------------------------------
+    # -- publish --------------------------------------------------------------------------------
 
     def metrics_for(self, items: Iterable[Item]) -> list[Metric]:
         """Map queued readings to publishable metrics, attaching the GPS position in effect.
@@ -551,7 +557,7 @@ class OpsHubUplink(Uplink):
             if gps is not None and r.device == gps.device:
                 for key in ("lat", "long", "alt"):
                     if r.point == getattr(gps, key) and r.value is not None:
-                        self._position[key] = format_value(r.value)[0]
+                        self._position[key] = self._coordinate(key, r.value)
                 if not gps.publish:
                     continue
             dev = self.config.devices.get(r.device)
@@ -571,6 +577,13 @@ class OpsHubUplink(Uplink):
                               tuple(sorted(self._position.items())),
                               self._met(r, dev.points.get(r.point) if dev else None)))
         return out
+
+    def _coordinate(self, key: str, value: Value) -> str:
+        gps = self.config.gps
+        if (gps is not None and key != "alt" and isinstance(value, int | float)
+                and not isinstance(value, bool)):
+            return f"{value:.{gps.decimals}f}"
+        return format_value(value)[0]
 
     def _dc(self, sensor: str) -> str:
         return f"{self.gateway_dc}/{sensor}"
@@ -596,14 +609,46 @@ class OpsHubUplink(Uplink):
     async def deliver(self, metrics: list[Metric]) -> None:
         """Publish `metrics` until every one is accepted or quarantined as refused.
 
-        Raises UplinkError (the session ends, the lease is sent again later) for transient
-        failures, and if the server refuses everything before it ever accepted anything (a
-        wrong account or gateway id, not poison data).
+        Refused metrics are split in halves, breadth first, until each refused single one is
+        known. Raises UplinkError (the session ends, the lease goes again later) for transient
+        failures, and if the server refused everything before it ever accepted anything: that
+        is a wrong account or gateway id, not poison data, and nothing is quarantined.
         """
-        pending = metrics
+        refused = await self._publish_answered(metrics)
+        groups, singles, level = ([refused] if refused else []), [], 0
+        while groups:
+            level += 1
+            deeper = []
+            for group in groups:
+                if len(group) == 1:
+                    singles.append(group[0])
+                    continue
+                half = len(group) // 2
+                for part in (group[:half], group[half:]):
+                    bad = await self._publish_answered(part)
+                    if bad:
+                        deeper.append(bad)
+            # one poison reading leaves a good half at level 1; a few leave one by level 3
+            if not self._accepted_once and (level >= _PROBE_LEVELS or not deeper):
+                raise UplinkRejectedError(f"server refused every channel ({metrics[0].dc}, ...):"
+                                          " check account and gateway_id")
+            groups = deeper
+        for m in singles:
+            if m.item is not None:
+                self._quarantine(m.item, "refused", f"{m.dc} {m.met}")
+            else:
+                self.results_dropped += 1
+                self.log.warning("opshub_result_refused", dc=m.dc, met=m.met)
+
+    async def _publish_answered(self, metrics: list[Metric]) -> list[Metric]:
+        """Publish until every channel got an answer; returns the refused metrics.
+
+        Channels the answer does not name are sent again, twice at most.
+        """
+        pending, refused = metrics, []
         for _ in range(3):
             if not pending:
-                return
+                return refused
             try:
                 verdicts = await self._publish(pending)
             except _BodyRejected as exc:
@@ -611,32 +656,14 @@ class OpsHubUplink(Uplink):
                 verdicts = dict.fromkeys({m.dc for m in pending}, False)
             if any(verdicts.values()):
                 self._accepted_once = True
-            refused = [m for m in pending if verdicts.get(m.dc) is False]
-            if refused:
-                await self._isolate(refused)
+            refused += [m for m in pending if verdicts.get(m.dc) is False]
             pending = [m for m in pending if m.dc not in verdicts]
             if pending:
                 self.log.warning("opshub_reply_missing_channels",
                                  channels=sorted({m.dc for m in pending}))
         if pending:
             raise UplinkUnavailableError("publish answers did not name every channel")
-
-    async def _isolate(self, refused: list[Metric]) -> None:
-        """Split refused metrics in halves until each refused single one is known."""
-        if not self._accepted_once:
-            raise UplinkRejectedError(
-                f"server refused every channel ({refused[0].dc}, ...): check account and gateway_id")
-        if len(refused) == 1:
-            m = refused[0]
-            if m.item is not None:
-                self._quarantine(m.item, "refused", f"{m.dc} {m.met}")
-            else:
-                self.results_dropped += 1
-                self.log.warning("opshub_result_refused", dc=m.dc, met=m.met)
-            return
-        half = len(refused) // 2
-        await self.deliver(refused[:half])
-        await self.deliver(refused[half:])
+        return refused
 
     def _quarantine(self, item: Item, reason: str, detail: str) -> None:
         self.quarantined += 1
@@ -653,7 +680,7 @@ class OpsHubUplink(Uplink):
         self.messages += 1
         return publish_verdicts(answer)
 
-    # -- commands -----------------------------------------------------------------------------------
+    # -- commands -------------------------------------------------------------------------------
 
     async def _poll_loop(self) -> None:
         assert self.api is not None
@@ -680,14 +707,16 @@ class OpsHubUplink(Uplink):
         ordinals: dict[tuple[str, str], int] = {}
         for pc in commands:
             ordinal = ordinals[(pc.dc, pc.command)] = ordinals.get((pc.dc, pc.command), -1) + 1
-            cid = command_id(pc.dc, pc.command, ordinal)
-            if cid in self._seen:
-                self._seen[cid] = now
-                self.log.info("opshub_command_duplicate", id=cid, dc=pc.dc)
+            key = command_key(pc.dc, pc.command, ordinal)
+            if key in self._seen:
+                self._seen[key] = now  # still being redelivered: the window restarts
+                self.log.info("opshub_command_duplicate", key=key, dc=pc.dc)
                 continue
-            self._seen[cid] = now
+            self._seen[key] = now
             self.commands_received += 1
-            self._submit(cid, pc)
+            # A sighting after the window is a new command: it gets a new id, so the
+            # dispatcher (which dedupes ids for its own, longer window) runs it again.
+            self._submit(f"oh-{key}-{self.commands_received}", pc)
 
     def _submit(self, cid: str, pc: PolledCommand) -> None:
         parts = pc.dc.split("/")
