@@ -63,6 +63,11 @@ async def client(sim: OpsHubSimulator) -> AsyncIterator[Client]:
         yield Client(http, sim.url)
 
 
+def fill(template: str, token: str) -> str:
+    """The page's placeholders replaced by real values."""
+    return template.replace("<token>", token).replace("<channel>", GW)
+
+
 def message(dc: str = f"{GW}/boiler", **entry: Any) -> dict[str, Any]:
     data = {"time": "2026-11-22T10:00:00.000+00:00",
             "mets": [{"met": "temperature", "val": "71.5"}], **entry}
@@ -186,7 +191,7 @@ async def test_several_channels_get_an_array_of_answers_in_order(client: Client,
     token = await client.login()
     msgs = [message(f"{GW}/a"), message(f"{GW}/b", mets=[{"met": "x"}]),
             message(f"{GW}/c", lat=35.5, mets=[{"met": "n", "val": 7, "gen1": "g1", "gen2": 2}])]
-    status, answer = await client.publish(token, msgs)
+    _, answer = await client.publish(token, msgs)
     assert [(a["handshake"]["dc"], a["handshake"]["code"]) for a in answer] == [
         (f"{GW}/a", "1"), (f"{GW}/b", "0"), (f"{GW}/c", "1")]
     assert [(r["dc"], r["data"], r["latitude"], r["generic_1"], r["generic_2"])
@@ -208,23 +213,25 @@ async def test_publish_structure_errors_get_code_1(client: Client, body: str) ->
 
 async def test_page_subscribe_request_and_no_commands_answer(client: Client) -> None:
     token = await client.login()
-    request = ('{"handshake":{"stage": "subscribe"},"token":"%s", "payload":{"dc":"%s",'
-               '"request_type":"subscribe"}}') % (token, GW)  # the page's spacing
-    assert await client.post("/app/iqp/rest/subscribe", request) == (
-        200, '{"handshake":{"stage":"subscribe"},"token":"%s","payload":'
-             '{"request_type":"no_commands","dc":"%s"}}' % (token, GW))
+    # verbatim from the page, placeholders filled in
+    request = ('{"handshake":{"stage": "subscribe"},"token":"<token>", "payload":'
+               '{"dc":"<channel>","request_type":"subscribe"}}')
+    answer = ('{"handshake":{"stage":"subscribe"},"token":"<token>","payload":'
+              '{"request_type":"no_commands","dc":"<channel>"}}')
+    assert await client.post("/app/iqp/rest/subscribe", fill(request, token)) == (
+        200, fill(answer, token))
 
 
 async def test_commands_per_channel_collected_upwards_and_consumed(client: Client, sim) -> None:
     token = await client.login()
     for dc, cmd in ((f"{GW}/pump", "on"), (GW, "reboot"), (f"{ACCOUNT}/other-gw/x", "off")):
         assert (await client.post("/sim/commands", {"dc": dc, "command": cmd}))[0] == 200
-    status, text = await client.post("/app/iqp/rest/subscribe", json.dumps(
+    _, text = await client.post("/app/iqp/rest/subscribe", json.dumps(
         {"handshake": {"stage": "subscribe"}, "token": token,
          "payload": {"dc": GW, "request_type": "subscribe"}}))
-    assert text == ('{"handshake":{"stage":"subscribe"},"payload":{"request_type":"command_list",'
-                    '"commands":[{"dc":"%s/pump","command":"on"},{"dc":"%s","command":"reboot"}]}}'
-                    % (GW, GW))
+    assert text == fill('{"handshake":{"stage":"subscribe"},"payload":{"request_type":'
+                        '"command_list","commands":[{"dc":"<channel>/pump","command":"on"},'
+                        '{"dc":"<channel>","command":"reboot"}]}}', token)
     assert (await client.subscribe(token, GW))[1]["payload"]["request_type"] == "no_commands"
     # the account channel collects what is left, with each command's own channel
     _, answer = await client.subscribe(token, ACCOUNT)
