@@ -179,6 +179,7 @@ class OpsHubSimulator:
         self.stats: Counter[str] = Counter()
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
+        self._stopping = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -189,6 +190,7 @@ class OpsHubSimulator:
         return f"{scheme}://{self.host}:{self.port}"
 
     async def start(self) -> None:
+        self._stopping.clear()
         app = web.Application(client_max_size=64 * 1024 * 1024)
         for stage in STAGES:
             app.router.add_post(f"{REST_PREFIX}/{stage}", self._stage_handler(stage))
@@ -213,6 +215,7 @@ class OpsHubSimulator:
 
     async def stop(self) -> None:
         if self._runner is not None:
+            self._stopping.set()
             await self._runner.cleanup()
             self._runner = None
             log.info("opshub_sim_stopped", url=self.url)
@@ -299,7 +302,9 @@ class OpsHubSimulator:
                     log.info("opshub_sim_bad_request", stage=stage, reason=str(exc))
                     status, answer = 200, error_body(1)
                 if fault is not None:  # slow: stored already, answer late (the client may retry)
-                    await asyncio.sleep(fault.delay_s)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(fault.delay_s):
+                            await self._stopping.wait()  # a stop cuts the delay short
                 return _json_response(answer, status)
             finally:
                 await self._notify()
