@@ -28,7 +28,7 @@ import re
 import ssl
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +52,7 @@ RESULT_METRIC = "cmd_result"
 _OFFSET_RE = re.compile(r"^([+-])(\d{2}):(\d{2})$")
 _ID_RE = re.compile(r"^[^/\s]+$")  # page: avoid spaces in names and ids; "/" splits a channel
 _PARAM_TYPES = ("str", "int", "float", "bool")
+_POLL_BACKOFF_CAP_S = 60.0
 _PROBE_LEVELS = 3  # split levels tried before "everything refused" means a config error
 _QUALITY_NAMES = {int(q): q.name.lower() for q in Quality}
 _TRUE, _FALSE = {"1", "true", "on", "yes"}, {"0", "false", "off", "no"}
@@ -129,7 +130,7 @@ class OpsHubConfig:
     password: Secret
     account: str = ""  # the channel's account part; default: the username
     gateway_id: str = ""  # default: MAC of the primary interface, "01-23-45-67-89-ab"
-    ca_bundle: str = ""  # PEM file of extra trusted CAs (private CA); "" = system store
+    ca_bundle: str = ""  # PEM file of the CAs to trust (a private CA); "" = the system store
     allow_http: bool = False  # plain http:// only when set (the password travels in the body)
     utc_offset: str = "+00:00"  # time zone written in `time` and `cloud`
     poll_interval: Duration = 5.0  # subscribe polling; 0 disables command polling
@@ -355,13 +356,12 @@ class _BodyRejected(Exception):
 class OpsHubApi:
     """One HTTP session to the site: login, and calls with one silent re-login and retry."""
 
-    def __init__(self, config: OpsHubConfig, log: Any) -> None:
+    def __init__(self, config: OpsHubConfig, log: Any, counters: Counter[str] | None = None) -> None:
         self.config = config
         self.log = log
         self.base = config.url.rstrip("/") + REST_PREFIX
         self.token: str | None = None
-        self.logins = 0
-        self.relogins = 0
+        self.counters = counters if counters is not None else Counter()  # logins, relogins
         self._login_lock = asyncio.Lock()
         self._http: aiohttp.ClientSession | None = None
 
@@ -431,7 +431,7 @@ class OpsHubApi:
         token = answer.get("token") if isinstance(answer, dict) else None
         if code == "1" and isinstance(token, str) and token:
             self.token = token
-            self.logins += 1
+            self.counters["logins"] += 1
             self.log.info("opshub_logged_in", user=self.config.username)
             return
         self.token = None
@@ -466,7 +466,7 @@ class OpsHubApi:
                 self.log.info("opshub_token_invalid", stage=stage, sign=str(exc))
                 self.token = None if self.token == token else self.token
                 await self._relogin(token)
-                self.relogins += 1
+                self.counters["relogins"] += 1
         raise AssertionError("unreachable")
 
 
@@ -503,6 +503,7 @@ class OpsHubUplink(Uplink):
         self._results: deque[Metric] = deque(maxlen=1000)
         self._results_ready = asyncio.Event()
         self._unmapped_logged: set[str] = set()
+        self.counters: Counter[str] = Counter()
         self.polls = 0
         self.commands_received = 0
         self.quarantined = 0
@@ -520,7 +521,7 @@ class OpsHubUplink(Uplink):
             self.set_state(UplinkState.STOPPED)
 
     async def _session(self) -> None:
-        async with OpsHubApi(self.config, self.log) as api:
+        async with OpsHubApi(self.config, self.log, self.counters) as api:
             self.api = api
             try:
                 self.set_state(UplinkState.AUTHENTICATING)
@@ -535,9 +536,8 @@ class OpsHubUplink(Uplink):
                 self.api = None
 
     def status(self) -> dict[str, Any]:
-        api = self.api
         return {**super().status(), "gateway_dc": self.gateway_dc,
-                "logins": api.logins if api else 0, "relogins": api.relogins if api else 0,
+                "logins": self.counters["logins"], "relogins": self.counters["relogins"],
                 "polls": self.polls, "commands_received": self.commands_received,
                 "results_pending": len(self._results), "quarantined": self.quarantined}
 
@@ -604,7 +604,12 @@ class OpsHubUplink(Uplink):
         return met
 
     async def _send(self, lease: Lease) -> None:
-        await self.deliver(self.metrics_for(lease.items))
+        position = dict(self._position)
+        try:
+            await self.deliver(self.metrics_for(lease.items))
+        except BaseException:
+            self._position = position  # the lease goes again: replay it from the same fix
+            raise
 
     async def deliver(self, metrics: list[Metric]) -> None:
         """Publish `metrics` until every one is accepted or quarantined as refused.
@@ -686,11 +691,22 @@ class OpsHubUplink(Uplink):
         assert self.api is not None
         fields = b'"payload":' + json.dumps({"dc": self.gateway_dc, "request_type": "subscribe"},
                                             separators=(",", ":")).encode()
+        failures = 0
         while True:
             try:
                 answer = await self.api.call("subscribe", fields)
-            except _BodyRejected as exc:
-                raise UplinkRejectedError(f"subscribe refused: {exc}") from None
+            except UplinkAuthError:
+                raise
+            except (_BodyRejected, UplinkError) as exc:
+                # commands are broken, data may not be: keep the session (publish fails on
+                # its own if the server is really gone) and poll again more slowly
+                failures += 1
+                self.count_error("poll")
+                self.log.warning("opshub_poll_failed", error=str(exc), failures=failures)
+                await asyncio.sleep(min(_POLL_BACKOFF_CAP_S,
+                                        self.config.poll_interval * 2 ** min(failures, 10)))
+                continue
+            failures = 0
             self.polls += 1
             self.handle_poll(answer)
             await asyncio.sleep(self.config.poll_interval)
@@ -698,12 +714,20 @@ class OpsHubUplink(Uplink):
     def handle_poll(self, answer: Any) -> None:
         """Turn one subscribe answer into commands for the dispatcher (or error results)."""
         commands, problems = parse_subscribe(answer)
-        for dc, reason in problems:
-            self.log.warning("opshub_command_malformed", dc=dc or None, reason=reason)
-            self._add_result(dc or self._dc(self.config.result_sensor), "", "", 400, reason)
         now = time.monotonic()
         self._seen = {k: t for k, t in self._seen.items()
                       if now - t < self.config.dedupe_window}
+        for dc, reason in problems:
+            key = command_key(dc, reason, -1)
+            if key in self._seen:  # the same broken answer again: one error result per window
+                self._seen[key] = now
+                continue
+            self._seen[key] = now
+            self.log.warning("opshub_command_malformed", dc=dc or None, reason=reason)
+            self._add_result(dc or self._dc(self.config.result_sensor), "", "", 400, reason)
+        payload = answer.get("payload") if isinstance(answer, dict) else None
+        if isinstance(payload, dict) and str(payload.get("request_type", "")).strip() == "result":
+            self.log.info("opshub_subscribe_result", payload=str(payload)[:300])
         ordinals: dict[tuple[str, str], int] = {}
         for pc in commands:
             ordinal = ordinals[(pc.dc, pc.command)] = ordinals.get((pc.dc, pc.command), -1) + 1

@@ -343,3 +343,25 @@ async def test_tls_is_verified_with_the_configured_ca(tmp_path: Path, rig: Rig,
             await rig.wait_state(UplinkState.BACKING_OFF)
             assert "certificate" in uplink.last_error.lower()
             assert sim.stats["login_requests"] == 0
+
+
+async def test_broken_subscribe_does_not_stop_publishing(sim, rig: Rig) -> None:
+    sim.inject("status", "subscribe", count=-1, status=500)
+    uplink = rig.start(build_config(base_table(sim, poll_interval="10ms", commands=COMMANDS)))
+    await sim.wait_for(lambda: sim.stats["fault_status"] >= 2)
+    await rig.put(readings("boiler", "t", [1, 2, 3]))
+    await rig.wait_acked()
+    assert len(stored_keys(sim)) == 3
+    assert uplink.state == UplinkState.CONNECTED and sim.stats["logins"] == 1
+    assert error_count(rig.metrics) >= 2  # each failed poll is counted
+
+
+async def test_a_repeated_malformed_answer_gets_one_error_result(sim, rig: Rig) -> None:
+    sim.inject("raw", "subscribe", count=5, body='{"handshake":{"stage":"subscribe"}}')
+    rig.start(build_config(base_table(sim, poll_interval="10ms", commands=COMMANDS)))
+    await sim.wait_for(lambda: sim.stats["fault_raw"] == 5)
+    sim.queue_command(DC, "relay5=off")  # a later good command, to know results were flushed
+    await sim.wait_for(lambda: any(r["generic_2"] == "relay5=off"
+                                   for r in sim.rows(metric="cmd_result")))
+    assert [(r["data"], r["description"]) for r in sim.rows(metric="cmd_result")] == [
+        ("400", "subscribe answer has no payload object"), ("200", "ok")]
