@@ -467,7 +467,8 @@ class OpsHubSimulator:
             raise _BadRequest("payload.dc must be Account[/Gateway[/Sensor]]")
         if dc.split("/")[0] != user:
             return self._unauthorized()
-        matched, rest = [], []
+        matched: list[tuple[str, str]] = []
+        rest: list[tuple[str, str]] = []
         for queued in self._commands:
             # a gateway or account subscription collects the commands of every channel under it
             under = queued[0] == dc or queued[0].startswith(dc + "/")

@@ -28,7 +28,7 @@ import re
 import ssl
 import time
 import uuid
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +53,7 @@ _OFFSET_RE = re.compile(r"^([+-])(\d{2}):(\d{2})$")
 _ID_RE = re.compile(r"^[^/\s]+$")  # page: avoid spaces in names and ids; "/" splits a channel
 _PARAM_TYPES = ("str", "int", "float", "bool")
 _POLL_BACKOFF_CAP_S = 60.0
+_MAX_PENDING_COMMANDS = 1000
 _PROBE_LEVELS = 3  # split levels tried before "everything refused" means a config error
 _QUALITY_NAMES = {int(q): q.name.lower() for q in Quality}
 _TRUE, _FALSE = {"1", "true", "on", "yes"}, {"0", "false", "off", "no"}
@@ -424,7 +425,12 @@ class OpsHubApi:
                           separators=(",", ":")).encode()
         try:
             answer = await self._post("login", body)
-        except (_TokenInvalid, _BodyRejected) as exc:
+        except _TokenInvalid as exc:
+            if str(exc).startswith("HTTP 40"):  # 401/403 on the login itself: credentials
+                raise UplinkAuthError(f"login refused for user {self.config.username!r} "
+                                      f"({exc})") from None
+            raise UplinkUnavailableError(f"login: {exc}") from None
+        except _BodyRejected as exc:
             raise UplinkUnavailableError(f"login: {exc}") from None
         hs = answer.get("handshake") if isinstance(answer, dict) else None
         code = str(hs.get("code")).strip() if isinstance(hs, dict) else ""
@@ -499,7 +505,8 @@ class OpsHubUplink(Uplink):
         self._position: dict[str, str] = {}  # last GPS fix: "lat"/"long"/"alt" -> value
         self._accepted_once = False  # the server took something: a refusal is then the data's
         self._seen: dict[str, float] = {}  # command id -> monotonic time last seen
-        self._pending: dict[str, _Pending] = {}  # command id -> where its result goes
+        # command id -> where its result goes; bounded, as a refused-busy command gets no reply
+        self._pending: OrderedDict[str, _Pending] = OrderedDict()
         self._results: deque[Metric] = deque(maxlen=1000)
         self._results_ready = asyncio.Event()
         self._unmapped_logged: set[str] = set()
@@ -650,7 +657,7 @@ class OpsHubUplink(Uplink):
 
         Channels the answer does not name are sent again, twice at most.
         """
-        pending, refused = metrics, []
+        pending, refused = metrics, list[Metric]()
         for _ in range(3):
             if not pending:
                 return refused
@@ -762,6 +769,8 @@ class OpsHubUplink(Uplink):
             self._add_result(result_dc, cid, pc.command, 400, str(exc))
             return
         self._pending[cid] = _Pending(result_dc, pc.command)
+        if len(self._pending) > _MAX_PENDING_COMMANDS:
+            self._pending.popitem(last=False)
         self.log.info("opshub_command_received", id=cid, dc=pc.dc, device=device, action=action)
         self.ctx.submit_command(Command(cid, self.name, device, action, params, now_ms()))
 

@@ -365,3 +365,11 @@ async def test_a_repeated_malformed_answer_gets_one_error_result(sim, rig: Rig) 
                                    for r in sim.rows(metric="cmd_result")))
     assert [(r["data"], r["description"]) for r in sim.rows(metric="cmd_result")] == [
         ("400", "subscribe answer has no payload object"), ("200", "ok")]
+
+
+async def test_http_401_on_login_is_an_auth_failure(sim, rig: Rig) -> None:
+    sim.unauthorized_status = 401
+    sim.inject("unauthorized", "login", count=-1)
+    uplink = rig.start(build_config(base_table(sim, backoff_cap="30s")))
+    await rig.wait_state(UplinkState.AUTH_FAILED)
+    assert "HTTP 401" in uplink.last_error and sim.stats["login_requests"] == 1
