@@ -260,11 +260,13 @@ class OpsHubSimulator:
         """Forget every token, as if each had been idle past the timeout."""
         self._sessions.clear()
 
-    def rows(self, dc: str | None = None, metric: str | None = None,
-             after: int = 0) -> list[dict[str, Any]]:
-        """Stored M2M_data rows, oldest first, filtered by channel and metric."""
-        out = []
+    def rows(self, dc: str | None = None, metric: str | None = None, after: int = 0,
+             limit: int | None = None) -> list[dict[str, Any]]:
+        """Stored M2M_data rows with id > `after`, oldest first, filtered by channel and metric."""
+        out: list[dict[str, Any]] = []
         for row in self._rows:
+            if limit is not None and len(out) >= limit:
+                break
             if row[0] <= after or (dc is not None and row[1] != dc):
                 continue
             if metric is not None and row[2] != metric:
@@ -511,7 +513,7 @@ class OpsHubSimulator:
             limit = int(q.get("limit", "10000"))
         except ValueError:
             raise web.HTTPBadRequest(text="after and limit must be integers") from None
-        rows = self.rows(q.get("dc"), q.get("metric"), after)[:limit]
+        rows = self.rows(q.get("dc"), q.get("metric"), after, limit)
         return web.json_response({"rows": rows, "total": self.rows_total})
 
     async def _h_add_fault(self, request: web.Request) -> web.Response:
@@ -574,7 +576,7 @@ async def _json_body(request: web.Request) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of `gatewayd sim opshub`."""
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8443, help="0 picks a free port")
+    parser.add_argument("--port", type=int, default=8790, help="0 picks a free port")
     parser.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD",
                         help="an account (repeatable; default demo:demo)")
     parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S,

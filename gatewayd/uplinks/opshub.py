@@ -678,10 +678,9 @@ class OpsHubUplink(Uplink):
         return refused
 
     def _quarantine(self, item: Item, reason: str, detail: str) -> None:
+        """Count and log it as dropped (the outbox logs, rate-limited); the lease acks past it."""
         self.quarantined += 1
-        self.log.warning("opshub_reading_quarantined", seq=item.seq, device=item.reading.device,
-                         point=item.reading.point, reason=reason, detail=detail[:200])
-        self.ctx.outbox.quarantine(item, reason, detail)
+        self.ctx.outbox.quarantine(item, reason, detail[:200])
 
     async def _publish(self, metrics: Sequence[Metric]) -> dict[str, bool]:
         assert self.api is not None
