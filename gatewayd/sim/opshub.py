@@ -33,7 +33,9 @@ import re
 import secrets
 import signal
 import ssl
+import sys
 import time
+import tomllib
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -579,6 +581,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8790, help="0 picks a free port")
     parser.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD",
                         help="an account (repeatable; default demo:demo)")
+    parser.add_argument("--users-file", metavar="TOML",
+                        help='accounts from a TOML file: [users] NAME = "PASSWORD"')
     parser.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT_S,
                         metavar="SECONDS", help="token idle expiry (default 1200)")
     parser.add_argument("--unauthorized-status", type=int, choices=(200, 401), default=200,
@@ -591,9 +595,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
 
 
-def parse_users(specs: Iterable[str]) -> dict[str, str]:
-    """{"name": "password"} from "name:password" strings. Raises ValueError."""
-    users = {}
+def parse_users(specs: Iterable[str], users_file: str | None = None) -> dict[str, str]:
+    """{"name": "password"} from "name:password" strings and a TOML `[users]` table.
+
+    Raises ValueError with a readable message.
+    """
+    users: dict[str, str] = {}
+    if users_file:
+        try:
+            with open(users_file, "rb") as f:
+                table = tomllib.load(f).get("users")
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ValueError(f"--users-file {users_file}: {exc}") from None
+        if not isinstance(table, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in table.items()):
+            raise ValueError(f'--users-file {users_file}: expected [users] NAME = "PASSWORD"')
+        users.update(table)
     for spec in specs:
         name, sep, password = spec.partition(":")
         if not sep or not name:
@@ -605,9 +622,9 @@ def parse_users(specs: Iterable[str]) -> dict[str, str]:
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT/SIGTERM; prints one JSON line with the URL once listening."""
     try:
-        users = parse_users(args.user)
+        users = parse_users(args.user, args.users_file)
     except ValueError as exc:
-        print(f"error: {exc}")
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     ctx = None
     if args.tls_cert:

@@ -333,3 +333,17 @@ async def test_cli_serves_until_sigterm() -> None:
         async with asyncio.timeout(10):
             await proc.communicate()
     assert proc.returncode == 0
+
+
+def test_users_from_arguments_and_file(tmp_path) -> None:
+    from gatewayd.sim.opshub import parse_users
+    f = tmp_path / "users.toml"
+    f.write_text('[users]\nREST_DEMO = "pw1"\n"Operations Hub_Testing" = "pw2"\n')
+    assert parse_users(["a:b:c"], str(f)) == {"REST_DEMO": "pw1",
+                                              "Operations Hub_Testing": "pw2", "a": "b:c"}
+    assert parse_users([]) == {"demo": "demo"}
+    with pytest.raises(ValueError, match="NAME:PASSWORD"):
+        parse_users(["nocolon"])
+    f.write_text("[users]\nx = 1\n")
+    with pytest.raises(ValueError, match="expected"):
+        parse_users([], str(f))
