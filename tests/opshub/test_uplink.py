@@ -373,3 +373,14 @@ async def test_http_401_on_login_is_an_auth_failure(sim, rig: Rig) -> None:
     uplink = rig.start(build_config(base_table(sim, backoff_cap="30s")))
     await rig.wait_state(UplinkState.AUTH_FAILED)
     assert "HTTP 401" in uplink.last_error and sim.stats["login_requests"] == 1
+
+
+async def test_a_resent_lease_keeps_the_positions_of_the_first_attempt(sim, rig: Rig) -> None:
+    sim.inject("status", "publish", status=503)
+    await rig.put([Reading("boiler", "t", 1, T0_MS), Reading("gps", "lat", 35.5, T0_MS + 1),
+                   Reading("gps", "long", 139.25, T0_MS + 1), Reading("boiler", "t", 2, T0_MS + 2)])
+    rig.start(build_config(base_table(sim, poll_interval=0, gps={"device": "gps"})))
+    await rig.wait_acked()
+    assert sim.stats["fault_status"] == 1
+    assert [(r["data"], r["latitude"], r["longitude"]) for r in sim.rows()] == [
+        ("1", None, None), ("2", "35.500000", "139.250000")]
