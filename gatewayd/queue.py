@@ -339,6 +339,10 @@ class Queue:
             self._full.set()
         return fut
 
+    def backpressure(self) -> bool:
+        """True when producers outrun the disk: the open window is over its size cap."""
+        return len(self._pending) + len(self._retry) > self.config.commit_max_rows
+
     async def put(self, readings: Iterable[Reading]) -> bool:
         """Append readings; returns after the commit (True), or False if the disk refused them."""
         return await self.submit(readings)

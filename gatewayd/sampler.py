@@ -115,9 +115,11 @@ class Sampler:
             st.last_read_ms = readings[-1].ts_ms if readings else st.last_read_ms
             self._set("ok")
             if readings:
-                self.queue.submit(readings)
+                committed = self.queue.submit(readings)
                 if self.metrics is not None:
                     self.metrics.readings_sampled.labels(st.name).inc(len(readings))
+                if self.queue.backpressure():
+                    await committed  # the disk is behind: sample slower rather than hoard memory
             next_at += self.interval_s
             now = time.monotonic()
             if next_at < now:  # fell behind (slow read): skip missed slots, no burst
