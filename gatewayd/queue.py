@@ -127,6 +127,7 @@ class Queue:
         self._have_pending = asyncio.Event()
         self._full = asyncio.Event()
         self._committed = asyncio.Condition()
+        self._commit_lock = asyncio.Lock()  # one commit at a time: seq is assigned from `tail`
         self._outboxes: dict[str, Outbox] = {}
         self.head = 1  # first seq present (head > tail: empty)
         self.tail = 0  # last committed seq
@@ -369,6 +370,10 @@ class Queue:
             await self._commit()
 
     async def _commit(self) -> None:
+        async with self._commit_lock:
+            await self._commit_locked()
+
+    async def _commit_locked(self) -> None:
         batch, futs = self._retry + self._pending, self._pending_futs
         self._retry, self._pending, self._pending_futs = [], [], []
         self._have_pending.clear()
