@@ -256,6 +256,7 @@ async def test_concurrent_flushes_never_reuse_a_seq(tmp_path: Path) -> None:
         for i in range(20):
             futs.append(q.submit(readings(100, i * 100)))
             futs.append(asyncio.ensure_future(q.flush()))  # shutdown's flush racing the loop
+            await asyncio.sleep(0)  # let that flush take the window and enter the writer thread
         await asyncio.gather(*futs)
         assert q.store_error == "" and q.store_failed == 0
         lease = await q.outbox("a").lease(10_000, wait_s=1)
