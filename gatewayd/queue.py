@@ -463,7 +463,12 @@ class Queue:
 
     def _store_failed(self, batch: list[Reading], exc: sqlite3.Error) -> None:
         text = str(exc)
-        reason = "read_only" if "readonly" in text or "read-only" in text else "disk_full"
+        if "readonly" in text or "read-only" in text:
+            reason = "read_only"
+        elif "full" in text:
+            reason = "disk_full"
+        else:
+            reason = "io_error"
         self.store_error = reason
         keep = self.config.memory_buffer
         lost = max(0, len(batch) - keep)
