@@ -65,6 +65,9 @@ class Sink:
         self.reads += 1
         self.readings += len(readings)
 
+    def backpressure(self) -> bool:
+        return False  # an in-memory counter is never behind
+
 
 async def measure(name: str, devices: list[Driver], seconds: float, model_cpu: Any = None) -> dict[str, Any]:
     sink = Sink()

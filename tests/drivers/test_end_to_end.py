@@ -37,6 +37,9 @@ class Sink:
     def submit(self, readings: list[Reading]) -> None:
         self.reads[readings[0].device] += 1
 
+    def backpressure(self) -> bool:
+        return False  # an in-memory counter is never behind
+
 
 async def test_failing_devices_do_not_slow_the_others_and_recover(buses: BusManager) -> None:
     bus_a, bus_b = f"iso-a-{uuid.uuid4().hex[:6]}", f"iso-b-{uuid.uuid4().hex[:6]}"
