@@ -59,8 +59,13 @@ class BenchEmulation:
     def paths(self) -> dict[str, str]:
         return {"modbus": self.modbus.path, "gps": self.gps.path, "relay_box": self.relay_box.path}
 
-    def toml(self) -> str:
-        """[[devices]], [[actuators]] and [[commands]] for every emulated device."""
+    def toml(self, commands: bool = True) -> str:
+        """[[devices]] and [[actuators]] for every emulated device, and with `commands` the
+        [[commands]] entries (any uplink) for `set_relay`, `pulse_relay` and `set_box_relay`."""
+        text = self._devices_toml()
+        return text + _COMMANDS if commands else text
+
+    def _devices_toml(self) -> str:
         bus = f"sim:{self.i2c_bus}"
         meter_points = ", ".join(f"{k} = {_inline(v)}" for k, v in METER_MAP.items())
         return f'''
@@ -124,30 +129,33 @@ port = "{self.relay_box.path}"
 commands = {{ set = "RELAY {{channel}} {{on}}\\r" }}
 response = "^OK"
 error = "^ERR"
+'''
 
+
+_COMMANDS = '''
 [[commands]]
 uplink = "*"
 action = "set_relay"
 actuator = "relays"
 actuator_action = "set"
-params.channel = {{ type = "int", min = 0, max = 7 }}
-params.on = {{ type = "bool" }}
+params.channel = { type = "int", min = 0, max = 7 }
+params.on = { type = "bool" }
 
 [[commands]]
 uplink = "*"
 action = "pulse_relay"
 actuator = "relays"
 actuator_action = "pulse"
-params.channel = {{ type = "int", min = 0, max = 7 }}
-params.ms = {{ type = "int", min = 10, max = 10000 }}
+params.channel = { type = "int", min = 0, max = 7 }
+params.ms = { type = "int", min = 10, max = 10000 }
 
 [[commands]]
 uplink = "*"
 action = "set_box_relay"
 actuator = "relay-box"
 actuator_action = "set"
-params.channel = {{ type = "int", min = 1, max = 8 }}
-params.on = {{ type = "bool" }}
+params.channel = { type = "int", min = 1, max = 8 }
+params.on = { type = "bool" }
 '''
 
 

@@ -137,8 +137,7 @@ class SerialSim:
             await self._stop.wait()
         finally:
             worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
+            await asyncio.gather(worker, return_exceptions=True)
             self._unplug()
             await self.teardown()
 
