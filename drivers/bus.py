@@ -52,18 +52,43 @@ class Smbus2Adapter:
 
         self.path = path
         self._bus = SMBus(path)
+        self._rdwr = True  # combined I2C_RDWR transfers until the adapter refuses them
 
     def transfer(self, addr: int, write: bytes, read_len: int) -> bytes:
         from smbus2 import i2c_msg
 
+        if not self._rdwr:
+            return self._smbus_transfer(addr, write, read_len)
         msgs = []
         if write:
             msgs.append(i2c_msg.write(addr, write))
         if read_len:
             rd = i2c_msg.read(addr, read_len)
             msgs.append(rd)
-        self._bus.i2c_rdwr(*msgs)
+        try:
+            self._bus.i2c_rdwr(*msgs)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
+                raise
+            # an SMBus-only adapter (many x86 boards): fall back to SMBus block transfers
+            self._rdwr = False
+            return self._smbus_transfer(addr, write, read_len)
         return bytes(rd) if read_len else b""
+
+    def _smbus_transfer(self, addr: int, write: bytes, read_len: int) -> bytes:
+        """The same transfers in SMBus terms: register + up to 32 bytes either way."""
+        if write and read_len and len(write) == 1 and read_len <= 32:
+            return bytes(self._bus.read_i2c_block_data(addr, write[0], read_len))
+        if write and not read_len and len(write) <= 33:
+            if len(write) == 1:
+                self._bus.write_byte(addr, write[0])
+            else:
+                self._bus.write_i2c_block_data(addr, write[0], list(write[1:]))
+            return b""
+        if not write and read_len == 1:
+            return bytes([self._bus.read_byte(addr)])
+        raise OSError(errno.EOPNOTSUPP, "this adapter supports only SMBus transfers, and this "
+                                        f"one (write {len(write)}, read {read_len}) is not one")
 
     def probe(self, addr: int) -> bool:
         # as i2cdetect does: a read for EEPROM-like ranges (a quick write could corrupt them),

@@ -195,3 +195,14 @@ async def test_read_timeout_is_a_read_timeout_error(buses: BusManager) -> None:
     port = buses.serial("loop://")
     with pytest.raises(ReadTimeoutError, match=r"no line within 0\.05s"):
         await port.read_until(b"\n", 0.05, "x")
+
+
+def test_open_errors_name_the_fix() -> None:
+    import serial
+
+    from drivers.serialport import describe_serial_error
+
+    denied = serial.SerialException(13, "could not open port /dev/ttyUSB0: [Errno 13] Permission denied")
+    assert "add the user to the 'dialout' group" in describe_serial_error(denied, "/dev/ttyUSB0")
+    busy = OSError(16, "Device or resource busy")
+    assert "another program" in describe_serial_error(busy, "/dev/ttyAMA0")
