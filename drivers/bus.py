@@ -215,10 +215,19 @@ class I2CBus:
         return I2CDevice(self, addr, name)
 
     async def close(self) -> None:
-        """Stop the worker thread and close the adapter."""
+        """Close the adapter and stop the worker thread; never raises, never hangs on a stuck
+        bus (the worker is then left to finish on its own)."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._drop)
-        self._executor.shutdown(wait=True)
+        stuck = False
+        try:
+            async with asyncio.timeout(self.op_timeout_s):
+                await loop.run_in_executor(self._executor, self._drop)
+        except TimeoutError:
+            stuck = True
+            log.warning("i2c_close_timeout", bus=self.spec, timeout_s=self.op_timeout_s)
+        except RuntimeError:
+            pass  # already closed
+        self._executor.shutdown(wait=not stuck)
 
 
 class I2CDevice:

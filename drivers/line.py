@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from drivers.base import Buses, Driver, DriverError, Duration, Reading, now_ms
+from drivers.scaling import tidy
 from drivers.serialport import SerialLinkConfig, SerialPort
 
 
@@ -85,7 +86,7 @@ def _convert(raw: str, spec: LineField, group: str, device: str) -> Any:
     if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
         raise DriverError(device, f"group {group}: {raw[:40]!r} is not a finite number")
     if spec.scale != 1.0 or spec.offset != 0.0:
-        value = value * spec.scale + spec.offset
+        value = tidy(value * spec.scale + spec.offset)
     return value
 
 

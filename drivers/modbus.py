@@ -45,6 +45,7 @@ from drivers.base import (
     ReadTimeoutError,
     now_ms,
 )
+from drivers.scaling import tidy
 from drivers.serialport import SerialLinkConfig, SerialPort
 
 log = structlog.get_logger(__name__)
@@ -141,7 +142,7 @@ def decode_value(raw: Sequence[int] | Sequence[bool], p: ModbusPoint) -> float |
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if p.scale != 1.0 or p.offset != 0.0:
-        value = value * p.scale + p.offset
+        value = tidy(value * p.scale + p.offset)
     if p.decimals is not None:
         value = round(value, p.decimals)
     return value

@@ -153,3 +153,9 @@ _FUZZ_RUNS: list[int] = []
 
 def test_async_fuzz_really_ran() -> None:
     assert len(_FUZZ_RUNS) >= 100
+
+
+def test_scaled_values_carry_no_binary_noise() -> None:
+    assert decode_value([2301], ModbusPoint(address=0, scale=0.1)) == 230.1
+    rx = re.compile(r"V=(?P<v>\d+)")
+    assert parse_line(b"V=2301", rx, {"v": LineField(type="int", scale=0.1)}, "ascii") == {"v": 230.1}
