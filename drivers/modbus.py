@@ -405,7 +405,7 @@ class _ModbusBase:
 
 class ModbusDriver(_ModbusBase, Driver):
     """Reads the register map with coalesced requests. A block answered with an exception gives
-    BAD readings for its points; a silent unit fails the whole read."""
+    BAD readings for its points; a silent unit, or one that refuses every block, fails the read."""
 
     Config = ModbusConfig
 
@@ -415,6 +415,7 @@ class ModbusDriver(_ModbusBase, Driver):
 
     async def read(self) -> list[Reading]:
         out: list[Reading] = []
+        refused: ModbusExceptionError | None = None
         for block in self.blocks:
             pdu = _READ_PDU[block.fc](address=block.address, count=block.count)
             try:
@@ -422,6 +423,7 @@ class ModbusDriver(_ModbusBase, Driver):
             except ModbusExceptionError as exc:
                 log.warning("modbus_exception", device=self.name, address=block.address,
                             count=block.count, code=exc.code)
+                refused = exc
                 ts = now_ms()
                 out += [Reading(self.name, n, None, ts, Quality.BAD) for n, _ in block.points]
                 continue
@@ -433,6 +435,8 @@ class ModbusDriver(_ModbusBase, Driver):
             for n, v in values.items():
                 out.append(Reading(self.name, n, v, ts) if v is not None
                            else Reading(self.name, n, None, ts, Quality.BAD))
+        if refused is not None and all(r.quality == Quality.BAD for r in out):
+            raise refused  # nothing readable: the device is failing, not just one register
         return out
 
 

@@ -13,6 +13,7 @@ from drivers.bus import BusManager
 from drivers.modbus import (
     ModbusConfig,
     ModbusDriver,
+    ModbusExceptionError,
     ModbusPoint,
     ModbusWriter,
     ModbusWriterConfig,
@@ -96,9 +97,9 @@ async def test_exception_response_is_counted_and_marks_points_bad(
     assert got["ok"].quality == Quality.GOOD
     assert got["missing"].value is None and got["missing"].quality == Quality.BAD
     assert drv.stats()["exceptions"] == 1
-    modbus_sim.exception_code = 6  # server device busy, on every request
-    got = {r.point: r for r in await drv.read()}
-    assert all(r.quality == Quality.BAD for r in got.values())
+    modbus_sim.exception_code = 6  # server device busy, on every request: the read fails
+    with pytest.raises(ModbusExceptionError, match=r"exception 6 \(server device busy\)"):
+        await drv.read()
     assert drv.stats()["exceptions"] == 3
 
 
