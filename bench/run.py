@@ -25,8 +25,9 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-CONFIG = HERE / "bench.toml"
+BASE_CONFIG = HERE / "bench.toml"
 STATE = HERE / "state"
+CONFIG = STATE / "bench.generated.toml"
 HEALTH = "http://127.0.0.1:9847"
 OPSHUB_PORT = 8790
 OPSHUB_USER, OPSHUB_PASSWORD = "BENCH", "bench-pw"
@@ -42,6 +43,23 @@ class Part:
     demo: Callable[[], Awaitable[str]] | None = None  # send a command, say what happened
     summary: Callable[[], str] | None = None  # one line: what arrived
     stop: Callable[[], Awaitable[None]] | None = None
+
+
+def start_hardware() -> Part:
+    """Serial devices on pseudo-terminals; the I2C chips live in the daemon (bus "sim:bench")."""
+    from drivers.sim.bench import BenchEmulation
+
+    emu = BenchEmulation().start()
+    STATE.mkdir(exist_ok=True)
+    CONFIG.write_text(BASE_CONFIG.read_text() + emu.toml(commands=True))
+
+    def summary() -> str:
+        return "emulated serial devices: " + ", ".join(f"{k}={v}" for k, v in emu.paths.items())
+
+    async def stop() -> None:
+        emu.stop()
+
+    return Part("hardware", summary=summary, stop=stop)
 
 
 async def start_opshub() -> Part:
@@ -92,19 +110,22 @@ async def summary_loop(session: aiohttp.ClientSession, parts: list[Part]) -> Non
         devices = ", ".join(f"{n}={d['state']}" for n, d in status["devices"].items())
         uplinks = ", ".join(f"{n}={u['state']}/sent={u['sent']}/backlog={u['backlog'].get('rows', 0)}"
                             for n, u in status["uplinks"].items())
-        lines = archive.read_text().splitlines() if archive.exists() else []
-        last = json.loads(lines[-1]) if lines else {}
+        lines = archive.read_text().splitlines()[-200:] if archive.exists() else []
+        latest: dict[str, Any] = {}
+        for line in lines:
+            r = json.loads(line)
+            latest[f"{r['device']}.{r['point']}"] = r["value"]
+        shown = " ".join(f"{k}={v}" for k, v in sorted(latest.items())[:14])
         print(f"[bench] queue rows={status['queue']['rows']} | devices: {devices}\n"
               f"[bench] uplinks: {uplinks}\n"
-              f"[bench] archive: {len(lines)} lines, last {last.get('device')}.{last.get('point')}="
-              f"{last.get('value')}", flush=True)
+              f"[bench] latest readings (archive): {shown}", flush=True)
         for p in parts:
             if p.summary is not None:
                 print(f"[bench] {p.summary()}", flush=True)
 
 
 async def main() -> int:
-    parts = [await start_opshub()]
+    parts = [start_hardware(), await start_opshub()]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for p in parts:
         env.update(p.env)
@@ -145,7 +166,7 @@ async def main() -> int:
         for p in parts:
             if p.stop is not None:
                 await p.stop()
-    print(f"[bench] gatewayd exited with {proc.returncode}")
+    print(f"[bench] gatewayd exited with {proc.returncode}; config was {CONFIG}")
     return 0 if proc.returncode in (0, -signal.SIGTERM) else 1
 
 
