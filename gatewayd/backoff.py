@@ -39,7 +39,7 @@ class Backoff:
 class Throttle:
     """Allows at most `count` events per sliding `window_s`; says how long to wait otherwise."""
 
-    def __init__(self, count: int, window_s: float, clock=time.monotonic) -> None:  # noqa: ANN001
+    def __init__(self, count: int, window_s: float, clock=time.monotonic) -> None:
         self.count = count
         self.window_s = window_s
         self._clock = clock

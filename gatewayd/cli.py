@@ -1,0 +1,145 @@
+"""Command line: `gatewayd run|check|probe|sim`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+from gatewayd import __version__
+from gatewayd.errors import ConfigError
+from gatewayd.sim import SIMULATORS
+
+EX_OK, EX_SOFTWARE, EX_CANTCREAT, EX_CONFIG = 0, 70, 73, 78
+DEFAULT_CONFIG = os.environ.get("GATEWAYD_CONFIG", "/etc/gatewayd/gatewayd.toml")
+
+
+def _optional_module(name: str) -> Any:
+    """Import a CLI plug-in module, or None if this build does not have it."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gatewayd",
+        description="Edge gateway daemon: reads sensors, keeps every reading in a durable local "
+                    "queue, and delivers it to EnOS, SAP HCP IoT MMS and GE Operations Hub.",
+        epilog="Exit status: 0 ok, 78 (EX_CONFIG) bad config, 73 cannot create state or bind, "
+               "1 internal error (a bug: systemd restarts the daemon).")
+    parser.add_argument("--version", action="version", version=f"gatewayd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon in the foreground",
+                         description="Run the daemon in the foreground until SIGTERM or SIGINT.")
+    run.add_argument("-c", "--config", default=DEFAULT_CONFIG,
+                     help=f"config file (default: $GATEWAYD_CONFIG or {DEFAULT_CONFIG})")
+    run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                     help="override [log] level")
+
+    check = sub.add_parser("check", help="validate a config file and print the effective config",
+                           description="Validate the config and print it with defaults filled "
+                                       "in and secrets masked. Exit 0 if valid, 78 if not.")
+    check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file")
+    check.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+
+    probe = _optional_module("gatewayd.probe")
+    if probe is not None:
+        p = sub.add_parser("probe", help="commissioning: scan buses, read a device once",
+                           description="Commissioning tools for a technician on site.")
+        probe.add_arguments(p)
+        p.set_defaults(plugin=probe)
+
+    sim = sub.add_parser("sim", help="run a local cloud simulator (bench and tests)",
+                         description="Run a strict local stand-in for a cloud.")
+    sims = sim.add_subparsers(dest="simulator", required=True, metavar="CLOUD")
+    for name, module_name in SIMULATORS.items():
+        module = _optional_module(module_name)
+        if module is None:
+            continue
+        sp = sims.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else None)
+        module.add_arguments(sp)
+        sp.set_defaults(plugin=module)
+    return parser
+
+
+def _load_config(path: str) -> Any:
+    from gatewayd.config import load
+
+    try:
+        return load(path)
+    except ConfigError as exc:
+        print(f"gatewayd: invalid config ({len(exc.problems)} problem"
+              f"{'s' if len(exc.problems) != 1 else ''}):", file=sys.stderr)
+        for p in exc.problems:
+            print(f"  {p}", file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from gatewayd.schema import to_plain
+
+    cfg = _load_config(args.config)
+    if cfg is None:
+        return EX_CONFIG
+    if not args.quiet:
+        plain = to_plain(cfg)
+        plain["path"] = str(cfg.path)
+        print(json.dumps(plain, indent=2, default=str))
+    print(f"gatewayd: {args.config}: config OK ({len(cfg.devices)} devices, "
+          f"{len(cfg.actuators)} actuators, {len(cfg.uplinks)} uplinks, "
+          f"{len(cfg.commands)} command mappings)", file=sys.stderr)
+    return EX_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from gatewayd import logs
+
+    cfg = _load_config(args.config)
+    if cfg is None:
+        return EX_CONFIG
+    logs.setup(args.log_level or cfg.log.level, cfg.log.format)
+    return asyncio.run(_run(cfg))
+
+
+async def _run(cfg: Any) -> int:
+    import structlog
+
+    from gatewayd.service import Gateway
+
+    log = structlog.get_logger("gatewayd")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await Gateway(cfg).run(stop)
+    except OSError as exc:  # state dir not writable, port taken, ...
+        log.error("gateway_failed", error=str(exc))
+        return EX_CANTCREAT
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return EX_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "check":
+        return cmd_check(args)
+    if args.command == "run":
+        return cmd_run(args)
+    return int(args.plugin.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""One TOML file into typed, frozen config objects; every problem reported at once.
+
+Each problem names the file, the key path and what was expected:
+`gateway.toml: devices[2].interval: expected a duration like "10s" or "500ms", got "fast"`.
+Driver and uplink sections are validated against the `Config` dataclass of the driver or
+uplink class they name, so each plug-in owns its keys.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import drivers
+from drivers.base import Duration, Range
+from gatewayd.errors import ConfigError
+from gatewayd.queue import QueueConfig
+from gatewayd.schema import Builder
+from gatewayd.uplinks import UPLINKS, load_uplink
+
+EX_CONFIG = 78
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_HINT = "a name of letters, digits, '.', '_' or '-' (at most 64)"
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySection:
+    id: str
+    state_dir: str = "/var/lib/gatewayd"
+    stop_timeout: Duration = 10.0  # on SIGTERM: how long uplinks may flush before exit
+
+    def __post_init__(self) -> None:
+        if not _NAME_RE.match(self.id):
+            raise ValueError(f"id: expected {_NAME_HINT}, got {self.id!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSection:
+    enabled: bool = True
+    listen: str = "127.0.0.1:9847"
+    allow_commands: bool = False  # POST /commands from the local network (bench, commissioning)
+
+    def __post_init__(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f'listen: expected "host:port", got {self.listen!r}')
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+@dataclass(frozen=True, slots=True)
+class LogSection:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"  # auto: console on a TTY, else JSON
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchSection:
+    dedupe_window: Duration = 600.0  # a redelivered command id within this gets the first result
+    default_timeout: Duration = 10.0  # per action, unless the command map says otherwise
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceCommon:
+    name: str
+    driver: str
+    interval: Duration = 10.0
+    timeout: Duration = 5.0
+    enabled: bool = True
+    jitter: Annotated[float, Range(0.0, 0.5)] = 0.05  # +/- fraction of the interval
+    backoff_max: Duration = 60.0  # longest wait between retries of a failing device
+
+
+@dataclass(frozen=True, slots=True)
+class ActuatorCommon:
+    name: str
+    driver: str
+    timeout: Duration = 5.0
+    enabled: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkCommon:
+    type: str
+    enabled: bool = True
+    start: Literal["now", "oldest"] | None = None  # where a new cursor starts (default: queue's)
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSpec:
+    type: Literal["int", "float", "bool", "str"]
+    required: bool = True
+    min: float | None = None
+    max: float | None = None
+    choices: list[Any] | None = None
+    default: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandMap:
+    action: str  # the uplink-side action name: an EnOS service id, an MMS action value, ...
+    actuator: str  # local actuator that carries it out
+    uplink: str = "*"  # which uplink may send it ("*": any; "local": the health endpoint)
+    device: str = "*"  # which local device the cloud must address ("*": any, "": the gateway)
+    actuator_action: str = ""  # the action passed to the actuator (default: `action`)
+    params: dict[str, ParamSpec] = field(default_factory=dict)
+    fixed: dict[str, Any] = field(default_factory=dict)  # constant params merged in
+    timeout: Duration | None = None
+
+    @property
+    def target_action(self) -> str:
+        return self.actuator_action or self.action
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    name: str
+    driver: str
+    interval: float
+    timeout: float
+    enabled: bool
+    jitter: float
+    backoff_max: float
+    options: Any  # the driver's own Config instance
+
+
+@dataclass(frozen=True, slots=True)
+class ActuatorConfig:
+    name: str
+    driver: str
+    timeout: float
+    enabled: bool
+    options: Any
+
+
+@dataclass(frozen=True, slots=True)
+class UplinkConfig:
+    name: str
+    type: str
+    enabled: bool
+    start: str | None
+    options: Any  # the uplink's own Config instance
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    gateway: GatewaySection
+    queue: QueueConfig
+    health: HealthSection
+    log: LogSection
+    dispatch: DispatchSection
+    devices: tuple[DeviceConfig, ...]
+    actuators: tuple[ActuatorConfig, ...]
+    uplinks: tuple[UplinkConfig, ...]
+    commands: tuple[CommandMap, ...]
+
+    @property
+    def state_dir(self) -> Path:
+        p = Path(self.gateway.state_dir)
+        return p if p.is_absolute() else (self.path.parent / p)
+
+
+_SECTIONS = {"gateway", "queue", "health", "log", "dispatch", "devices", "actuators", "uplinks",
+             "commands"}
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the config file. Raises ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: not a UTF-8 text file"]) from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: TOML syntax error: {exc}"]) from None
+    return parse(doc, path, env)
+
+
+def parse(doc: dict[str, Any], path: Path, env: Mapping[str, str] | None = None) -> Config:
+    """Validate an already-parsed TOML document (see `load`)."""
+    b = Builder(base_dir=path.parent, env=env)
+    for key in doc:
+        if key not in _SECTIONS:
+            b.error(key, f"unknown section (expected one of: {', '.join(sorted(_SECTIONS))})")
+    if "gateway" not in doc:
+        b.error("gateway", 'missing required section (expected [gateway] with id = "...")')
+    gateway = b.build(GatewaySection, doc.get("gateway", {}), "gateway") if "gateway" in doc else None
+    queue = b.build(QueueConfig, doc.get("queue", {}), "queue")
+    health = b.build(HealthSection, doc.get("health", {}), "health")
+    log = b.build(LogSection, doc.get("log", {}), "log")
+    dispatch = b.build(DispatchSection, doc.get("dispatch", {}), "dispatch")
+    devices = _plugins(b, doc.get("devices", []), "devices", DeviceCommon, drivers.DRIVERS)
+    actuators = _plugins(b, doc.get("actuators", []), "actuators", ActuatorCommon, drivers.ACTUATORS)
+    uplinks = _uplinks(b, doc.get("uplinks", {}))
+    commands = b.value(list[CommandMap], doc.get("commands", []), "commands") or []
+
+    _check_names(b, devices, actuators)
+    _check_commands(b, commands, {a.name for a in actuators}, {u.name for u in uplinks},
+                    {d.name for d in devices} | {a.name for a in actuators})
+    device_names = {d.name for d in devices} | {a.name for a in actuators}
+    for u in uplinks:
+        check = getattr(u.options, "check_devices", None)
+        if check is not None:
+            for problem in check(device_names):
+                b.error(f"uplinks.{u.name}", problem)
+
+    if b.errors:
+        raise ConfigError([f"{path}: {e}" for e in b.errors])
+    return Config(path=path, gateway=gateway, queue=queue, health=health, log=log,
+                  dispatch=dispatch, devices=tuple(devices), actuators=tuple(actuators),
+                  uplinks=tuple(uplinks), commands=tuple(commands))
+
+
+def _plugins(b: Builder, raw: object, section: str, common_cls: type[Any],
+             registry: dict[str, str]) -> list[Any]:
+    if not isinstance(raw, list):
+        b.error(section, f"expected an array of tables ([[{section}]]), got a {type(raw).__name__}")
+        return []
+    common_keys = set(common_cls.__dataclass_fields__)
+    out = []
+    for i, table in enumerate(raw):
+        p = f"{section}[{i}]"
+        if not isinstance(table, dict):
+            b.error(p, "expected a table")
+            continue
+        common = b.build(common_cls, {k: v for k, v in table.items() if k in common_keys}, p)
+        name = table.get("name")
+        if isinstance(name, str) and not _NAME_RE.match(name):
+            b.error(f"{p}.name", f"expected {_NAME_HINT}, got {name!r}")
+        driver = table.get("driver")
+        if not isinstance(driver, str):
+            continue
+        if driver not in registry:
+            b.error(f"{p}.driver", f"unknown driver {driver!r} (known: {', '.join(sorted(registry))})")
+            continue
+        try:
+            cls = drivers.load(registry, driver)
+        except ImportError as exc:
+            b.error(f"{p}.driver", f"driver {driver!r} cannot be loaded: {exc}")
+            continue
+        rest = {k: v for k, v in table.items() if k not in common_keys}
+        options = b.build(cls.Config, rest, p)
+        if common is None or options is None:
+            continue
+        fields = {k: getattr(common, k) for k in common_keys}
+        kind = DeviceConfig if common_cls is DeviceCommon else ActuatorConfig
+        out.append(kind(options=options, **fields))
+    return out
+
+
+def _uplinks(b: Builder, raw: object) -> list[UplinkConfig]:
+    if not isinstance(raw, dict):
+        b.error("uplinks", "expected a table of uplinks ([uplinks.<name>])")
+        return []
+    out = []
+    common_keys = set(UplinkCommon.__dataclass_fields__)
+    for name, table in raw.items():
+        p = f"uplinks.{name}"
+        if not _NAME_RE.match(name):
+            b.error(p, f"expected {_NAME_HINT} as the uplink name")
+            continue
+        if not isinstance(table, dict):
+            b.error(p, "expected a table")
+            continue
+        common = b.build(UplinkCommon, {k: v for k, v in table.items() if k in common_keys}, p)
+        if common is None:
+            continue
+        if common.type not in UPLINKS:
+            b.error(f"{p}.type", f"unknown uplink type {common.type!r} (known: {', '.join(sorted(UPLINKS))})")
+            continue
+        try:
+            cls = load_uplink(common.type)
+        except ImportError as exc:
+            b.error(f"{p}.type", f"uplink type {common.type!r} cannot be loaded: {exc}")
+            continue
+        options = b.build(cls.Config, {k: v for k, v in table.items() if k not in common_keys}, p)
+        if options is not None:
+            out.append(UplinkConfig(name, common.type, common.enabled, common.start, options))
+    return out
+
+
+def _check_names(b: Builder, devices: list[DeviceConfig], actuators: list[ActuatorConfig]) -> None:
+    seen: dict[str, str] = {}
+    for section, items in (("devices", devices), ("actuators", actuators)):
+        for i, item in enumerate(items):
+            where = f"{section}[{i}]"
+            if item.name in seen:
+                b.error(f"{where}.name", f"duplicate name {item.name!r} (already used by {seen[item.name]})")
+            else:
+                seen[item.name] = where
+
+
+def _check_commands(b: Builder, commands: list[CommandMap], actuators: set[str],
+                    uplinks: set[str], devices: set[str]) -> None:
+    seen: dict[tuple[str, str, str], int] = {}
+    for i, c in enumerate(commands):
+        if c is None:
+            continue
+        p = f"commands[{i}]"
+        if c.actuator not in actuators:
+            known = ", ".join(sorted(actuators)) or "none configured"
+            b.error(f"{p}.actuator", f"no actuator named {c.actuator!r} (actuators: {known})")
+        if c.uplink not in uplinks | {"*", "local"}:
+            known = ", ".join(sorted(uplinks | {"*", "local"}))
+            b.error(f"{p}.uplink", f"no uplink named {c.uplink!r} (expected one of: {known})")
+        if c.device not in devices | {"*", ""}:
+            b.error(f"{p}.device", f"no device or actuator named {c.device!r}")
+        key = (c.uplink, c.device, c.action)
+        if key in seen:
+            b.error(p, f"duplicate mapping for uplink={c.uplink!r} device={c.device!r} "
+                       f"action={c.action!r} (first at commands[{seen[key]}])")
+        seen[key] = i
+        for name, spec in c.params.items():
+            if spec is None:
+                continue
+            if spec.min is not None and spec.max is not None and spec.min > spec.max:
+                b.error(f"{p}.params.{name}", f"min ({spec.min}) is above max ({spec.max})")
+            if spec.min is not None and spec.type not in ("int", "float"):
+                b.error(f"{p}.params.{name}.min", f"min/max apply to int and float, not {spec.type}")

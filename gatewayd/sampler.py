@@ -1,0 +1,126 @@
+"""One sampling loop per device: interval with jitter, timeout per read, backoff on faults.
+
+A device's fault only ever slows its own loop: each loop handles DriverError and timeouts
+itself, so one broken sensor never delays another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+
+from drivers.base import DeviceNotFoundError, Driver, DriverError
+from gatewayd.backoff import Backoff
+
+log = structlog.get_logger("gatewayd.sampler")
+
+
+@dataclass
+class DeviceState:
+    """What /status shows of a device."""
+
+    name: str
+    driver: str
+    state: str = "starting"  # starting, ok, failing
+    since: float = 0.0
+    last_error: str = ""
+    reads: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+    last_read_ms: int = 0
+    opened: asyncio.Event | None = None  # set after the first open attempt (ready signal)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"driver": self.driver, "state": self.state, "since": round(self.since, 3),
+                "last_error": self.last_error, "reads": self.reads, "failures": self.failures,
+                "last_read_ms": self.last_read_ms}
+
+
+class Sampler:
+    """Runs one device: open, then read every interval and submit readings to the queue."""
+
+    def __init__(self, driver: Driver, interval_s: float, timeout_s: float, jitter: float,
+                 backoff_max_s: float, queue: Any, metrics: Any = None,
+                 rng: random.Random | None = None) -> None:
+        self.driver = driver
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.jitter = jitter
+        self.queue = queue
+        self.metrics = metrics
+        self.rng = rng or random.Random()
+        self.backoff = Backoff(base_s=min(1.0, interval_s), cap_s=max(backoff_max_s, interval_s),
+                               floor_s=min(0.1, interval_s), rng=self.rng)
+        self.status = DeviceState(driver.name, type(driver).__name__, since=time.time(),
+                                  opened=asyncio.Event())
+
+    def _set(self, state: str, error: str = "") -> None:
+        st = self.status
+        if state != st.state:
+            st.since = time.time()
+            if state == "failing":
+                log.warning("device_failing", device=st.name, error=error)
+            elif st.state == "failing":
+                log.info("device_recovered", device=st.name, failures=st.consecutive_failures)
+        st.state = state
+        if error:
+            st.last_error = error
+        if self.metrics is not None:
+            self.metrics.device_ok.labels(st.name).set(1 if state == "ok" else 0)
+
+    async def _open(self) -> None:
+        async with asyncio.timeout(self.timeout_s):
+            await self.driver.open()
+
+    async def run(self) -> None:
+        """Sample until cancelled."""
+        st = self.status
+        need_open = True
+        # Start at a random offset in the first interval, so devices do not all fire at once.
+        next_at = time.monotonic() + self.rng.uniform(0, self.interval_s * self.jitter * 2)
+        while True:
+            try:
+                if need_open:
+                    try:
+                        await self._open()
+                    finally:
+                        assert st.opened is not None
+                        st.opened.set()
+                    need_open = False
+                async with asyncio.timeout(self.timeout_s):
+                    readings = await self.driver.read()
+            except (DriverError, TimeoutError) as exc:
+                error = f"read timed out after {self.timeout_s:g}s" if isinstance(exc, TimeoutError) else str(exc)
+                st.failures += 1
+                st.consecutive_failures += 1
+                if isinstance(exc, DeviceNotFoundError):
+                    need_open = True
+                if self.metrics is not None:
+                    self.metrics.device_failures.labels(st.name).inc()
+                if st.state == "failing":
+                    log.debug("device_read_failed", device=st.name, error=error)
+                self._set("failing", error)
+                delay = self.backoff.next_delay()
+                await asyncio.sleep(delay)
+                next_at = time.monotonic()
+                continue
+            self.backoff.reset()
+            st.reads += 1
+            st.consecutive_failures = 0
+            st.last_read_ms = readings[-1].ts_ms if readings else st.last_read_ms
+            self._set("ok")
+            if readings:
+                self.queue.submit(readings)
+                if self.metrics is not None:
+                    self.metrics.readings_sampled.labels(st.name).inc(len(readings))
+            next_at += self.interval_s
+            now = time.monotonic()
+            if next_at < now:  # fell behind (slow read): skip missed slots, no burst
+                next_at = now + self.interval_s - ((now - next_at) % self.interval_s)
+            spread = self.interval_s * self.jitter
+            await asyncio.sleep(max(0.0, next_at - now + self.rng.uniform(-spread, spread)))

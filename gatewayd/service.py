@@ -1,0 +1,233 @@
+"""The gateway service: builds every part from the config and owns them in one TaskGroup.
+
+Start: open the queue, create drivers and actuators, start samplers, uplinks, the dispatcher,
+the health server and the watchdog; READY=1 once the queue is open and every device had its
+first open attempt. Stop (the `stop` event, set on SIGTERM/SIGINT): stop sampling, commit the
+open window, give uplinks up to `gateway.stop_timeout` to deliver what is queued, then close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any
+
+import structlog
+
+import drivers
+from drivers.base import Actuator, Driver, DriverError
+from drivers.bus import BusManager
+from gatewayd import __version__
+from gatewayd.config import Config
+from gatewayd.dispatch import Dispatcher
+from gatewayd.health import HealthServer
+from gatewayd.metrics import Metrics
+from gatewayd.notify import Notifier
+from gatewayd.queue import Queue
+from gatewayd.sampler import Sampler
+from gatewayd.uplinks import load_uplink
+from gatewayd.uplinks.base import DeviceInfo, Uplink, UplinkContext
+
+log = structlog.get_logger("gatewayd.service")
+
+
+class Gateway:
+    """Everything one config describes, wired together."""
+
+    def __init__(self, config: Config, notifier: Notifier | None = None,
+                 buses: Any = None) -> None:
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.metrics = Metrics()
+        self.buses = buses if buses is not None else BusManager()
+        self.started_at = time.time()
+        self.ready = asyncio.Event()
+        self.stopping = False
+        self.queue: Queue | None = None
+        self.samplers: list[Sampler] = []
+        self.actuators: dict[str, Actuator] = {}
+        self.actuator_errors: dict[str, str] = {}
+        self.uplinks: dict[str, Uplink] = {}
+        self.dispatcher: Dispatcher = Dispatcher([], {}, config.dispatch)
+        self.health: HealthServer | None = None
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+
+    # -- building -------------------------------------------------------------------------------
+
+    async def _build(self) -> None:
+        cfg = self.config
+        enabled_uplinks = [u for u in cfg.uplinks if u.enabled]
+        self.queue = Queue(cfg.state_dir / "queue.db", cfg.queue, [u.name for u in enabled_uplinks],
+                           self.metrics, {u.name: u.start for u in enabled_uplinks if u.start})
+        await self.queue.open()
+        for d in cfg.devices:
+            if not d.enabled:
+                continue
+            cls = drivers.load(drivers.DRIVERS, d.driver)
+            driver: Driver = cls(d.name, d.options, self.buses)
+            self.samplers.append(Sampler(driver, d.interval, d.timeout, d.jitter, d.backoff_max,
+                                         self.queue, self.metrics))
+        timeouts = {}
+        for a in cfg.actuators:
+            if not a.enabled:
+                continue
+            cls = drivers.load(drivers.ACTUATORS, a.driver)
+            act: Actuator = cls(a.name, a.options, self.buses)
+            try:
+                async with asyncio.timeout(a.timeout):
+                    await act.open()
+            except (DriverError, TimeoutError) as exc:
+                # Keep it: commands will say what is wrong, and the next one may succeed.
+                self.actuator_errors[a.name] = str(exc) or "open timed out"
+                log.warning("actuator_open_failed", actuator=a.name, error=self.actuator_errors[a.name])
+            self.actuators[a.name] = act
+            timeouts[a.name] = a.timeout
+        self.dispatcher = Dispatcher(cfg.commands, self.actuators, cfg.dispatch, timeouts,
+                                     self.metrics)
+        infos = {d.name: DeviceInfo(d.name, d.driver, "device") for d in cfg.devices}
+        infos.update({a.name: DeviceInfo(a.name, a.driver, "actuator") for a in cfg.actuators})
+        for u in enabled_uplinks:
+            ctx = UplinkContext(gateway_id=cfg.gateway.id, state_dir=cfg.state_dir,
+                                outbox=self.queue.outbox(u.name),
+                                submit_command=self.dispatcher.submit, devices=infos,
+                                metrics=self.metrics)
+            uplink: Uplink = load_uplink(u.type)(u.name, u.options, ctx)
+            self.uplinks[u.name] = uplink
+            self.dispatcher.repliers[u.name] = uplink.reply
+        if cfg.health.enabled:
+            self.health = HealthServer(cfg.health, self)
+
+    # -- running --------------------------------------------------------------------------------
+
+    def _spawn(self, tg: asyncio.TaskGroup, name: str, coro: Any) -> asyncio.Task[Any]:
+        task = tg.create_task(coro, name=name)
+        self._tasks[name] = task
+        return task
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set, then shut down gracefully."""
+        cfg = self.config
+        cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            await self._build()
+            assert self.queue is not None
+            async with asyncio.TaskGroup() as tg:
+                self._spawn(tg, "queue", self.queue.run())
+                samplers = [self._spawn(tg, f"sampler[{s.driver.name}]", s.run()) for s in self.samplers]
+                uplinks = [self._spawn(tg, f"uplink[{n}]", u.run()) for n, u in self.uplinks.items()]
+                others = [self._spawn(tg, "dispatcher", self.dispatcher.run())]
+                if self.health is not None:
+                    others.append(self._spawn(tg, "health", self.health.serve()))
+                others.append(self._spawn(tg, "watchdog", self.notifier.watchdog_loop(self.alive)))
+                await self._wait_ready(stop)
+                self.ready.set()
+                self.notifier.notify(f"READY=1\nSTATUS=sampling {len(samplers)} devices, "
+                                     f"{len(uplinks)} uplinks")
+                log.info("gateway_ready", version=__version__, gateway=cfg.gateway.id,
+                         devices=len(samplers), actuators=len(self.actuators),
+                         uplinks=list(self.uplinks), state_dir=str(cfg.state_dir))
+                await stop.wait()
+                await self._shutdown(samplers, uplinks, others)
+        finally:
+            await self._close()
+
+    async def _wait_ready(self, stop: asyncio.Event) -> None:
+        waits = [s.status.opened.wait() for s in self.samplers if s.status.opened is not None]
+        if self.health is not None:
+            waits.append(self.health.started.wait())
+        if not waits:
+            return
+        longest = max([s.timeout_s for s in self.samplers], default=1.0) + 1.0
+        stopper = asyncio.ensure_future(stop.wait())
+        gathered = asyncio.ensure_future(asyncio.gather(*waits))
+        try:
+            await asyncio.wait({stopper, gathered}, timeout=longest,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for f in (stopper, gathered):
+                f.cancel()
+            await asyncio.gather(stopper, gathered, return_exceptions=True)
+
+    async def _shutdown(self, samplers: list[asyncio.Task[Any]], uplinks: list[asyncio.Task[Any]],
+                        others: list[asyncio.Task[Any]]) -> None:
+        assert self.queue is not None
+        self.stopping = True
+        self.notifier.notify("STOPPING=1")
+        log.info("gateway_stopping", stop_timeout_s=self.config.gateway.stop_timeout)
+        for t in samplers:
+            t.cancel()
+        await asyncio.gather(*samplers, return_exceptions=True)
+        await self.queue.flush()
+        deadline = time.monotonic() + self.config.gateway.stop_timeout
+        connected = [self.queue.outbox(n) for n in self.uplinks]
+        while time.monotonic() < deadline:
+            waiting = [ob for ob in connected if ob.connected and ob.pending()]
+            if not waiting:
+                break
+            await self.queue.wait_committed(self.queue.tail, 0.05)
+        left = {ob.name: ob.pending() for ob in connected if ob.pending()}
+        if left:
+            log.info("uplinks_not_flushed", pending=left)
+        for t in [*uplinks, *others, self._tasks["queue"]]:
+            t.cancel()
+
+    async def _close(self) -> None:
+        for act in self.actuators.values():
+            with contextlib.suppress(Exception):
+                await act.close()
+        for s in self.samplers:
+            with contextlib.suppress(Exception):
+                await s.driver.close()
+        with contextlib.suppress(Exception):
+            await self.buses.close()
+        if self.queue is not None:
+            await self.queue.close()
+        self.notifier.close()
+        log.info("gateway_stopped")
+
+    # -- health -----------------------------------------------------------------------------------
+
+    def alive(self) -> bool:
+        return not self.problems()
+
+    def problems(self) -> list[str]:
+        """Why the gateway is not healthy ([] when every loop runs)."""
+        if not self.ready.is_set():
+            return ["starting"]
+        out = [f"task {name} is not running" for name, t in self._tasks.items()
+               if t.done() and not self.stopping and name != "watchdog"]
+        if self.queue is not None and self.queue.store_error:
+            out.append(f"queue cannot store readings: {self.queue.store_error}")
+        return out
+
+    async def refresh_gauges(self) -> None:
+        if self.queue is None:
+            return
+        self.queue.update_gauges()
+        stats = await self.queue.backlog_stats()
+        for name, s in stats.items():
+            self.metrics.backlog_age.labels(name).set(s["oldest_age_s"])
+
+    async def status(self) -> dict[str, Any]:
+        q = self.queue
+        backlog = await q.backlog_stats() if q is not None else {}
+        return {
+            "gateway": self.config.gateway.id,
+            "version": __version__,
+            "ready": self.ready.is_set(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "problems": self.problems(),
+            "queue": None if q is None else {
+                "rows": q.rows, "head_seq": q.head, "tail_seq": q.tail,
+                "bytes_approx": q.bytes_est, "store_error": q.store_error,
+                "store_failed": q.store_failed, "dropped": q.dropped_total,
+                "corrupt_file_moved_to": str(q.renamed_corrupt) if q.renamed_corrupt else None,
+            },
+            "devices": {s.driver.name: s.status.as_dict() for s in self.samplers},
+            "uplinks": {n: {**u.status(), "backlog": backlog.get(n, {})}
+                        for n, u in self.uplinks.items()},
+            "actuators": {n: {"driver": type(a).__name__, "error": self.actuator_errors.get(n, ""),
+                              **a.state()} for n, a in self.actuators.items()},
+            "commands": dict(self.dispatcher.counts),
+        }
