@@ -358,7 +358,8 @@ class MmsSimulator:
         self.acks: dict[str, dict[str, AckEntry]] = defaultdict(dict)
         self.config: list[dict[str, Any]] = []
         self.faults: dict[str, Fault] = {}
-        self.stats: Counter[str] = Counter()
+        self.stats: Counter[str] = Counter()  # "route:status" -> answers
+        self.answer_times: dict[str, deque[float]] = {}  # "route:status" -> monotonic times
         self.ws_connections = 0
         self._sockets: dict[str, web.WebSocketResponse] = {}
         self._changed = asyncio.Event()
@@ -503,7 +504,13 @@ class MmsSimulator:
     # -- helpers ---------------------------------------------------------------------------------
 
     def _count(self, route: str, status: int) -> None:
-        self.stats[f"{route}:{status}"] += 1
+        key = f"{route}:{status}"
+        self.stats[key] += 1
+        times = self.answer_times.get(key)
+        if times is None:
+            times = self.answer_times[key] = deque(maxlen=1000)
+        times.append(time.monotonic())
+        self._touch()
 
     def _answer(self, route: str, status: int, msg: str, **extra: Any) -> web.Response:
         self._count(route, status)
