@@ -477,7 +477,8 @@ class WsChannel(Channel):
                     break
         finally:
             error = UplinkUnavailableError(
-                f"websocket closed (code {self.ws.close_code}) with {len(self._pending)} frame(s) unanswered"
+                f"websocket closed (code {self.ws.close_code}), "
+                f"{len(self._pending)} frame(s) unanswered"
             )
             while self._pending:
                 fut = self._pending.popleft()

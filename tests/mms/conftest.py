@@ -41,12 +41,13 @@ def wide_type() -> MessageType:
 async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
     """Wait until `predicate()` holds (state owned by code that has no event to wait on)."""
     async with asyncio.timeout(timeout_s):
-        while not predicate():
+        # The queue cursor and the uplink state have no event to wait on: poll the condition.
+        while not predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.005)
 
 
-def readings(n: int, device: str = "boiler", point: str = "temp_c", t0_ms: int = 1_718_000_000_000,
-             step_ms: int = 1000) -> list[Reading]:
+def readings(n: int, device: str = "boiler", point: str = "temp_c",
+             t0_ms: int = 1_718_000_000_000, step_ms: int = 1000) -> list[Reading]:
     return [Reading(device, point, 20.0 + i / 10, t0_ms + i * step_ms) for i in range(n)]
 
 
@@ -89,7 +90,7 @@ class Harness:
 
 @pytest.fixture
 async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """`await make_harness(sim, config)` starts queue, dispatcher and uplink; all stop at teardown."""
+    """`await make_harness(sim, config)`: queue, dispatcher and uplink, stopped at teardown."""
     tasks: list[asyncio.Task[Any]] = []
     queues: list[Queue] = []
 
@@ -124,6 +125,6 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     assert not crashed, f"a loop crashed: {crashed!r}"
 
 
-def stored_values(sim: MmsSimulator, message_type: str = "m0t0y0p0e1") -> list[tuple[str, str, int]]:
+def stored_values(sim: MmsSimulator, message_type: str = "m0t0y0p0e1") -> list[tuple[Any, ...]]:
     """(sensor, value, timestamp) of every stored row of the default type, in arrival order."""
     return [(r["C_SENSOR"], r["C_VALUE"], r["C_TIMESTAMP"]) for r in sim.rows(message_type)]
