@@ -843,21 +843,21 @@ class MmsUplink(Uplink):
     async def _results_loop(self, channel: Channel) -> None:
         """Send queued results; a result stays queued until the server took it or refused it."""
         while True:
-            await self._results_ready.wait()
-            self._results_ready.clear()
-            while self._results:
-                batch = list(self._results)[:_RESULTS_PER_MESSAGE]
-                dropped_before = self.results_dropped
-                (answer,) = await channel.send_many(
-                    [(self.config.result_message_type, [m.body for m in batch])]
-                )
-                await self._settle(
-                    channel, self.config.result_message_type, batch, answer, self._drop_result
-                )
-                sent = {id(m) for m in batch}
-                while self._results and id(self._results[0]) in sent:
-                    self._results.popleft()
-                self.results_sent += len(batch) - (self.results_dropped - dropped_before)
+            while not self._results:  # results left from a failed session go first
+                self._results_ready.clear()
+                await self._results_ready.wait()
+            batch = list(self._results)[:_RESULTS_PER_MESSAGE]
+            dropped_before = self.results_dropped
+            (answer,) = await channel.send_many(
+                [(self.config.result_message_type, [m.body for m in batch])]
+            )
+            await self._settle(
+                channel, self.config.result_message_type, batch, answer, self._drop_result
+            )
+            sent = {id(m) for m in batch}
+            while self._results and id(self._results[0]) in sent:
+                self._results.popleft()
+            self.results_sent += len(batch) - (self.results_dropped - dropped_before)
 
     def _drop_result(self, msg: Message, reason: str) -> None:
         self.results_dropped += 1

@@ -33,9 +33,16 @@ WIDE_TYPE = "a1b2c3d4e5f60718293a"  # fromDevice: device, temperature (double), 
 
 
 def wide_type() -> MessageType:
-    return MessageType(WIDE_TYPE, "fromDevice", (
-        FieldDef(1, "device", "string"), FieldDef(2, "temperature", "double"),
-        FieldDef(3, "humidity", "double"), FieldDef(4, "timestamp", "date")))
+    return MessageType(
+        WIDE_TYPE,
+        "fromDevice",
+        (
+            FieldDef(1, "device", "string"),
+            FieldDef(2, "temperature", "double"),
+            FieldDef(3, "humidity", "double"),
+            FieldDef(4, "timestamp", "date"),
+        ),
+    )
 
 
 async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
@@ -46,8 +53,13 @@ async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> N
             await asyncio.sleep(0.005)
 
 
-def readings(n: int, device: str = "boiler", point: str = "temp_c",
-             t0_ms: int = 1_718_000_000_000, step_ms: int = 1000) -> list[Reading]:
+def readings(
+    n: int,
+    device: str = "boiler",
+    point: str = "temp_c",
+    t0_ms: int = 1_718_000_000_000,
+    step_ms: int = 1000,
+) -> list[Reading]:
     return [Reading(device, point, 20.0 + i / 10, t0_ms + i * step_ms) for i in range(n)]
 
 
@@ -61,9 +73,16 @@ async def sim() -> AsyncIterator[MmsSimulator]:
 def base_config(sim: MmsSimulator, **overrides: Any) -> MmsConfig:
     """A config pointing at the simulator, with short timings for tests."""
     cfg = MmsConfig(
-        device_id=DEFAULT_DEVICE_ID, token=Secret(DEFAULT_TOKEN), host=sim.url,
-        result_message_type=RESULT_TYPE, request_timeout=2.0, poll_interval=0.1,
-        backoff_base=0.05, backoff_cap=0.3, sync_202_max_wait=0.05, batch_size=500,
+        device_id=DEFAULT_DEVICE_ID,
+        token=Secret(DEFAULT_TOKEN),
+        host=sim.url,
+        result_message_type=RESULT_TYPE,
+        request_timeout=2.0,
+        poll_interval=0.1,
+        backoff_base=0.05,
+        backoff_cap=0.3,
+        sync_202_max_wait=0.05,
+        batch_size=500,
     )
     return replace(cfg, **overrides)
 
@@ -95,19 +114,25 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     queues: list[Queue] = []
 
     async def start(sim: MmsSimulator, config: MmsConfig) -> Harness:
-        queue = Queue(tmp_path / f"queue{len(queues)}.db", QueueConfig(commit_window=0.01),
-                      uplinks=[UPLINK])
+        queue = Queue(
+            tmp_path / f"queue{len(queues)}.db", QueueConfig(commit_window=0.01), uplinks=[UPLINK]
+        )
         await queue.open()
         queues.append(queue)
         relay = LogActuator("relay", LogActuatorConfig(), None)  # type: ignore[arg-type]
         commands = [
             CommandMap(action="switch", actuator="relay", params={"operand": ParamSpec("str")}),
-            CommandMap(action="set", actuator="relay",
-                       params={"operand": ParamSpec("int", min=0, max=100)}),
+            CommandMap(
+                action="set", actuator="relay", params={"operand": ParamSpec("int", min=0, max=100)}
+            ),
         ]
         dispatcher = Dispatcher(commands, {"relay": relay}, DispatchSection(dedupe_window=60))
-        ctx = UplinkContext(gateway_id="gw-test", state_dir=tmp_path,
-                            outbox=queue.outbox(UPLINK), submit_command=dispatcher.submit)
+        ctx = UplinkContext(
+            gateway_id="gw-test",
+            state_dir=tmp_path,
+            outbox=queue.outbox(UPLINK),
+            submit_command=dispatcher.submit,
+        )
         uplink = MmsUplink(UPLINK, config, ctx)
         dispatcher.repliers[UPLINK] = uplink.reply
         tasks.append(asyncio.create_task(queue.run(), name="test-queue"))
