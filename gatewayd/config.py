@@ -210,8 +210,11 @@ def parse(doc: dict[str, Any], path: Path, env: Mapping[str, str] | None = None)
     commands = b.value(list[CommandMap], doc.get("commands", []), "commands") or []
 
     _check_names(b, devices, actuators)
-    _check_commands(b, commands, {a.name for a in actuators}, {u.name for u in uplinks},
-                    {d.name for d in devices} | {a.name for a in actuators})
+    # Cross-references use every declared name, so one broken section does not cascade.
+    declared_uplinks = set(doc["uplinks"]) if isinstance(doc.get("uplinks"), dict) else set()
+    declared_actuators = _declared(doc.get("actuators")) | {a.name for a in actuators}
+    declared_devices = _declared(doc.get("devices")) | declared_actuators
+    _check_commands(b, commands, declared_actuators, declared_uplinks, declared_devices)
     device_names = {d.name for d in devices} | {a.name for a in actuators}
     for u in uplinks:
         check = getattr(u.options, "check_devices", None)
@@ -224,6 +227,12 @@ def parse(doc: dict[str, Any], path: Path, env: Mapping[str, str] | None = None)
     return Config(path=path, gateway=gateway, queue=queue, health=health, log=log,
                   dispatch=dispatch, devices=tuple(devices), actuators=tuple(actuators),
                   uplinks=tuple(uplinks), commands=tuple(commands))
+
+
+def _declared(raw: object) -> set[str]:
+    if not isinstance(raw, list):
+        return set()
+    return {t["name"] for t in raw if isinstance(t, dict) and isinstance(t.get("name"), str)}
 
 
 def _plugins(b: Builder, raw: object, section: str, common_cls: type[Any],

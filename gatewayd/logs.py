@@ -13,6 +13,8 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 def setup(level: str = "info", fmt: str = "auto") -> None:
     """Configure structlog for the process. `fmt` is auto, json or console."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # every event reaches journald at once
     use_console = fmt == "console" or (fmt == "auto" and sys.stdout.isatty())
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer() if use_console

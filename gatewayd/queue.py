@@ -396,13 +396,16 @@ class Queue:
         self.tail = last
         self.bytes_est += nbytes
         log.debug("queue_committed", first_seq=first, last_seq=last, count=len(batch))
+        if self.rows > self.config.max_rows or self.bytes_est > self.config.max_bytes:
+            try:
+                await self.enforce_caps()  # before put() returns: the caps hold afterwards
+            except sqlite3.Error as exc:
+                self._rl.warning("queue_cap_failed", error=str(exc))
         for f in futs:
             if not f.done():
                 f.set_result(True)
         async with self._committed:
             self._committed.notify_all()
-        if self.rows > self.config.max_rows or self.bytes_est > self.config.max_bytes:
-            await self.enforce_caps()
 
     def _commit_sync(self, batch: list[Reading], offline: int) -> tuple[int, int, int]:
         db = self._db
