@@ -49,7 +49,7 @@ async def eventually(predicate: Callable[[], bool], timeout_s: float = 5.0) -> N
     """Wait until `predicate()` holds (state owned by code that has no event to wait on)."""
     async with asyncio.timeout(timeout_s):
         # The queue cursor and the uplink state have no event to wait on: poll the condition.
-        while not predicate():  # noqa: ASYNC110
+        while not predicate():
             await asyncio.sleep(0.005)
 
 
@@ -114,17 +114,13 @@ async def make_harness(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
     queues: list[Queue] = []
 
     async def start(sim: MmsSimulator, config: MmsConfig) -> Harness:
-        queue = Queue(
-            tmp_path / f"queue{len(queues)}.db", QueueConfig(commit_window=0.01), uplinks=[UPLINK]
-        )
+        queue = Queue(tmp_path / f"queue{len(queues)}.db", QueueConfig(commit_window=0.01), uplinks=[UPLINK])
         await queue.open()
         queues.append(queue)
         relay = LogActuator("relay", LogActuatorConfig(), None)  # type: ignore[arg-type]
         commands = [
             CommandMap(action="switch", actuator="relay", params={"operand": ParamSpec("str")}),
-            CommandMap(
-                action="set", actuator="relay", params={"operand": ParamSpec("int", min=0, max=100)}
-            ),
+            CommandMap(action="set", actuator="relay", params={"operand": ParamSpec("int", min=0, max=100)}),
         ]
         dispatcher = Dispatcher(commands, {"relay": relay}, DispatchSection(dedupe_window=60))
         ctx = UplinkContext(

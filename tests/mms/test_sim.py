@@ -26,9 +26,7 @@ from tests.mms.conftest import WIDE_TYPE
 
 DEV = DEFAULT_DEVICE_ID
 AUTH = {"Authorization": f"Bearer {DEFAULT_TOKEN}"}
-BASIC = {
-    "Authorization": "Basic " + base64.b64encode(":".join(DEFAULT_PUSH_USER).encode()).decode()
-}
+BASIC = {"Authorization": "Basic " + base64.b64encode(":".join(DEFAULT_PUSH_USER).encode()).decode()}
 
 
 @pytest.fixture
@@ -130,9 +128,7 @@ async def test_missing_message_type_is_the_parse_error(sim: MmsSimulator, http, 
         [{"sensor": {"nested": 1}}],
     ],
 )
-async def test_non_conforming_messages_are_400_and_nothing_stored(
-    sim: MmsSimulator, http, messages
-) -> None:
+async def test_non_conforming_messages_are_400_and_nothing_stored(sim: MmsSimulator, http, messages) -> None:
     good = {"sensor": "ok", "value": "1", "timestamp": 1}
     status, _, text = await call(
         http, "POST", f"{sim.api_url}http/data/{DEV}", send(messages=[good, *messages])
@@ -143,9 +139,7 @@ async def test_non_conforming_messages_are_400_and_nothing_stored(
 
 async def test_type_direction_and_assignment_are_checked(sim: MmsSimulator, http) -> None:
     url = f"{sim.api_url}http/data/{DEV}"
-    status, _, text = await call(
-        http, "POST", url, send(mtype="m0t0y0p0e3", messages=[{"opcode": "x"}])
-    )
+    status, _, text = await call(http, "POST", url, send(mtype="m0t0y0p0e3", messages=[{"opcode": "x"}]))
     assert status == 400 and "direction [toDevice]" in json.loads(text)["msg"]
     status, _, text = await call(http, "POST", url, send(mtype="ffffffffffffffffffff"))
     assert status == 400 and "not assigned" in json.loads(text)["msg"]
@@ -175,9 +169,7 @@ async def test_numeric_strings_iso_dates_and_booleans_are_coerced(sim: MmsSimula
     assert rows[0]["C_TEMPERATURE"] == 21.25 and rows[0]["C_HUMIDITY"] == 40.0
     assert rows[0]["C_TIMESTAMP"] == 1718000000500  # dates are kept as epoch ms
     assert rows[1]["C_TIMESTAMP"] == 1718000000000
-    status, _, _ = await call(
-        http, "POST", url, send(mtype=WIDE_TYPE, messages=[{"temperature": "warm"}])
-    )
+    status, _, _ = await call(http, "POST", url, send(mtype=WIDE_TYPE, messages=[{"temperature": "warm"}]))
     assert status == 400
 
 
@@ -186,9 +178,7 @@ async def test_url_parameter_variant(sim: MmsSimulator, http) -> None:
     status, _, text = await call(http, "POST", url, " ")
     assert status == 200, text
     assert sim.rows("m0t0y0p0e1")[-1]["C_VALUE"] == "IA=="
-    status, _, _ = await call(
-        http, "POST", f"{sim.api_url}http/data/{DEV}/m0t0y0p0e1/sync?bogus=1", ""
-    )
+    status, _, _ = await call(http, "POST", f"{sim.api_url}http/data/{DEV}/m0t0y0p0e1/sync?bogus=1", "")
     assert status == 400
 
 
@@ -220,9 +210,7 @@ async def test_http_push_is_stored_and_drained_newest_first(sim: MmsSimulator, h
 async def test_push_auth_and_validation(sim: MmsSimulator, http) -> None:
     url = f"{sim.api_url}http/push/{DEV}"
     body = {"method": "http", "messageType": "m0t0y0p0e3", "messages": [{"opcode": "x"}]}
-    assert (await call(http, "POST", url, body, headers=AUTH))[
-        0
-    ] == 401  # a device token is not enough
+    assert (await call(http, "POST", url, body, headers=AUTH))[0] == 401  # a device token is not enough
     bad_basic = {"Authorization": "Basic " + base64.b64encode(b"p1234567:nope").decode()}
     assert (await call(http, "POST", url, body, headers=bad_basic))[0] == 401
     app = {"Authorization": f"Bearer {DEFAULT_APP_TOKEN}", "Content-Type": "text/plain"}
@@ -246,9 +234,7 @@ async def test_ws_push_goes_to_the_live_socket_or_is_dropped(sim: MmsSimulator, 
     }
     status, _, text = await call(http, "POST", f"{sim.api_url}http/push/{DEV}", push, BASIC)
     assert status == 200 and "dropped" in text and sim.pushes_dropped == 1
-    async with http.ws_connect(
-        f"{sim.api_url}ws/data/{DEV}".replace("http", "ws", 1), headers=AUTH
-    ) as ws:
+    async with http.ws_connect(f"{sim.api_url}ws/data/{DEV}".replace("http", "ws", 1), headers=AUTH) as ws:
         await call(http, "POST", f"{sim.api_url}http/push/{DEV}", push, BASIC)
         frame = json.loads((await ws.receive(timeout=2)).data)
         assert frame["messages"] == [{"opcode": "switch", "operand": "on"}]
@@ -292,9 +278,7 @@ async def test_faults_through_the_control_route(sim: MmsSimulator, http) -> None
     await call(http, "POST", f"{sim.url}/sim/faults", {"error_500": {"times": 1}})
     status, _, text = await call(http, "POST", url, send())
     assert status == 500
-    assert json.loads(text) == {
-        "msg": f"Processing 1 message(s) received from device [{DEV}] failed"
-    }
+    assert json.loads(text) == {"msg": f"Processing 1 message(s) received from device [{DEV}] failed"}
 
     await call(http, "POST", f"{sim.url}/sim/faults", {"html_200": True})
     status, ctype, text = await call(http, "POST", url, send())
@@ -306,9 +290,7 @@ async def test_faults_through_the_control_route(sim: MmsSimulator, http) -> None
 
 
 async def test_drop_get_loses_the_drained_pushes(sim: MmsSimulator, http) -> None:
-    await sim.push(
-        DEV, {"method": "http", "messageType": "m0t0y0p0e3", "messages": [{"opcode": "a"}]}
-    )
+    await sim.push(DEV, {"method": "http", "messageType": "m0t0y0p0e3", "messages": [{"opcode": "a"}]})
     sim.inject("drop_get", times=1)
     try:
         # aiohttp retries an idempotent GET once after a dropped connection: then it sees [].

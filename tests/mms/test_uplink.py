@@ -84,9 +84,7 @@ async def test_wrong_token_is_auth_failed_without_busy_loop(sim, make_harness, t
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_poison_reading_is_quarantined_and_the_rest_delivered(sim, make_harness, transport):
-    wide = MessageMap(
-        WIDE_TYPE, fields={"device": "device"}, point_fields={"temp_c": "temperature"}
-    )
+    wide = MessageMap(WIDE_TYPE, fields={"device": "device"}, point_fields={"temp_c": "temperature"})
     h = await make_harness(sim, base_config(sim, transport=transport, messages=[wide]))
     batch = readings(20)
     batch[13] = Reading("boiler", "temp_c", "very hot", batch[13].ts_ms)  # not a double
@@ -284,9 +282,7 @@ async def test_malformed_pushes_are_answered_with_error_results(sim, make_harnes
     assert sum(m.startswith("malformed push") for m in results[400]) == 2
     events = {e["event"] for e in logs}
     assert {"push_malformed", "push_rejected"} <= events
-    assert h.uplink.state == UplinkState.CONNECTED and h.relay.actions == [
-        ("switch", {"operand": "on"})
-    ]
+    assert h.uplink.state == UplinkState.CONNECTED and h.relay.actions == [("switch", {"operand": "on"})]
 
 
 async def test_ws_pushes_stored_while_away_are_collected_after_reconnect(sim, make_harness):
