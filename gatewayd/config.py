@@ -222,7 +222,7 @@ def parse(doc: dict[str, Any], path: Path, env: Mapping[str, str] | None = None)
             for problem in check(device_names):
                 b.error(f"uplinks.{u.name}", problem)
 
-    if b.errors:
+    if b.errors or gateway is None:
         raise ConfigError([f"{path}: {e}" for e in b.errors])
     return Config(path=path, gateway=gateway, queue=queue, health=health, log=log,
                   dispatch=dispatch, devices=tuple(devices), actuators=tuple(actuators),
@@ -305,7 +305,8 @@ def _uplinks(b: Builder, raw: object) -> list[UplinkConfig]:
 
 def _check_names(b: Builder, devices: list[DeviceConfig], actuators: list[ActuatorConfig]) -> None:
     seen: dict[str, str] = {}
-    for section, items in (("devices", devices), ("actuators", actuators)):
+    groups: list[tuple[str, list[Any]]] = [("devices", devices), ("actuators", actuators)]
+    for section, items in groups:
         for i, item in enumerate(items):
             where = f"{section}[{i}]"
             if item.name in seen:

@@ -189,8 +189,8 @@ class Dispatcher:
         mapping = self.find(cmd)
         if mapping is None:
             dev = f" for device {cmd.device!r}" if cmd.device else ""
-            return CommandResult(cmd.id, False, 404,
-                                 f"no command mapping for action {cmd.action!r}{dev} from uplink {cmd.uplink!r}")
+            return CommandResult(cmd.id, False, 404, f"no command mapping for action {cmd.action!r}"
+                                                     f"{dev} from uplink {cmd.uplink!r}")
         try:
             params = validate_params(mapping, cmd.params)
         except CommandError as exc:
@@ -204,7 +204,8 @@ class Dispatcher:
                 async with asyncio.timeout(timeout):
                     data = await actuator.apply(mapping.target_action, params)
         except TimeoutError:
-            return CommandResult(cmd.id, False, 504, f"actuator {actuator.name!r} timed out after {timeout:g}s")
+            return CommandResult(cmd.id, False, 504,
+                                 f"actuator {actuator.name!r} timed out after {timeout:g}s")
         except DriverError as exc:
             return CommandResult(cmd.id, False, 500, exc.message)
         except Exception as exc:  # an actuator bug must not take the gateway down

@@ -139,8 +139,8 @@ class Gateway:
         if not waits:
             return
         longest = max([s.timeout_s for s in self.samplers], default=1.0) + 1.0
-        stopper = asyncio.ensure_future(stop.wait())
-        gathered = asyncio.ensure_future(asyncio.gather(*waits))
+        stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        gathered: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*waits))
         try:
             await asyncio.wait({stopper, gathered}, timeout=longest,
                                return_when=asyncio.FIRST_COMPLETED)
