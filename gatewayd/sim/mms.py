@@ -51,9 +51,7 @@ API_BASE = "/com.sap.iotservices.mms/v1/api"
 # Cockpit defaults, so SAP's sample programs work unchanged.
 DEFAULT_DEVICE_ID = "d000-e000-v000-i000-c000-e001"
 DEFAULT_DEVICE_TYPE = "d000-e000-v000-i000-c000-e000"
-DEFAULT_TOKEN = (
-    "e7a3c1f0b5d94e2a8c6f1b3d5a7e9c02"  # [open] the cockpit shows it once; ours is fixed
-)
+DEFAULT_TOKEN = "e7a3c1f0b5d94e2a8c6f1b3d5a7e9c02"  # [open] the cockpit shows it once; ours is fixed
 DEFAULT_FROM_TYPE = "m0t0y0p0e1"
 DEFAULT_TO_TYPE = "m0t0y0p0e3"
 # gatewayd's own types: results of commands (fromDevice) and addressed commands (toDevice).
@@ -129,9 +127,7 @@ class MessageType:
             raise ValueError("a message type needs a string 'id'")
         direction = obj.get("direction", "fromDevice")
         if direction not in ("fromDevice", "toDevice", "bidirectional"):
-            raise ValueError(
-                f"direction must be fromDevice, toDevice or bidirectional, got {direction!r}"
-            )
+            raise ValueError(f"direction must be fromDevice, toDevice or bidirectional, got {direction!r}")
         fields = []
         for i, f in enumerate(obj.get("fields") or [], start=1):
             if not isinstance(f, dict) or not isinstance(f.get("name"), str):
@@ -139,9 +135,7 @@ class MessageType:
             ftype = f.get("type", "string")
             if ftype not in FIELD_TYPES:
                 raise ValueError(f"field {f['name']}: unknown type {ftype!r}")
-            fields.append(
-                FieldDef(int(f.get("position", i)), f["name"], ftype, int(f.get("maxLength", 255)))
-            )
+            fields.append(FieldDef(int(f.get("position", i)), f["name"], ftype, int(f.get("maxLength", 255))))
         fields.sort(key=lambda f: f.position)
         return cls(obj["id"], direction, tuple(fields))
 
@@ -158,9 +152,7 @@ def default_message_types() -> list[MessageType]:
             "fromDevice",
             _fields(("sensor", "string"), ("value", "string"), ("timestamp", "long")),
         ),
-        MessageType(
-            DEFAULT_TO_TYPE, "toDevice", _fields(("opcode", "string"), ("operand", "string"))
-        ),
+        MessageType(DEFAULT_TO_TYPE, "toDevice", _fields(("opcode", "string"), ("operand", "string"))),
         MessageType(
             RESULT_TYPE,
             "fromDevice",
@@ -380,9 +372,7 @@ class MmsSimulator:
         for dt in device_types:
             self.device_types.setdefault(dt, set()).add(mtype.id)
 
-    def add_device(
-        self, device_id: str, token: str, device_type: str = DEFAULT_DEVICE_TYPE
-    ) -> None:
+    def add_device(self, device_id: str, token: str, device_type: str = DEFAULT_DEVICE_TYPE) -> None:
         self.device_types.setdefault(device_type, set())
         self.devices[device_id] = (token, device_type)
 
@@ -544,8 +534,7 @@ class MmsSimulator:
         if not mtype.allows(direction):
             raise Rejected(
                 400,
-                f"Message type [{type_id}] has direction [{mtype.direction}], "
-                f"expected [{direction}]",
+                f"Message type [{type_id}] has direction [{mtype.direction}], expected [{direction}]",
             )
         return mtype
 
@@ -553,9 +542,7 @@ class MmsSimulator:
         if not isinstance(messages, list):
             raise Rejected(400, "Parse error. Expected [messages] of type [array]")
         if len(messages) > self.max_messages:
-            raise Rejected(
-                400, f"Too many messages in one request: {len(messages)} > {self.max_messages}"
-            )
+            raise Rejected(400, f"Too many messages in one request: {len(messages)} > {self.max_messages}")
         try:
             return [coerce_message(mtype, m) for m in messages]
         except (ValueError, TypeError, OverflowError) as exc:
@@ -710,9 +697,7 @@ class MmsSimulator:
             return self._unauthorized(route)
         acks = self.acks.get(request.match_info["device"], {})
         seq = request.match_info.get("seq")
-        chosen = (
-            [acks[seq]] if seq is not None and seq in acks else [] if seq else list(acks.values())
-        )
+        chosen = [acks[seq]] if seq is not None and seq in acks else [] if seq else list(acks.values())
         self._count(route, 200)
         return web.json_response([{"sequence": a.sequence, "status": a.status} for a in chosen])
 
@@ -766,9 +751,13 @@ class MmsSimulator:
         if method == "ws":
             ws = self._sockets.get(device)
             if ws is not None and not ws.closed:
-                await ws.send_str(json.dumps(out))
-                self.stats["push_ws_sent"] += 1
-                return 200, f"{len(messages)} message(s) pushed to device [{device}] via [ws]"
+                try:
+                    await ws.send_str(json.dumps(out))
+                except ConnectionError:
+                    ws = None  # closing under our feet: the device is offline
+                else:
+                    self.stats["push_ws_sent"] += 1
+                    return 200, f"{len(messages)} message(s) pushed to device [{device}] via [ws]"
             if self.ws_push_offline == "drop":
                 self.pushes_dropped += 1
                 self._touch()
@@ -806,9 +795,7 @@ class MmsSimulator:
         except Rejected as exc:
             return self._answer("put_config", exc.status, exc.msg)
         items = body.get("config") if isinstance(body, dict) else None
-        if not isinstance(items, list) or not all(
-            isinstance(i, dict) and "key" in i for i in items
-        ):
+        if not isinstance(items, list) or not all(isinstance(i, dict) and "key" in i for i in items):
             return self._answer("put_config", 400, 'Expected {"config": [{"key", "value"}]}')
         merged = {c["key"]: c for c in self.config}
         merged.update({i["key"]: {"key": i["key"], "value": i.get("value")} for i in items})
@@ -989,9 +976,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE.json",
         help='extra message types: {"messageTypes": [{"id", "direction", "fields"}]}',
     )
-    parser.add_argument(
-        "--max-rows", type=int, default=100_000, help="rows kept per type for read-back"
-    )
+    parser.add_argument("--max-rows", type=int, default=100_000, help="rows kept per type for read-back")
     parser.add_argument(
         "--ws-push-offline",
         choices=("drop", "store"),
@@ -1031,9 +1016,7 @@ def build(args: argparse.Namespace) -> MmsSimulator:
         with open(args.registry, encoding="utf-8") as fh:
             registry = json.load(fh)
         for obj in registry.get("messageTypes", []):
-            sim.add_message_type(
-                MessageType.from_json(obj), obj.get("deviceTypes", [DEFAULT_DEVICE_TYPE])
-            )
+            sim.add_message_type(MessageType.from_json(obj), obj.get("deviceTypes", [DEFAULT_DEVICE_TYPE]))
     for name in args.fault:
         sim.inject(name)
     return sim

@@ -75,9 +75,7 @@ class MessageMap:
             raise ValueError("message_type must not be empty")
         for name, source in self.field_sources().items():
             if source not in SOURCES:
-                raise ValueError(
-                    f"fields.{name}: expected one of {', '.join(SOURCES)}, got {source!r}"
-                )
+                raise ValueError(f"fields.{name}: expected one of {', '.join(SOURCES)}, got {source!r}")
 
     def field_sources(self) -> dict[str, str]:
         if self.fields is not None:
@@ -134,9 +132,7 @@ class MmsConfig:
         if not self.device_id:
             raise ValueError("device_id must not be empty")
         if not self.host and not self.account:
-            raise ValueError(
-                "set host (iotmms<account>.<landscape> or a URL), or account and landscape"
-            )
+            raise ValueError("set host (iotmms<account>.<landscape> or a URL), or account and landscape")
         if self.host and self.account:
             raise ValueError("give either host or account/landscape, not both")
         if not self.messages:
@@ -381,9 +377,7 @@ class HttpChannel(Channel):
                 f"{method} {_path(url)}: no answer within {self.cfg.request_timeout:g}s"
             ) from exc
         except aiohttp.ClientError as exc:
-            raise UplinkUnavailableError(
-                f"{method} {_path(url)}: {type(exc).__name__}: {exc}"
-            ) from exc
+            raise UplinkUnavailableError(f"{method} {_path(url)}: {type(exc).__name__}: {exc}") from exc
 
     async def send_many(self, frames: list[tuple[str, list[dict[str, Any]]]]) -> list[Answer]:
         out = []
@@ -407,9 +401,7 @@ class HttpChannel(Channel):
         if answer.kind is Kind.AUTH:
             raise UplinkAuthError(f"GET http/data: HTTP {status}: {answer.msg}")
         if status == 200:
-            raise UplinkUnavailableError(
-                "GET http/data: HTTP 200 without a JSON array (a login page?)"
-            )
+            raise UplinkUnavailableError("GET http/data: HTTP 200 without a JSON array (a login page?)")
         raise UplinkUnavailableError(f"GET http/data: HTTP {status}: {answer.msg}")
 
     async def check_ack(self, ack_url: str) -> bool:
@@ -445,9 +437,7 @@ class WsChannel(Channel):
         confirm_on_write = self.cfg.mode == "async" and not self.cfg.ws_async_answers
         try:
             async with asyncio.timeout(self.cfg.request_timeout):
-                async with (
-                    self._lock
-                ):  # answers are matched by order, so writes must not interleave
+                async with self._lock:  # answers are matched by order, so writes must not interleave
                     for message_type, messages in frames:
                         fut: asyncio.Future[Answer] = loop.create_future()
                         if confirm_on_write:
@@ -477,13 +467,13 @@ class WsChannel(Channel):
                     break
         finally:
             error = UplinkUnavailableError(
-                f"websocket closed (code {self.ws.close_code}), "
-                f"{len(self._pending)} frame(s) unanswered"
+                f"websocket closed (code {self.ws.close_code}), {len(self._pending)} frame(s) unanswered"
             )
             while self._pending:
                 fut = self._pending.popleft()
                 if not fut.done():
                     fut.set_exception(error)
+                    fut.exception()  # mark it retrieved: nobody may be awaiting it any more
         raise error
 
     def _on_text(self, text: str) -> None:
@@ -650,9 +640,7 @@ class MmsUplink(Uplink):
         self._wire_high = max(self._wire_high, lease.last_seq)
         groups, unmapped = self.mapper.build(lease.items)
         for it in unmapped:
-            self._drop_item(
-                it, "unmapped", f"no message type maps {it.reading.device}.{it.reading.point}"
-            )
+            self._drop_item(it, "unmapped", f"no message type maps {it.reading.device}.{it.reading.point}")
         frames = list(groups.items())
         answers = await channel.send_many([(t, [m.body for m in msgs]) for t, msgs in frames])
         for (message_type, msgs), answer in zip(frames, answers, strict=True):
@@ -748,29 +736,32 @@ class MmsUplink(Uplink):
     # -- commands and results --------------------------------------------------------------------
 
     def handle_pushes(self, envelopes: list[Any], source: str) -> None:
-        """Turn pushed envelopes (in issue order) into Commands for the dispatcher."""
+        """Turn pushed envelopes (one poll or one frame, in issue order) into Commands.
+
+        A command without an id field gets one from a hash of its content plus its ordinal in
+        this poll, so identical commands in one poll all run, while the same content arriving
+        again within `dedupe_window` (a redelivery) is dropped.
+        """
         self.pushes_polled += len(envelopes)
         now = time.monotonic()
         self._seen = {k: t for k, t in self._seen.items() if now - t < self.config.dedupe_window}
+        ordinal = 0
         for env in envelopes:
             if not isinstance(env, dict) or not isinstance(env.get("messages"), list):
                 self.handle_malformed(json.dumps(env, default=str), source)
                 continue
-            for ordinal, message in enumerate(env["messages"]):
+            for message in env["messages"]:
                 self._command_from(env, message, ordinal, source, now)
+                ordinal += 1
 
     def handle_malformed(self, raw: str, source: str) -> None:
         """A push that cannot be read: log it and answer an error result under a content id."""
         cmd_id = "mms-" + hashlib.sha256(raw.encode()).hexdigest()[:16]
         self.commands_rejected += 1
         self.log.warning("push_malformed", source=source, cmd_id=cmd_id, raw=raw[:200])
-        self._queue_result(
-            CommandResult(cmd_id, False, 400, "malformed push: not a JSON push envelope")
-        )
+        self._queue_result(CommandResult(cmd_id, False, 400, "malformed push: not a JSON push envelope"))
 
-    def _command_from(
-        self, env: dict[str, Any], message: Any, ordinal: int, source: str, now: float
-    ) -> None:
+    def _command_from(self, env: dict[str, Any], message: Any, ordinal: int, source: str, now: float) -> None:
         cfg = self.config
         mtype = env.get("messageType")
         canonical = json.dumps([mtype, env.get("sender"), message], sort_keys=True, default=str)
@@ -801,9 +792,7 @@ class MmsUplink(Uplink):
         params = {k: v for k, v in message.items() if k not in reserved and v is not None}
         cmd = Command(cmd_id, self.name, device, message[cfg.action_field], params, now_ms())
         self.commands_received += 1
-        self.log.info(
-            "command_received", cmd_id=cmd_id, source=source, device=device, action=cmd.action
-        )
+        self.log.info("command_received", cmd_id=cmd_id, source=source, device=device, action=cmd.action)
         try:
             self.ctx.submit_command(cmd)
         except Exception as exc:  # the dispatcher must not take the uplink down
@@ -827,9 +816,7 @@ class MmsUplink(Uplink):
             return
         if len(self._results) == self._results.maxlen:
             self.results_dropped += 1
-            self.log.warning(
-                "result_dropped", reason="result buffer full", cmd_id=self._results[0].result_of
-            )
+            self.log.warning("result_dropped", reason="result buffer full", cmd_id=self._results[0].result_of)
         body = {
             "cmd_id": result.command_id,
             "ok": result.ok,
@@ -848,12 +835,8 @@ class MmsUplink(Uplink):
                 await self._results_ready.wait()
             batch = list(self._results)[:_RESULTS_PER_MESSAGE]
             dropped_before = self.results_dropped
-            (answer,) = await channel.send_many(
-                [(self.config.result_message_type, [m.body for m in batch])]
-            )
-            await self._settle(
-                channel, self.config.result_message_type, batch, answer, self._drop_result
-            )
+            (answer,) = await channel.send_many([(self.config.result_message_type, [m.body for m in batch])])
+            await self._settle(channel, self.config.result_message_type, batch, answer, self._drop_result)
             sent = {id(m) for m in batch}
             while self._results and id(self._results[0]) in sent:
                 self._results.popleft()

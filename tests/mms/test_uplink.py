@@ -318,3 +318,16 @@ async def test_status_reports_counters_and_hides_the_token(sim, make_harness):
     assert st["state"] == "connected" and st["sent"] == 2 and st["messages"] >= 1
     assert st["url"] == sim.api_url and st["device_id"] == DEV
     assert DEFAULT_TOKEN not in repr(st) and DEFAULT_TOKEN not in repr(h.uplink.config)
+
+
+async def test_identical_pushes_in_one_poll_all_run_but_a_redelivery_is_dropped(sim, make_harness):
+    for _ in range(2):  # the operator really pressed twice: both are in the same poll
+        await sim.push(DEV, _push("on", "http"))
+    h = await make_harness(sim, base_config(sim, transport="http", poll_interval=0.05))
+    await sim.wait_for(lambda: sim.count(RESULT_TYPE) >= 2)
+    assert h.relay.actions == [("switch", {"operand": "on"})] * 2
+    polls = sim.stats["get_data:200"]
+    await sim.push(DEV, _push("on", "http"))  # same content, same ordinal, inside the window
+    await sim.wait_for(lambda: sim.stats["get_data:200"] >= polls + 3)
+    assert len(h.relay.actions) == 2 and sim.count(RESULT_TYPE) == 2
+    assert len({r["C_CMD_ID"] for r in sim.rows(RESULT_TYPE)}) == 2
