@@ -670,7 +670,7 @@ class MmsUplink(Uplink):
                     raise UplinkUnavailableError(f"HTTP {answer.status}: {answer.msg}")
                 answer = Answer(Kind.REJECTED, answer.status, answer.msg)
             if answer.kind is Kind.PENDING:
-                if await self._pending_confirmed(channel, answer, len(msgs)):
+                if await self._pending_confirmed(answer, msgs):
                     return
             elif answer.kind is Kind.REJECTED:
                 if len(msgs) == 1:
@@ -698,9 +698,10 @@ class MmsUplink(Uplink):
         self._fail_seq = (0, 0)
         return True
 
-    async def _pending_confirmed(self, channel: Channel, answer: Answer, count: int) -> bool:
+    async def _pending_confirmed(self, answer: Answer, msgs: list[Message]) -> bool:
         """A 202 on a sync send: True if it may count as delivered, else the caller resends."""
         cfg = self.config
+        count = len(msgs)
         self.count_error("sync_202")
         self.log.debug("sync_202_ack_url", ack_url=answer.ack_url)
         if cfg.treat_sync_202_as_delivered:
@@ -713,7 +714,7 @@ class MmsUplink(Uplink):
             if await self._http.check_ack(answer.ack_url):
                 self.log.info("sync_202_confirmed_by_ack", count=count)
                 return True
-        self.resent += count
+        self.resent += sum(len(m.items) for m in msgs)  # readings only, not results
         self.log.info("sync_202_resend", count=count)
         return False
 

@@ -331,3 +331,16 @@ async def test_identical_pushes_in_one_poll_all_run_but_a_redelivery_is_dropped(
     await sim.wait_for(lambda: sim.stats["get_data:200"] >= polls + 3)
     assert len(h.relay.actions) == 2 and sim.count(RESULT_TYPE) == 2
     assert len({r["C_CMD_ID"] for r in sim.rows(RESULT_TYPE)}) == 2
+
+
+@pytest.mark.parametrize(("transport", "answers"), [("http", True), ("ws", True), ("ws", False)])
+async def test_async_mode_counts_202_as_delivery(sim, make_harness, transport, answers):
+    sim.ws_async_answer = answers
+    cfg = base_config(sim, transport=transport, mode="async", ws_async_answers=answers)
+    h = await make_harness(sim, cfg)
+    await h.put(readings(30))
+    await h.wait_acked(30)
+    await sim.wait_for(lambda: sim.count("m0t0y0p0e1") == 30)
+    assert len(set(stored_values(sim))) == 30 and h.uplink.resent == 0
+    answered = sim.stats["post_data:202"] + sim.stats["ws_frame:202"]
+    assert answered > 0 if answers else answered == 0
