@@ -470,9 +470,7 @@ class MmsSimulator:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
-        server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.port = server.sockets[0].getsockname()[1]
+        self.port = int(self._runner.addresses[0][1])  # the real port when 0 was asked
         log.info("mms_sim_started", url=self.api_url)
 
     async def stop(self) -> None:

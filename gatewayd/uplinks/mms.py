@@ -304,7 +304,8 @@ def classify_frame(obj: dict[str, Any], mode: str) -> Answer:
     """A WebSocket answer frame. [open] its shape: the simulator adds `code`; without one, the
     `msg` text decides (success wording -> 200, "Processing ... failed" -> 500, else 400)."""
     code = obj.get("code")
-    msg = obj.get("msg") if isinstance(obj.get("msg"), str) else ""
+    raw = obj.get("msg")
+    msg = raw if isinstance(raw, str) else ""
     if not isinstance(code, int) or isinstance(code, bool):
         if _SUCCESS_RE.match(msg):
             code = 200
