@@ -75,7 +75,8 @@ HTML_LOGIN = (
 
 FAULTS = {
     "sync_202": "a sync send answers 202 with an ack URL and retryAfterHeaderValue (opt: stored)",
-    "error_500": "a send answers 500 'Processing n message(s) ... failed', nothing stored",
+    "error_500": "a send answers 500 'Processing ... failed', nothing stored (opt: match, a text"
+    " the request must contain, for a payload that fails every time)",
     "html_200": "any device or push HTTP route answers 200 with an HTML login page",
     "slow": "store, then answer only after delay_s (opt: delay_s, default 5)",
     "ws_close": "close the WebSocket on the next frame (opt: stored, default true)",
@@ -391,10 +392,14 @@ class MmsSimulator:
         else:
             self.faults.pop(name, None)
 
-    def _take(self, name: str) -> Fault | None:
-        """The fault if active, using up one of its `times`."""
+    def _take(self, name: str, subject: Any = None) -> Fault | None:
+        """The fault if active (and, given a `match` option, if `subject` contains it as JSON
+        text), using up one of its `times`."""
         fault = self.faults.get(name)
         if fault is None:
+            return None
+        match = fault.options.get("match")
+        if match is not None and str(match) not in json.dumps(subject, default=str):
             return None
         if fault.times is not None:
             fault.times -= 1
@@ -559,7 +564,7 @@ class MmsSimulator:
             raise Rejected(400, "Parse error. Expected [mode] to be one of [sync, async]")
         rows = self._coerce_all(mtype, envelope.get("messages"))
         n = len(rows)
-        if self._take("error_500"):
+        if self._take("error_500", envelope):
             return (
                 500,
                 {"msg": f"Processing {n} message(s) received from device [{device}] failed"},

@@ -25,6 +25,7 @@ import json
 import re
 import ssl
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
@@ -346,11 +347,13 @@ def _envelope(mode: str, message_type: str, messages: list[dict[str, Any]]) -> s
 # -- transports -----------------------------------------------------------------------------------
 
 
-class Channel:
-    """Sends envelopes and returns one `Answer` per envelope, in order."""
+class Channel(ABC):
+    """A transport: sends envelopes and returns one `Answer` per envelope, in order."""
 
+    @abstractmethod
     async def send_many(self, frames: list[tuple[str, list[dict[str, Any]]]]) -> list[Answer]:
-        raise NotImplementedError
+        """Send `(message type, messages)` envelopes; raises UplinkUnavailableError if the
+        transport fails (timeouts included)."""
 
 
 class HttpChannel(Channel):
@@ -655,11 +658,13 @@ class MmsUplink(Uplink):
         msgs: list[Message],
         answer: Answer,
         drop: Callable[[Message, str], None],
+        poisoned: bool = False,
     ) -> None:
         """Act on one envelope's answer until its messages are delivered or dropped.
 
         Raises UplinkAuthError or UplinkUnavailableError to end the session (the lease is then
-        resent after the backoff).
+        resent after the backoff). `poisoned`: this is part of a batch that kept failing with
+        500, so a 500 here marks the offender instead of ending the session.
         """
         while True:
             if answer.kind is Kind.OK:
@@ -667,7 +672,9 @@ class MmsUplink(Uplink):
             if answer.kind is Kind.AUTH:
                 raise UplinkAuthError(f"HTTP {answer.status}: {answer.msg}")
             if answer.kind is Kind.TRANSIENT:
-                if not self._poisoned(msgs, answer):
+                if answer.status == 500 and (poisoned or self._poisoned(msgs, answer)):
+                    poisoned = True
+                else:
                     raise UplinkUnavailableError(f"HTTP {answer.status}: {answer.msg}")
                 answer = Answer(Kind.REJECTED, answer.status, answer.msg)
             if answer.kind is Kind.PENDING:
@@ -681,14 +688,14 @@ class MmsUplink(Uplink):
                 half = len(msgs) // 2
                 for part in (msgs[:half], msgs[half:]):
                     (sub,) = await channel.send_many([(message_type, [m.body for m in part])])
-                    await self._settle(channel, message_type, part, sub, drop)
+                    await self._settle(channel, message_type, part, sub, drop, poisoned)
                 return
             (answer,) = await channel.send_many([(message_type, [m.body for m in msgs])])
 
     def _poisoned(self, msgs: list[Message], answer: Answer) -> bool:
         """Whether a 500 "Processing failed" for the same batch repeated `max_5xx_retries` times."""
         limit = self.config.max_5xx_retries
-        if answer.status != 500 or not limit or not msgs or not msgs[0].items:
+        if not limit or not msgs or not msgs[0].items:
             return False
         first = msgs[0].items[0].seq
         count = self._fail_seq[1] + 1 if self._fail_seq[0] == first else 1
