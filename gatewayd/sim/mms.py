@@ -81,6 +81,7 @@ FAULTS = {
     "slow": "store, then answer only after delay_s (opt: delay_s, default 5)",
     "ws_close": "close the WebSocket on the next frame (opt: stored, default true)",
     "refuse_upgrade": "refuse the WebSocket upgrade with 401 (opt: status)",
+    "no_pong": "the next WebSocket connection never answers pings (a half-open link)",
     "drop_get": "drain the push queue on GET, then drop the connection without answering",
 }
 
@@ -821,7 +822,8 @@ class MmsSimulator:
         if not self._device_ok(request):
             return self._unauthorized(route)
         device = request.match_info["device"]
-        ws = web.WebSocketResponse(autoping=True, max_msg_size=64 * 1024 * 1024)
+        mute = self._take("no_pong") is not None
+        ws = web.WebSocketResponse(autoping=not mute, max_msg_size=64 * 1024 * 1024)
         await ws.prepare(request)
         self._count(route, 101)
         self.ws_connections += 1

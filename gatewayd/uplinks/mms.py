@@ -115,10 +115,12 @@ class MmsConfig:
     result_message_type: str = ""  # fromDevice type for results; "" logs them only
     result_timestamp_format: Literal["s", "ms", "iso"] = "s"
     dedupe_window: Duration = 10.0
-    poll_interval: Annotated[Duration, Range(0.05, 3600)] = 5.0
+    poll_interval: Annotated[Duration, Range(0.05, 3600)] = 5.0  # http transport
+    ws_poll_interval: Duration = 60.0  # ws transport: GET for method-"http" pushes; 0: only
+    # once after each (re)connect
     batch_size: Annotated[int, Range(1, 100_000)] = 1000
     request_timeout: Annotated[Duration, Range(0.05, 600)] = 10.0
-    ping_interval: Annotated[Duration, Range(1, 3600)] = 30.0
+    ping_interval: Annotated[Duration, Range(0.1, 3600)] = 30.0  # no pong in half of it: reconnect
     treat_sync_202_as_delivered: bool = False
     check_ack_url: bool = True
     sync_202_max_wait: Duration = 60.0
@@ -615,14 +617,20 @@ class MmsUplink(Uplink):
             raise _first_leaf(group) from None
 
     async def _catch_up(self) -> None:
-        """One GET after each (re)connect: pushes stored while the socket was down."""
+        """One GET after each (re)connect, for pushes stored while the socket was down; then
+        one every `ws_poll_interval` (if set), for pushes sent with method "http"."""
         assert self._http is not None
-        try:
-            self.handle_pushes(await self._http.poll(), "http")
-        except UplinkAuthError:
-            raise
-        except UplinkUnavailableError as exc:
-            self.log.warning("catch_up_poll_failed", error=str(exc))
+        while True:
+            try:
+                self.handle_pushes(await self._http.poll(), "http")
+            except UplinkAuthError:
+                raise
+            except UplinkUnavailableError as exc:
+                # The socket still works; a failed GET only delays stored pushes.
+                self.log.warning("catch_up_poll_failed", error=str(exc))
+            if not self.config.ws_poll_interval:
+                return
+            await asyncio.sleep(self.config.ws_poll_interval)
 
     async def _poll_loop(self) -> None:
         assert self._http is not None

@@ -351,3 +351,21 @@ async def test_async_mode_counts_202_as_delivery(sim, make_harness, transport, a
     assert len(set(stored_values(sim))) == 30 and h.uplink.resent == 0
     answered = sim.stats["post_data:202"] + sim.stats["ws_frame:202"]
     assert answered > 0 if answers else answered == 0
+
+
+async def test_a_silent_link_is_detected_by_pings_and_replaced(sim, make_harness):
+    sim.inject("no_pong", times=1)  # the first connection is half-open: pings go unanswered
+    h = await make_harness(sim, base_config(sim, ping_interval=0.2))
+    await sim.wait_for(lambda: sim.ws_connections >= 2, timeout_s=5)
+    await h.put(readings(3))
+    await h.wait_acked(3)
+    assert len(stored_values(sim)) == 3
+
+
+async def test_ws_transport_also_polls_for_http_pushes(sim, make_harness):
+    h = await make_harness(sim, base_config(sim, ws_poll_interval=0.05))
+    await sim.wait_for(lambda: sim.connected(DEV))
+    await sim.push(DEV, _push("via-http", "http"))  # sent with method http to a ws device
+    await sim.wait_for(lambda: sim.count(RESULT_TYPE) >= 1)
+    assert h.relay.actions == [("switch", {"operand": "via-http"})]
+    assert sim.ws_connections == 1
