@@ -369,3 +369,14 @@ async def test_ws_transport_also_polls_for_http_pushes(sim, make_harness):
     await sim.wait_for(lambda: sim.count(RESULT_TYPE) >= 1)
     assert h.relay.actions == [("switch", {"operand": "via-http"})]
     assert sim.ws_connections == 1
+
+
+@pytest.mark.parametrize("empty", ["204", "empty", "[]"])
+async def test_every_form_of_nothing_pending_is_accepted(sim, make_harness, empty):
+    sim.empty_get = empty
+    h = await make_harness(sim, base_config(sim, transport="http", poll_interval=0.05))
+    polls = sim.stats["get_data:204"] + sim.stats["get_data:200"]
+    await sim.wait_for(lambda: sim.stats["get_data:204"] + sim.stats["get_data:200"] >= polls + 3)
+    await h.put(readings(2))
+    await h.wait_acked(2)
+    assert h.uplink.state == UplinkState.CONNECTED and h.uplink.last_error == ""
