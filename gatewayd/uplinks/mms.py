@@ -125,6 +125,7 @@ class MmsConfig:
     check_ack_url: bool = True
     sync_202_max_wait: Duration = 60.0
     max_5xx_retries: Annotated[int, Range(0, 1_000_000)] = 10  # then quarantine; 0: never
+    max_rate: Annotated[float, Range(0, None)] = 0.0  # readings/s sent at most; 0: no limit
     ws_async_answers: bool = True  # the server answers async frames; false: confirm on write
     backoff_base: Duration = 1.0
     backoff_cap: Duration = 60.0
@@ -524,6 +525,7 @@ class MmsUplink(Uplink):
         self.pushes_polled = 0
         self._wire_high = 0  # highest seq ever written to the wire
         self._fail_seq = (0, 0)  # (first seq of a batch, consecutive 5xx answers for it)
+        self._next_send = 0.0  # monotonic time the rate limit allows the next lease
         self._results: deque[Message] = deque(maxlen=_RESULTS_MAX)
         self._results_ready = asyncio.Event()
         self._seen: dict[str, float] = {}
@@ -651,13 +653,25 @@ class MmsUplink(Uplink):
             self.log.info("batch_resent", count=again, first_seq=lease.items[0].seq)
         self._wire_high = max(self._wire_high, lease.last_seq)
         groups, unmapped = self.mapper.build(lease.items)
-        for it in unmapped:
-            self._drop_item(it, "unmapped", f"no message type maps {it.reading.device}.{it.reading.point}")
         frames = list(groups.items())
         answers = await channel.send_many([(t, [m.body for m in msgs]) for t, msgs in frames])
         for (message_type, msgs), answer in zip(frames, answers, strict=True):
             await self._settle(channel, message_type, msgs, answer, self._drop_reading_message)
         self._fail_seq = (0, 0)
+        for it in unmapped:  # after the sends, so a retried lease does not count them twice
+            r = it.reading
+            self._drop_item(it, "unmapped", f"no message type maps {r.device}.{r.point}")
+        await self._pace(len(lease))
+
+    async def _pace(self, count: int) -> None:
+        """Keep delivery under `max_rate` readings/s (a long backlog must not flood the cloud)."""
+        rate = self.config.max_rate
+        if not rate:
+            return
+        now = time.monotonic()
+        self._next_send = max(self._next_send, now) + count / rate
+        if self._next_send > now:
+            await asyncio.sleep(self._next_send - now)
 
     async def _settle(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 
 import pytest
@@ -380,3 +381,23 @@ async def test_every_form_of_nothing_pending_is_accepted(sim, make_harness, empt
     await h.put(readings(2))
     await h.wait_acked(2)
     assert h.uplink.state == UplinkState.CONNECTED and h.uplink.last_error == ""
+
+
+async def test_max_rate_paces_a_backlog(sim, make_harness):
+    h = await make_harness(sim, base_config(sim, batch_size=20, max_rate=400))
+    await h.put(readings(200))
+    started = asyncio.get_running_loop().time()
+    await h.wait_acked(200)
+    # 200 readings at 400/s: at least 0.45 s (the first lease goes at once).
+    assert asyncio.get_running_loop().time() - started >= 0.44
+    assert len(stored_values(sim)) == 200
+
+
+async def test_unmapped_readings_are_quarantined_once(sim, make_harness):
+    only_boiler = MessageMap("m0t0y0p0e1", devices=["boiler"])
+    sim.inject("error_500", times=1)  # the first attempt fails: the lease goes twice
+    h = await make_harness(sim, base_config(sim, messages=[only_boiler]))
+    await h.put([*readings(2), Reading("garage", "door", "open", 1_718_000_000_000)])
+    await h.wait_acked(3)
+    assert h.queue.outbox("mms").quarantined == {"unmapped": 1}
+    assert len(stored_values(sim)) == 2
