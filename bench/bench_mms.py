@@ -179,7 +179,7 @@ async def run_case(transport: str, live: int, backlog: int, batch: int, tmp: Pat
 
 
 async def main(args: argparse.Namespace) -> int:
-    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))  # warnings only
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(40))  # errors only
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-mms-") as tmp:
         for transport in args.transports:
