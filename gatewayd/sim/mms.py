@@ -652,8 +652,10 @@ class MmsSimulator:
             return self._html(route)
         if not self._device_ok(request):
             return self._unauthorized(route)
-        # Some firmware sends base64 with '+' unencoded; the query parser would make it a space.
-        message = {k: v.replace(" ", "+") if k and v else v for k, v in request.query.items()}
+        # Some firmware sends base64 with '+' unencoded; the query parser makes it a space.
+        mtype = self.message_types.get(request.match_info["mtype"])
+        binary = {f.name for f in mtype.fields if f.type == "binary"} if mtype else set()
+        message = {k: v.replace(" ", "+") if k in binary else v for k, v in request.query.items()}
         envelope = {
             "messageType": request.match_info["mtype"],
             "mode": request.match_info["mode"],
@@ -979,7 +981,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--registry",
         metavar="FILE.json",
-        help='extra message types: {"messageTypes": [{"id", "direction", "fields"}]}',
+        help='extra message types and devices: {"messageTypes": [{"id", "direction", '
+        '"fields"}], "devices": [{"id", "token"}]}',
     )
     parser.add_argument("--max-rows", type=int, default=100_000, help="rows kept per type for read-back")
     parser.add_argument(
@@ -1021,7 +1024,10 @@ def build(args: argparse.Namespace) -> MmsSimulator:
         with open(args.registry, encoding="utf-8") as fh:
             registry = json.load(fh)
         for obj in registry.get("messageTypes", []):
-            sim.add_message_type(MessageType.from_json(obj), obj.get("deviceTypes", [DEFAULT_DEVICE_TYPE]))
+            types = obj.get("deviceTypes", [DEFAULT_DEVICE_TYPE])
+            sim.add_message_type(MessageType.from_json(obj), types)
+        for dev in registry.get("devices", []):
+            sim.add_device(str(dev["id"]), str(dev["token"]), dev.get("deviceType", DEFAULT_DEVICE_TYPE))
     for name in args.fault:
         sim.inject(name)
     return sim
@@ -1031,8 +1037,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the simulator until SIGINT/SIGTERM. Returns the exit status."""
     try:
         sim = build(args)
-    except (ValueError, OSError) as exc:
-        print(f"gatewayd sim mms: {exc}")
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        print(f"gatewayd sim mms: {exc!r}")
         return 2
 
     async def main() -> None:

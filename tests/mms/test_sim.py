@@ -20,6 +20,8 @@ from gatewayd.sim.mms import (
     MSG_NOT_CONFORM,
     MSG_PARSE_TYPE,
     MSG_UNAUTHORIZED,
+    FieldDef,
+    MessageType,
     MmsSimulator,
 )
 from tests.mms.conftest import WIDE_TYPE
@@ -180,6 +182,22 @@ async def test_url_parameter_variant(sim: MmsSimulator, http) -> None:
     assert sim.rows("m0t0y0p0e1")[-1]["C_VALUE"] == "IA=="
     status, _, _ = await call(http, "POST", f"{sim.api_url}http/data/{DEV}/m0t0y0p0e1/sync?bogus=1", "")
     assert status == 400
+    sim.add_message_type(
+        MessageType(
+            "b1b1b1b1b1b1b1b1b1b1",
+            "fromDevice",
+            (FieldDef(1, "button", "binary"), FieldDef(2, "label", "string")),
+        )
+    )
+    url = f"{sim.api_url}http/data/{DEV}/b1b1b1b1b1b1b1b1b1b1/sync?button=a+b/IA==&label=hi+there"
+    status, _, text = await call(http, "POST", url, "")
+    assert status == 200, text  # an unencoded '+' in base64 survives; in a string it is a space
+    assert sim.rows("b1b1b1b1b1b1b1b1b1b1")[0] | {"G_CREATED": 0} == {
+        "G_DEVICE": DEV,
+        "G_CREATED": 0,
+        "C_BUTTON": "a+b/IA==",
+        "C_LABEL": "hi there",
+    }
 
 
 async def test_http_push_is_stored_and_drained_newest_first(sim: MmsSimulator, http) -> None:
@@ -377,7 +395,8 @@ def test_cli_arguments_build_a_simulator(tmp_path) -> None:
                         "direction": "toDevice",
                         "fields": [{"position": 1, "name": "cmd", "type": "string"}],
                     }
-                ]
+                ],
+                "devices": [{"id": "gw2", "token": "tok2"}],
             }
         )
     )
@@ -398,7 +417,7 @@ def test_cli_arguments_build_a_simulator(tmp_path) -> None:
         ]
     )
     sim = simmod.build(args)
-    assert sim.devices["gw1"][0] == "tok1"
+    assert sim.devices["gw1"][0] == "tok1" and sim.devices["gw2"][0] == "tok2"
     assert sim.message_types["feedfeedfeedfeedfeed"].direction == "toDevice"
     assert "slow" in sim.faults and sim.ws_push_offline == "store"
     bad = parser.parse_args(["--device", "no-token"])
