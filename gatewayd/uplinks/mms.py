@@ -796,14 +796,16 @@ class MmsUplink(Uplink):
         cfg = self.config
         mtype = env.get("messageType")
         canonical = json.dumps([mtype, env.get("sender"), message], sort_keys=True, default=str)
-        synthetic = f"mms-{hashlib.sha256(canonical.encode()).hexdigest()[:16]}-{ordinal}"
-        cmd_id = synthetic
+        key = f"mms-{hashlib.sha256(canonical.encode()).hexdigest()[:16]}-{ordinal}"
+        # The arrival time makes a synthetic id unique once our window has passed, so the
+        # dispatcher's own (longer) dedupe does not swallow a command repeated on purpose.
+        cmd_id = f"{key}-{now_ms()}"
         if isinstance(message, dict) and isinstance(message.get(cfg.id_field), str | int):
-            cmd_id = str(message[cfg.id_field]) or synthetic
-        if cmd_id in self._seen:
-            self.log.info("command_duplicate", cmd_id=cmd_id, source=source)
+            key = cmd_id = str(message[cfg.id_field]) or cmd_id  # the cloud's own id
+        if key in self._seen:
+            self.log.info("command_duplicate", cmd_id=key, source=source)
             return
-        self._seen[cmd_id] = now
+        self._seen[key] = now
         problem = ""
         if mtype not in cfg.command_types:
             problem = f"message type {mtype!r} is not a command type"

@@ -401,3 +401,16 @@ async def test_unmapped_readings_are_quarantined_once(sim, make_harness):
     await h.wait_acked(3)
     assert h.queue.outbox("mms").quarantined == {"unmapped": 1}
     assert len(stored_values(sim)) == 2
+
+
+async def test_the_same_command_runs_again_after_the_dedupe_window(sim, make_harness):
+    # The harness dispatcher dedupes ids for 60 s: a synthetic id must not repeat.
+    h = await make_harness(sim, base_config(sim, transport="http", poll_interval=0.05, dedupe_window=0.1))
+    await sim.push(DEV, _push("on", "http"))
+    await sim.wait_for(lambda: sim.count(RESULT_TYPE) >= 1)
+    await asyncio.sleep(0.15)  # let the uplink's dedupe window pass (the behaviour under test)
+    await sim.push(DEV, _push("on", "http"))
+    await sim.wait_for(lambda: sim.count(RESULT_TYPE) >= 2)
+    assert h.relay.actions == [("switch", {"operand": "on"})] * 2
+    first, second = (r["C_CMD_ID"] for r in sim.rows(RESULT_TYPE))
+    assert first != second and first.rsplit("-", 1)[0] == second.rsplit("-", 1)[0]
