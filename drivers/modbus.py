@@ -390,7 +390,7 @@ class _ModbusBase:
     name: str
 
     def _line(self) -> ModbusLine:
-        line: ModbusLine = self.buses.modbus(self.config.port, **self.config.serial_settings())  # type: ignore[attr-defined]
+        line: ModbusLine = self.buses.modbus(self.config.port, **self.config.serial_settings())
         return line
 
     def stats(self) -> dict[str, int]:

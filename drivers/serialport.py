@@ -1,4 +1,4 @@
-"""A shared, self-healing serial port on asyncio (pyserial + pyserial-asyncio-fast).
+"""A shared, self-healing serial port on asyncio (pyserial, read through the event loop).
 
 One `SerialPort` per device path or pyserial URL (`/dev/ttyUSB0`, `socket://host:port`,
 `rfc2217://host:port` for ser2net, `loop://`). It opens lazily, notices when the port goes away

@@ -34,6 +34,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import structlog
 
 from drivers.base import ByteSize, Duration, Range, Reading
+from gatewayd.errors import UplinkUnavailableError
 from gatewayd.uplinks.base import Item, Lease
 
 log = structlog.get_logger("gatewayd.queue")
@@ -677,6 +678,8 @@ class Outbox:
         q = self.queue
         if self.next_seq < self.acked:
             self.next_seq = self.acked
+        if self.closed:
+            raise UplinkUnavailableError("the queue is closed")
         if not await q.wait_committed(self.next_seq, wait_s) or self.closed:
             return Lease(self.name, [])
         if linger_s > 0 and q.tail - self.next_seq < max_items:

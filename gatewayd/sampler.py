@@ -35,10 +35,10 @@ class DeviceState:
     last_read_ms: int = 0
     opened: asyncio.Event | None = None  # set after the first open attempt (ready signal)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, stats: dict[str, int] | None = None) -> dict[str, Any]:
         return {"driver": self.driver, "state": self.state, "since": round(self.since, 3),
                 "last_error": self.last_error, "reads": self.reads, "failures": self.failures,
-                "last_read_ms": self.last_read_ms}
+                "last_read_ms": self.last_read_ms, "stats": stats or {}}
 
 
 class Sampler:

@@ -65,7 +65,8 @@ class Outbox(Protocol):
         """The next items after the last lease; waits for new data up to `wait_s` (None: forever).
 
         Returns an empty lease if nothing arrived in time. With `linger_s`, once some data is
-        there it waits up to that long more for a full batch of `max_items`.
+        there it waits up to that long more for a full batch of `max_items`. Raises
+        UplinkUnavailableError once the queue is closed (shutdown), so no loop spins on it.
         """
         ...
 
