@@ -32,6 +32,8 @@ HEALTH = "http://127.0.0.1:9847"
 OPSHUB_PORT = 8790
 OPSHUB_USER, OPSHUB_PASSWORD = "BENCH", "bench-pw"
 OPSHUB_GATEWAY = "01-23-45-67-89-ab"
+MMS_PORT = 8443
+MMS_DEVICE, MMS_TOKEN = "bench-gw", "bench-token-0123456789abcdef"
 
 
 @dataclass
@@ -84,6 +86,31 @@ async def start_opshub() -> Part:
     return Part("opshub", {"OPSHUB_PASSWORD": OPSHUB_PASSWORD}, demo, summary, sim.stop)
 
 
+async def start_mms() -> Part:
+    from gatewayd.sim.mms import DEFAULT_FROM_TYPE, DEFAULT_TO_TYPE, RESULT_TYPE, MmsSimulator
+
+    sim = MmsSimulator(port=MMS_PORT, max_rows=10_000)
+    sim.add_device(MMS_DEVICE, MMS_TOKEN)
+    await sim.start()
+
+    async def demo() -> str:
+        await sim.wait_for(lambda: sim.count(DEFAULT_FROM_TYPE) > 0, timeout_s=20)  # ws is up
+        await sim.push(MMS_DEVICE, {"method": "ws", "sender": "bench", "messageType": DEFAULT_TO_TYPE,
+                                    "messages": [{"opcode": "relay_on", "operand": "5"}]})
+        await sim.wait_for(lambda: sim.count(RESULT_TYPE) > 0, timeout_s=20)
+        r = sim.rows(RESULT_TYPE)[-1]
+        return (f"pushed relay_on(operand=5) over ws -> result ok={r.get('C_OK')} code={r.get('C_CODE')}"
+                f" {r.get('C_MESSAGE')!r}")
+
+    def summary() -> str:
+        rows = sim.rows(DEFAULT_FROM_TYPE)
+        last = rows[-1] if rows else {}
+        return (f"mms: {len(rows)} rows of {DEFAULT_FROM_TYPE}, last {last.get('C_SENSOR')}="
+                f"{last.get('C_VALUE')} (GET {sim.url}/sim/rows/{DEFAULT_FROM_TYPE})")
+
+    return Part("mms", {"MMS_TOKEN": MMS_TOKEN}, demo, summary, sim.stop)
+
+
 async def wait_healthy(session: aiohttp.ClientSession, proc: asyncio.subprocess.Process) -> None:
     async with asyncio.timeout(30):
         while proc.returncode is None:
@@ -125,7 +152,7 @@ async def summary_loop(session: aiohttp.ClientSession, parts: list[Part]) -> Non
 
 
 async def main() -> int:
-    parts = [start_hardware(), await start_opshub()]
+    parts = [start_hardware(), await start_opshub(), await start_mms()]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for p in parts:
         env.update(p.env)
@@ -144,6 +171,7 @@ async def main() -> int:
     tail -f {STATE / 'archive.jsonl'}          # delivered readings (jsonl uplink)
     curl -s {HEALTH}/metrics | grep gatewayd_           # Prometheus metrics
     curl -s 'http://127.0.0.1:{OPSHUB_PORT}/sim/data?limit=5'   # what Operations Hub stored
+    curl -s http://127.0.0.1:{MMS_PORT}/sim/rows/m0t0y0p0e1          # what HCP IoT MMS stored
 """, flush=True)
             print(f"[bench] local: {await local_demo(session)}", flush=True)
             for p in parts:

@@ -104,6 +104,7 @@ class ParamSpec:
     max: float | None = None
     choices: list[Any] | None = None
     default: Any = None
+    to: str = ""  # the name the actuator gets (default: the same), e.g. MMS "operand" -> "channel"
 
 
 @dataclass(frozen=True, slots=True)

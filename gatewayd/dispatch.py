@@ -81,10 +81,11 @@ def validate_params(mapping: CommandMap, params: Mapping[str, Any]) -> dict[str,
                                 f"expected: {', '.join(sorted(mapping.params)) or 'none'}")
     out: dict[str, Any] = {}
     for name, spec in mapping.params.items():
+        target = spec.to or name
         if name in params:
-            out[name] = coerce(name, spec, params[name])
+            out[target] = coerce(name, spec, params[name])
         elif spec.default is not None:
-            out[name] = spec.default
+            out[target] = spec.default
         elif spec.required:
             raise CommandError(400, f"missing param {name!r} ({spec.type})")
     out.update(mapping.fixed)

@@ -48,6 +48,8 @@ COMMANDS = [
                actuator_action="set_boiler", params={"on": ParamSpec("bool")}),
     CommandMap(action="setpoint", actuator="relay", params={"value": ParamSpec("float", min=-10, max=45.5)},
                fixed={"register": 40001}),
+    CommandMap(action="relay_on", actuator="relay", actuator_action="set",
+               params={"operand": ParamSpec("int", min=0, max=7, to="channel")}, fixed={"on": True}),
     CommandMap(action="fail", actuator="relay"),
     CommandMap(action="slow", actuator="slow", params={"n": ParamSpec("int")}, timeout=5),
     CommandMap(action="stuck", actuator="slow", params={"n": ParamSpec("int")}, timeout=0.05),
@@ -75,6 +77,14 @@ async def test_valid_command_reaches_actuator_with_typed_params() -> None:
     assert relay.actions == [("set", {"channel": 3, "on": True})]
     r = await d.execute(cmd("setpoint", {"value": 21.5}, "2"))
     assert r.ok and relay.actions[-1] == ("setpoint", {"value": 21.5, "register": 40001})
+
+
+async def test_params_renamed_for_the_actuator() -> None:
+    d, relay, _ = make()
+    r = await d.execute(cmd("relay_on", {"operand": "5"}))
+    assert r.ok and relay.actions == [("set", {"channel": 5, "on": True})]
+    r = await d.execute(cmd("relay_on", {"operand": "9"}, "2"))
+    assert r.code == 400 and "param 'operand'" in r.message  # errors name the cloud's field
 
 
 async def test_most_specific_mapping_wins() -> None:
