@@ -101,8 +101,7 @@ class LineDriver(Driver):
         self.mismatches = 0
 
     def _port(self) -> SerialPort:
-        port: SerialPort = self.buses.serial(self.config.port, **self.config.serial_settings())
-        return port
+        return self.config.shared_port(self.buses)
 
     async def open(self) -> None:
         await self._port().ensure_open(self.name)

@@ -72,8 +72,7 @@ class SerialCommand(Actuator):
         self.last: dict[str, Any] = {}
 
     def _port(self) -> SerialPort:
-        port: SerialPort = self.buses.serial(self.config.port, **self.config.serial_settings())
-        return port
+        return self.config.shared_port(self.buses)
 
     def render(self, action: str, params: Mapping[str, Any]) -> bytes:
         """The bytes to send for `action`; ActionError for an unknown action or missing param."""

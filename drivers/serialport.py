@@ -77,6 +77,11 @@ class SerialLinkConfig:
         names = {f.name for f in dataclasses.fields(SerialSettings)}
         return {k: getattr(self, k) for k in names}
 
+    def shared_port(self, buses: Any) -> SerialPort:
+        """The shared `SerialPort` for this config's port and settings."""
+        port: SerialPort = buses.serial(self.port, **self.serial_settings())
+        return port
+
 
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
