@@ -34,7 +34,7 @@ class Reading:
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    id: str  # the cloud's message id, used for de-duplication
+    id: str  # the cloud's message id, deduplicated per uplink: content-derived ids must be unique per arrival
     uplink: str  # name of the uplink that received it
     device: str  # local device (or actuator) the cloud addressed; "" for the gateway itself
     action: str  # uplink-side action name: an EnOS service id, an MMS action field, ...
@@ -118,6 +118,7 @@ class Buses(Protocol):
 
     def i2c(self, spec: str) -> Any: ...
     def serial(self, spec: str, **settings: Any) -> Any: ...
+    def modbus(self, spec: str, **settings: Any) -> Any: ...  # a shared RS-485 line, many units
     async def close(self) -> None: ...
 
 
@@ -147,6 +148,10 @@ class Driver(ABC):
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release the device. Never raises."""
+
+    def stats(self) -> dict[str, int]:
+        """Cumulative counters (CRC errors, exception responses, ...) for /status and metrics."""
+        return {}
 
 
 class Actuator(ABC):

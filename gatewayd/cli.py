@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         module = _optional_module(module_name)
         if module is None:
             continue
-        sp = sims.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else None)
+        summary = (module.__doc__ or "").strip().splitlines()
+        sp = sims.add_parser(name, help=summary[0] if summary else None)
         module.add_arguments(sp)
         sp.set_defaults(plugin=module)
     return parser

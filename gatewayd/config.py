@@ -104,6 +104,7 @@ class ParamSpec:
     max: float | None = None
     choices: list[Any] | None = None
     default: Any = None
+    to: str = ""  # the name the actuator gets (default: the same), e.g. MMS "operand" -> "channel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,7 +223,7 @@ def parse(doc: dict[str, Any], path: Path, env: Mapping[str, str] | None = None)
             for problem in check(device_names):
                 b.error(f"uplinks.{u.name}", problem)
 
-    if b.errors:
+    if b.errors or gateway is None:
         raise ConfigError([f"{path}: {e}" for e in b.errors])
     return Config(path=path, gateway=gateway, queue=queue, health=health, log=log,
                   dispatch=dispatch, devices=tuple(devices), actuators=tuple(actuators),
@@ -305,7 +306,8 @@ def _uplinks(b: Builder, raw: object) -> list[UplinkConfig]:
 
 def _check_names(b: Builder, devices: list[DeviceConfig], actuators: list[ActuatorConfig]) -> None:
     seen: dict[str, str] = {}
-    for section, items in (("devices", devices), ("actuators", actuators)):
+    groups: list[tuple[str, list[Any]]] = [("devices", devices), ("actuators", actuators)]
+    for section, items in groups:
         for i, item in enumerate(items):
             where = f"{section}[{i}]"
             if item.name in seen:

@@ -81,10 +81,11 @@ def validate_params(mapping: CommandMap, params: Mapping[str, Any]) -> dict[str,
                                 f"expected: {', '.join(sorted(mapping.params)) or 'none'}")
     out: dict[str, Any] = {}
     for name, spec in mapping.params.items():
+        target = spec.to or name
         if name in params:
-            out[name] = coerce(name, spec, params[name])
+            out[target] = coerce(name, spec, params[name])
         elif spec.default is not None:
-            out[name] = spec.default
+            out[target] = spec.default
         elif spec.required:
             raise CommandError(400, f"missing param {name!r} ({spec.type})")
     out.update(mapping.fixed)
@@ -189,8 +190,8 @@ class Dispatcher:
         mapping = self.find(cmd)
         if mapping is None:
             dev = f" for device {cmd.device!r}" if cmd.device else ""
-            return CommandResult(cmd.id, False, 404,
-                                 f"no command mapping for action {cmd.action!r}{dev} from uplink {cmd.uplink!r}")
+            return CommandResult(cmd.id, False, 404, f"no command mapping for action {cmd.action!r}"
+                                                     f"{dev} from uplink {cmd.uplink!r}")
         try:
             params = validate_params(mapping, cmd.params)
         except CommandError as exc:
@@ -204,7 +205,8 @@ class Dispatcher:
                 async with asyncio.timeout(timeout):
                     data = await actuator.apply(mapping.target_action, params)
         except TimeoutError:
-            return CommandResult(cmd.id, False, 504, f"actuator {actuator.name!r} timed out after {timeout:g}s")
+            return CommandResult(cmd.id, False, 504,
+                                 f"actuator {actuator.name!r} timed out after {timeout:g}s")
         except DriverError as exc:
             return CommandResult(cmd.id, False, 500, exc.message)
         except Exception as exc:  # an actuator bug must not take the gateway down

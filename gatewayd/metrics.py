@@ -46,6 +46,9 @@ class Metrics:
                                       ["uplink", "state"], registry=r)
         self.uplink_errors = Counter("gatewayd_uplink_errors", "Uplink errors by kind",
                                      ["uplink", "kind"], registry=r)
+        self.driver_stats = Gauge("gatewayd_driver_stat",
+                                  "A driver's own cumulative counter (crc_errors, exceptions, ...)",
+                                  ["device", "stat"], registry=r)
         self.device_ok = Gauge("gatewayd_device_ok", "1 if the device's last read succeeded",
                                ["device"], registry=r)
 

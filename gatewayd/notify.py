@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Callable
 
 import structlog
 
@@ -40,7 +41,7 @@ class Notifier:
         except OSError as exc:
             log.warning("sd_notify_failed", message=message, error=str(exc))
 
-    async def watchdog_loop(self, alive: callable = lambda: True) -> None:  # type: ignore[valid-type]
+    async def watchdog_loop(self, alive: Callable[[], bool] = lambda: True) -> None:
         """Ping WATCHDOG=1 at half the watchdog period while `alive()` holds."""
         if not self.watchdog_s or self._sock is None:
             return

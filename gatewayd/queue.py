@@ -34,6 +34,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import structlog
 
 from drivers.base import ByteSize, Duration, Range, Reading
+from gatewayd.errors import UplinkUnavailableError
 from gatewayd.uplinks.base import Item, Lease
 
 log = structlog.get_logger("gatewayd.queue")
@@ -127,6 +128,7 @@ class Queue:
         self._have_pending = asyncio.Event()
         self._full = asyncio.Event()
         self._committed = asyncio.Condition()
+        self._commit_lock = asyncio.Lock()  # one commit at a time: seq is assigned from `tail`
         self._outboxes: dict[str, Outbox] = {}
         self.head = 1  # first seq present (head > tail: empty)
         self.tail = 0  # last committed seq
@@ -339,6 +341,10 @@ class Queue:
             self._full.set()
         return fut
 
+    def backpressure(self) -> bool:
+        """True when producers outrun the disk: the open window is over its size cap."""
+        return len(self._pending) + len(self._retry) > self.config.commit_max_rows
+
     async def put(self, readings: Iterable[Reading]) -> bool:
         """Append readings; returns after the commit (True), or False if the disk refused them."""
         return await self.submit(readings)
@@ -365,6 +371,10 @@ class Queue:
             await self._commit()
 
     async def _commit(self) -> None:
+        async with self._commit_lock:
+            await self._commit_locked()
+
+    async def _commit_locked(self) -> None:
         batch, futs = self._retry + self._pending, self._pending_futs
         self._retry, self._pending, self._pending_futs = [], [], []
         self._have_pending.clear()
@@ -413,7 +423,7 @@ class Queue:
         series = self._series
         seq = self.tail
         first = seq + 1
-        rows = []
+        rows: list[tuple[Any, ...]] = []
         nbytes = 0
         new_series: list[tuple[int, str, str]] = []
         append = rows.append
@@ -454,7 +464,12 @@ class Queue:
 
     def _store_failed(self, batch: list[Reading], exc: sqlite3.Error) -> None:
         text = str(exc)
-        reason = "read_only" if "readonly" in text or "read-only" in text else "disk_full"
+        if "readonly" in text or "read-only" in text:
+            reason = "read_only"
+        elif "full" in text:
+            reason = "disk_full"
+        else:
+            reason = "io_error"
         self.store_error = reason
         keep = self.config.memory_buffer
         lost = max(0, len(batch) - keep)
@@ -658,12 +673,18 @@ class Outbox:
         self.closed = False
         self._ack_lock = asyncio.Lock()
 
-    async def lease(self, max_items: int, max_bytes: int = 0, wait_s: float | None = None) -> Lease:
+    async def lease(self, max_items: int, max_bytes: int = 0, wait_s: float | None = None,
+                    linger_s: float = 0.0) -> Lease:
         q = self.queue
         if self.next_seq < self.acked:
             self.next_seq = self.acked
+        if self.closed:
+            raise UplinkUnavailableError("the queue is closed")
         if not await q.wait_committed(self.next_seq, wait_s) or self.closed:
             return Lease(self.name, [])
+        if linger_s > 0 and q.tail - self.next_seq < max_items:
+            # A trickle: wait a little for a fuller batch (fewer wake-ups, messages and acks).
+            await q.wait_committed(self.next_seq + max_items - 1, linger_s)
         items = await q._on_reader(q._lease_sync, self.next_seq, q.tail, max_items, max_bytes,
                                    self.bit, self.live_from)
         if items:

@@ -35,10 +35,10 @@ class DeviceState:
     last_read_ms: int = 0
     opened: asyncio.Event | None = None  # set after the first open attempt (ready signal)
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self, stats: dict[str, int] | None = None) -> dict[str, Any]:
         return {"driver": self.driver, "state": self.state, "since": round(self.since, 3),
                 "last_error": self.last_error, "reads": self.reads, "failures": self.failures,
-                "last_read_ms": self.last_read_ms}
+                "last_read_ms": self.last_read_ms, "stats": stats or {}}
 
 
 class Sampler:
@@ -95,7 +95,8 @@ class Sampler:
                 async with asyncio.timeout(self.timeout_s):
                     readings = await self.driver.read()
             except (DriverError, TimeoutError) as exc:
-                error = f"read timed out after {self.timeout_s:g}s" if isinstance(exc, TimeoutError) else str(exc)
+                error = (f"read timed out after {self.timeout_s:g}s" if isinstance(exc, TimeoutError)
+                         else str(exc))
                 st.failures += 1
                 st.consecutive_failures += 1
                 if isinstance(exc, DeviceNotFoundError):
@@ -115,9 +116,11 @@ class Sampler:
             st.last_read_ms = readings[-1].ts_ms if readings else st.last_read_ms
             self._set("ok")
             if readings:
-                self.queue.submit(readings)
+                committed = self.queue.submit(readings)
                 if self.metrics is not None:
                     self.metrics.readings_sampled.labels(st.name).inc(len(readings))
+                if self.queue.backpressure():
+                    await committed  # the disk is behind: sample slower rather than hoard memory
             next_at += self.interval_s
             now = time.monotonic()
             if next_at < now:  # fell behind (slow read): skip missed slots, no burst

@@ -208,7 +208,9 @@ class Builder:
             base, *meta = typing.get_args(tp)
             for m in meta:
                 if isinstance(m, Unit):
-                    return 'a duration like "10s" or "500ms"' if m.kind == "duration" else 'a size like "64MiB"'
+                    if m.kind == "duration":
+                        return 'a duration like "10s" or "500ms"'
+                    return 'a size like "64MiB"'
             return self._expect(base)
         if origin is Literal:
             return "one of " + ", ".join(_show(a) for a in typing.get_args(tp))

@@ -139,8 +139,8 @@ class Gateway:
         if not waits:
             return
         longest = max([s.timeout_s for s in self.samplers], default=1.0) + 1.0
-        stopper = asyncio.ensure_future(stop.wait())
-        gathered = asyncio.ensure_future(asyncio.gather(*waits))
+        stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        gathered: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*waits))
         try:
             await asyncio.wait({stopper, gathered}, timeout=longest,
                                return_when=asyncio.FIRST_COMPLETED)
@@ -208,6 +208,9 @@ class Gateway:
         stats = await self.queue.backlog_stats()
         for name, s in stats.items():
             self.metrics.backlog_age.labels(name).set(s["oldest_age_s"])
+        for sampler in self.samplers:
+            for key, value in sampler.driver.stats().items():
+                self.metrics.driver_stats.labels(sampler.driver.name, key).set(value)
 
     async def status(self) -> dict[str, Any]:
         q = self.queue
@@ -224,7 +227,7 @@ class Gateway:
                 "store_failed": q.store_failed, "dropped": q.dropped_total,
                 "corrupt_file_moved_to": str(q.renamed_corrupt) if q.renamed_corrupt else None,
             },
-            "devices": {s.driver.name: s.status.as_dict() for s in self.samplers},
+            "devices": {s.driver.name: s.status.as_dict(s.driver.stats()) for s in self.samplers},
             "uplinks": {n: {**u.status(), "backlog": backlog.get(n, {})}
                         for n, u in self.uplinks.items()},
             "actuators": {n: {"driver": type(a).__name__, "error": self.actuator_errors.get(n, ""),

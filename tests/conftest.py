@@ -21,21 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
-def _no_leftover_threads() -> Iterator[None]:
-    """Fail a test that leaves threads running (helper threads get 5 s to finish)."""
-    before = set(threading.enumerate())
-    yield
-    deadline = time.monotonic() + 5
-    left = []
-    for t in set(threading.enumerate()) - before:
-        t.join(max(0.0, deadline - time.monotonic()))  # executor workers wind down on their own
-        if t.is_alive():
-            left.append(t.name)
-    assert not left, f"test left threads running: {left}"
-
-
-@pytest.fixture(autouse=True)
-async def _no_leftover_tasks() -> Any:
+async def _no_leftover_tasks(_no_leftover_threads: None) -> Any:
     """Fail an async test that leaves asyncio tasks running."""
     yield
     current = asyncio.current_task()
@@ -45,6 +31,23 @@ async def _no_leftover_tasks() -> Any:
     if left:
         await asyncio.gather(*left, return_exceptions=True)
     assert not left, f"test left tasks running: {[t.get_name() for t in left]}"
+    # Join the loop's default-executor threads (asyncio.to_thread) so the thread guard sees
+    # only threads a test really left behind.
+    await asyncio.get_running_loop().shutdown_default_executor()
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_threads() -> Iterator[None]:
+    """Fail a test that leaves threads running (torn down after the task guard)."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    left = []
+    for t in set(threading.enumerate()) - before:
+        t.join(max(0.0, deadline - time.monotonic()))  # executor workers wind down on their own
+        if t.is_alive():
+            left.append(t.name)
+    assert not left, f"test left threads running: {left}"
 
 
 def free_port() -> int:
@@ -62,6 +65,7 @@ class Daemon:
         self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self._offset = 0
+        self._scan = 0  # events before this index were already matched or passed over
         self.events: list[dict[str, Any]] = []
 
     def start(self) -> Daemon:
@@ -92,7 +96,10 @@ class Daemon:
         """Wait until a log event matches `predicate`; fail if the daemon dies or time runs out."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for ev in self.new_events():
+            self.new_events()
+            while self._scan < len(self.events):
+                ev = self.events[self._scan]
+                self._scan += 1
                 if predicate(ev):
                     return ev
             assert self.proc is not None
@@ -102,6 +109,13 @@ class Daemon:
                                      f"{self.events[-10:]}")
             time.sleep(0.02)  # polling a file for a log line; the predicate is the sync point
         raise AssertionError(f"timed out waiting for a log event; log tail: {self.events[-10:]}")
+
+    def find(self, predicate: Any, timeout: float = 20.0) -> dict[str, Any]:
+        """Like `wait_for`, but also matches events already passed over."""
+        for ev in self.events:
+            if predicate(ev):
+                return ev
+        return self.wait_for(predicate, timeout)
 
     def event(self, name: str, timeout: float = 20.0) -> dict[str, Any]:
         return self.wait_for(lambda e: e.get("event") == name, timeout)

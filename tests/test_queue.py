@@ -248,3 +248,17 @@ async def test_disk_full_is_survived_and_recovers(tmp_path: Path) -> None:
         # The held readings were written first, then the new ones.
         assert len(lease.items) == 2000 + 10
         assert lease.items[-1].reading.value == float(10**6 + 9)
+
+
+async def test_concurrent_flushes_never_reuse_a_seq(tmp_path: Path) -> None:
+    async with opened(tmp_path / "q.db", ["a"]) as q:
+        futs = []
+        for i in range(20):
+            futs.append(q.submit(readings(100, i * 100)))
+            futs.append(asyncio.ensure_future(q.flush()))  # shutdown's flush racing the loop
+            await asyncio.sleep(0)  # let that flush take the window and enter the writer thread
+        await asyncio.gather(*futs)
+        assert q.store_error == "" and q.store_failed == 0
+        lease = await q.outbox("a").lease(10_000, wait_s=1)
+        assert [i.seq for i in lease.items] == list(range(1, 2001))
+        assert [i.reading.value for i in lease.items] == [float(v) for v in range(2000)]

@@ -60,10 +60,13 @@ class Outbox(Protocol):
 
     name: str
 
-    async def lease(self, max_items: int, max_bytes: int = 0, wait_s: float | None = None) -> Lease:
+    async def lease(self, max_items: int, max_bytes: int = 0, wait_s: float | None = None,
+                    linger_s: float = 0.0) -> Lease:
         """The next items after the last lease; waits for new data up to `wait_s` (None: forever).
 
-        Returns an empty lease if nothing arrived in time.
+        Returns an empty lease if nothing arrived in time. With `linger_s`, once some data is
+        there it waits up to that long more for a full batch of `max_items`. Raises
+        UplinkUnavailableError once the queue is closed (shutdown), so no loop spins on it.
         """
         ...
 
@@ -220,6 +223,7 @@ class Uplink(ABC):
         max_items: int,
         max_bytes: int = 0,
         wait_s: float | None = None,
+        linger_s: float = 0.0,
     ) -> None:
         """Lease, send and ack until cancelled or `send` raises.
 
@@ -228,7 +232,7 @@ class Uplink(ABC):
         """
         outbox = self.ctx.outbox
         while True:
-            lease = await outbox.lease(max_items, max_bytes, wait_s)
+            lease = await outbox.lease(max_items, max_bytes, wait_s, linger_s)
             if not lease.items:
                 continue
             await send(lease)

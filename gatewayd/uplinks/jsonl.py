@@ -28,6 +28,7 @@ class JsonlConfig:
     fsync: bool = False  # fsync each batch before acking (survives power loss)
     pause_file: str = ""  # while this file exists, delivery pauses and a backlog builds
     retry_max: Duration = 30.0
+    linger: Duration = 1.0  # wait up to this for a full batch: fewer writes when data trickles
 
 
 class JsonlUplink(Uplink):
@@ -44,16 +45,17 @@ class JsonlUplink(Uplink):
     async def run(self) -> None:
         await self.connection_loop(self._session, Backoff(0.2, self.config.retry_max, floor_s=0.05))
 
-    async def _session(self) -> None:
+    def _check_pause(self) -> None:
         if self.config.pause_file and os.path.exists(self.config.pause_file):
             raise UplinkUnavailableError(f"paused: {self.config.pause_file} exists")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    async def _session(self) -> None:
+        await asyncio.to_thread(self._check_pause)
+        await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
         self.set_state(UplinkState.CONNECTED)
-        await self.pump(self._send, self.config.batch, wait_s=1.0)
+        await self.pump(self._send, self.config.batch, wait_s=1.0, linger_s=self.config.linger)
 
     async def _send(self, lease: Lease) -> None:
-        if self.config.pause_file and os.path.exists(self.config.pause_file):
-            raise UplinkUnavailableError(f"paused: {self.config.pause_file} exists")
         lines = "".join(
             json.dumps({"seq": it.seq, "device": it.reading.device, "point": it.reading.point,
                         "value": it.reading.value, "ts_ms": it.reading.ts_ms,
@@ -67,6 +69,7 @@ class JsonlUplink(Uplink):
         self.messages += 1
 
     def _write(self, data: bytes) -> None:
+        self._check_pause()
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:

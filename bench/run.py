@@ -1,0 +1,202 @@
+"""`make run`: the bench. gatewayd with emulated devices and local cloud simulators.
+
+The cloud simulators run in this process; gatewayd runs as a child process on bench/bench.toml,
+its log on this terminal. Once it is healthy, each cloud sends a command that switches an
+actuator, and a summary of what arrived where is printed every few seconds.
+Ctrl-C stops everything (gatewayd gets SIGTERM and flushes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+BASE_CONFIG = HERE / "bench.toml"
+STATE = HERE / "state"
+CONFIG = STATE / "bench.generated.toml"
+HEALTH = "http://127.0.0.1:9847"
+OPSHUB_PORT = 8790
+OPSHUB_USER, OPSHUB_PASSWORD = "BENCH", "bench-pw"
+OPSHUB_GATEWAY = "01-23-45-67-89-ab"
+MMS_PORT = 8443
+MMS_DEVICE, MMS_TOKEN = "bench-gw", "bench-token-0123456789abcdef"
+
+
+@dataclass
+class Part:
+    """One cloud (or device emulation) on the bench."""
+
+    name: str
+    env: dict[str, str] = field(default_factory=dict)  # for the daemon
+    demo: Callable[[], Awaitable[str]] | None = None  # send a command, say what happened
+    summary: Callable[[], str] | None = None  # one line: what arrived
+    stop: Callable[[], Awaitable[None]] | None = None
+
+
+def start_hardware() -> Part:
+    """Serial devices on pseudo-terminals; the I2C chips live in the daemon (bus "sim:bench")."""
+    from drivers.sim.bench import BenchEmulation
+
+    emu = BenchEmulation().start()
+    STATE.mkdir(exist_ok=True)
+    CONFIG.write_text(BASE_CONFIG.read_text() + emu.toml(commands=True))
+
+    def summary() -> str:
+        return "emulated serial devices: " + ", ".join(f"{k}={v}" for k, v in emu.paths.items())
+
+    async def stop() -> None:
+        emu.stop()
+
+    return Part("hardware", summary=summary, stop=stop)
+
+
+async def start_opshub() -> Part:
+    from gatewayd.sim.opshub import OpsHubSimulator
+
+    sim = OpsHubSimulator({OPSHUB_USER: OPSHUB_PASSWORD}, port=OPSHUB_PORT)
+    await sim.start()
+    dc = f"{OPSHUB_USER}/{OPSHUB_GATEWAY}"
+
+    async def demo() -> str:
+        sim.queue_command(dc, "relay2=on")
+        await sim.wait_for(lambda: bool(sim.rows(metric="cmd_result")), timeout_s=20)
+        r = sim.rows(metric="cmd_result")[-1]
+        return f"queued 'relay2=on' for {dc} -> cmd_result {r['data']} ({r['description']})"
+
+    def summary() -> str:
+        rows = [r for r in sim.rows() if r["metric"] != "cmd_result"]
+        last = rows[-1] if rows else {}
+        return (f"opshub: {len(rows)} M2M_data rows, last {last.get('metric')}={last.get('data')}"
+                f" (GET {sim.url}/sim/data)")
+
+    return Part("opshub", {"OPSHUB_PASSWORD": OPSHUB_PASSWORD}, demo, summary, sim.stop)
+
+
+async def start_mms() -> Part:
+    from gatewayd.sim.mms import DEFAULT_FROM_TYPE, DEFAULT_TO_TYPE, RESULT_TYPE, MmsSimulator
+
+    sim = MmsSimulator(port=MMS_PORT, max_rows=10_000)
+    sim.add_device(MMS_DEVICE, MMS_TOKEN)
+    await sim.start()
+
+    async def demo() -> str:
+        await sim.wait_for(lambda: sim.count(DEFAULT_FROM_TYPE) > 0, timeout_s=20)  # ws is up
+        await sim.push(MMS_DEVICE, {"method": "ws", "sender": "bench", "messageType": DEFAULT_TO_TYPE,
+                                    "messages": [{"opcode": "relay_on", "operand": "5"}]})
+        await sim.wait_for(lambda: sim.count(RESULT_TYPE) > 0, timeout_s=20)
+        r = sim.rows(RESULT_TYPE)[-1]
+        return (f"pushed relay_on(operand=5) over ws -> result ok={r.get('C_OK')} code={r.get('C_CODE')}"
+                f" {r.get('C_MESSAGE')!r}")
+
+    def summary() -> str:
+        rows = sim.rows(DEFAULT_FROM_TYPE)
+        last = rows[-1] if rows else {}
+        return (f"mms: {len(rows)} rows of {DEFAULT_FROM_TYPE}, last {last.get('C_SENSOR')}="
+                f"{last.get('C_VALUE')} (GET {sim.url}/sim/rows/{DEFAULT_FROM_TYPE})")
+
+    return Part("mms", {"MMS_TOKEN": MMS_TOKEN}, demo, summary, sim.stop)
+
+
+async def wait_healthy(session: aiohttp.ClientSession, proc: asyncio.subprocess.Process) -> None:
+    async with asyncio.timeout(30):
+        while proc.returncode is None:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(f"{HEALTH}/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            await asyncio.sleep(0.2)  # the daemon is starting; poll its health endpoint
+    raise RuntimeError(f"gatewayd exited with {proc.returncode} before it was healthy")
+
+
+async def local_demo(session: aiohttp.ClientSession) -> str:
+    body = {"action": "set_relay", "params": {"channel": 3, "on": True}}
+    async with session.post(f"{HEALTH}/commands", json=body) as resp:
+        return f"POST /commands set_relay(channel=3, on=true) -> {await resp.json()}"
+
+
+async def summary_loop(session: aiohttp.ClientSession, parts: list[Part]) -> None:
+    archive = STATE / "archive.jsonl"
+    while True:
+        await asyncio.sleep(5)
+        async with session.get(f"{HEALTH}/status") as resp:
+            status = await resp.json()
+        devices = ", ".join(f"{n}={d['state']}" for n, d in status["devices"].items())
+        uplinks = ", ".join(f"{n}={u['state']}/sent={u['sent']}/backlog={u['backlog'].get('rows', 0)}"
+                            for n, u in status["uplinks"].items())
+        lines = archive.read_text().splitlines()[-200:] if archive.exists() else []
+        latest: dict[str, Any] = {}
+        for line in lines:
+            r = json.loads(line)
+            latest[f"{r['device']}.{r['point']}"] = r["value"]
+        shown = " ".join(f"{k}={v}" for k, v in sorted(latest.items())[:14])
+        print(f"[bench] queue rows={status['queue']['rows']} | devices: {devices}\n"
+              f"[bench] uplinks: {uplinks}\n"
+              f"[bench] latest readings (archive): {shown}", flush=True)
+        for p in parts:
+            if p.summary is not None:
+                print(f"[bench] {p.summary()}", flush=True)
+
+
+async def main() -> int:
+    parts = [start_hardware(), await start_opshub(), await start_mms()]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for p in parts:
+        env.update(p.env)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gatewayd", "run", "-c", str(CONFIG), env=env, cwd=ROOT)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            await wait_healthy(session, proc)
+            print(f"""
+[bench] gatewayd is up. Watch the readings flow:
+    curl -s {HEALTH}/status | python3 -m json.tool     # devices, uplinks, backlog
+    tail -f {STATE / 'archive.jsonl'}          # delivered readings (jsonl uplink)
+    curl -s {HEALTH}/metrics | grep gatewayd_           # Prometheus metrics
+    curl -s 'http://127.0.0.1:{OPSHUB_PORT}/sim/data?limit=5'   # what Operations Hub stored
+    curl -s http://127.0.0.1:{MMS_PORT}/sim/rows/m0t0y0p0e1          # what HCP IoT MMS stored
+""", flush=True)
+            print(f"[bench] local: {await local_demo(session)}", flush=True)
+            for p in parts:
+                if p.demo is not None:
+                    try:
+                        print(f"[bench] {p.name}: {await p.demo()}", flush=True)
+                    except TimeoutError:
+                        print(f"[bench] {p.name}: no command result within the time limit", flush=True)
+            summary = asyncio.create_task(summary_loop(session, parts))
+            waiter = asyncio.create_task(proc.wait())
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            for t in (summary, waiter, stopper):
+                t.cancel()
+            await asyncio.gather(summary, waiter, stopper, return_exceptions=True)
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+            await proc.wait()
+        for p in parts:
+            if p.stop is not None:
+                await p.stop()
+    print(f"[bench] gatewayd exited with {proc.returncode}; config was {CONFIG}")
+    return 0 if proc.returncode in (0, -signal.SIGTERM) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

@@ -1,0 +1,503 @@
+"""Modbus RTU: a shared line (several unit ids on one RS-485 port), a register-map driver and a
+writer actuator.
+
+Layers, as in pymodbus: our `SerialPort` is the transport; pymodbus supplies the RTU framer
+(CRC-16) and the PDU classes. We frame responses ourselves so that CRC errors, exception
+responses and timeouts are counted per unit, and so that the port shares its unplug/reopen logic
+with every other serial driver. Register maps are data (`ModbusPoint`); value decoding and
+request planning are pure functions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import struct
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import structlog
+from pymodbus.framer.rtu import FramerRTU
+from pymodbus.pdu import DecodePDU, ModbusPDU
+from pymodbus.pdu.bit_message import (
+    ReadCoilsRequest,
+    ReadDiscreteInputsRequest,
+    WriteSingleCoilRequest,
+)
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersRequest,
+    ReadInputRegistersRequest,
+    WriteMultipleRegistersRequest,
+    WriteSingleRegisterRequest,
+)
+
+from drivers.base import (
+    ActionError,
+    Actuator,
+    Buses,
+    Driver,
+    DriverError,
+    Duration,
+    Quality,
+    Reading,
+    ReadTimeoutError,
+    now_ms,
+)
+from drivers.scaling import tidy
+from drivers.serialport import SerialLinkConfig, SerialPort
+
+log = structlog.get_logger(__name__)
+
+Function = Literal["coil", "discrete", "holding", "input"]
+DataType = Literal["bool", "int16", "uint16", "int32", "uint32", "float32",
+                   "int64", "uint64", "float64", "string"]
+
+_FC_READ = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}
+_READ_PDU = {1: ReadCoilsRequest, 2: ReadDiscreteInputsRequest, 3: ReadHoldingRegistersRequest,
+             4: ReadInputRegistersRequest}
+_MAX_COUNT = {1: 2000, 2: 2000, 3: 125, 4: 125}  # Modbus spec limits per request
+_STRUCT = {"int16": ("h", 1), "uint16": ("H", 1), "int32": ("i", 2), "uint32": ("I", 2),
+           "float32": ("f", 2), "int64": ("q", 4), "uint64": ("Q", 4), "float64": ("d", 4)}
+EXCEPTION_NAMES = {1: "illegal function", 2: "illegal data address", 3: "illegal data value",
+                   4: "server device failure", 5: "acknowledge", 6: "server device busy",
+                   8: "memory parity error", 10: "gateway path unavailable",
+                   11: "gateway target device failed to respond"}
+
+
+class ModbusExceptionError(DriverError):
+    """The unit answered with a Modbus exception response."""
+
+    def __init__(self, device: str, function: int, code: int) -> None:
+        name = EXCEPTION_NAMES.get(code, "unknown exception")
+        super().__init__(device, f"modbus exception {code} ({name}) to function {function}")
+        self.function = function
+        self.code = code
+
+
+# --- register map -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ModbusPoint:
+    address: int  # protocol address (0-based), not the 40001-style reference number
+    function: Function = "holding"
+    type: DataType = "uint16"  # coils and discrete inputs are always "bool"
+    byte_order: Literal["big", "little"] = "big"  # bytes inside each register
+    word_order: Literal["big", "little"] = "big"  # big: the first register is most significant
+    scale: float = 1.0  # value = raw * scale + offset
+    offset: float = 0.0
+    count: int = 0  # registers; only for "string" (other types imply their width)
+    decimals: int | None = None  # round the scaled value
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.address <= 0xFFFF:
+            raise ValueError(f"address must be 0..65535, got {self.address}")
+        bit = self.function in ("coil", "discrete")
+        if bit and self.type not in ("bool", "uint16"):
+            raise ValueError(f"a {self.function} is a single bit: type must be bool")
+        if not bit and self.type == "bool":
+            raise ValueError(f"type bool needs function coil or discrete, not {self.function}")
+        if self.type == "string" and self.count <= 0:
+            raise ValueError("type string needs count (number of registers)")
+        if self.type != "string" and self.count and self.count != self.width:
+            raise ValueError(f"count {self.count} does not match type {self.type} "
+                             f"({self.width} registers)")
+        if self.scale == 0:
+            raise ValueError("scale must not be 0")
+
+    @property
+    def is_bit(self) -> bool:
+        return self.function in ("coil", "discrete")
+
+    @property
+    def width(self) -> int:
+        """Registers (or bits) the point occupies."""
+        if self.is_bit:
+            return 1
+        if self.type == "string":
+            return self.count
+        return _STRUCT[self.type][1]
+
+
+def _raw_bytes(regs: Sequence[int], p: ModbusPoint) -> bytes:
+    words = list(regs) if p.word_order == "big" else list(reversed(regs))
+    return b"".join(w.to_bytes(2, p.byte_order) for w in words)
+
+
+def decode_value(raw: Sequence[int] | Sequence[bool], p: ModbusPoint) -> float | int | bool | str | None:
+    """The engineering value of a point from its registers (or bit). None for NaN/inf floats.
+
+    Raises DriverError-free ValueError only on a wrong register count (a caller bug).
+    """
+    if len(raw) != p.width:
+        raise ValueError(f"point needs {p.width} registers, got {len(raw)}")
+    if p.is_bit:
+        return bool(raw[0])
+    data = _raw_bytes([int(r) & 0xFFFF for r in raw], p)
+    if p.type == "string":
+        return data.split(b"\0", 1)[0].decode("latin-1").strip()
+    value: float | int = struct.unpack(">" + _STRUCT[p.type][0], data)[0]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if p.scale != 1.0 or p.offset != 0.0:
+        value = tidy(value * p.scale + p.offset)
+    if p.decimals is not None:
+        value = round(value, p.decimals)
+    return value
+
+
+def encode_value(value: object, p: ModbusPoint) -> list[int] | list[bool]:
+    """Registers (or a bit) for an engineering value; ValueError if it does not fit the type."""
+    if p.is_bit:
+        if not isinstance(value, bool | int) or value not in (0, 1):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return [bool(value)]
+    if p.type == "string":
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string, got {value!r}")
+        data = value.encode("latin-1", "replace")
+        if len(data) > 2 * p.count:
+            raise ValueError(f"string longer than {2 * p.count} bytes")
+        data = data.ljust(2 * p.count, b"\0")
+    else:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"expected a number, got {value!r}")
+        raw: float = (value - p.offset) / p.scale
+        code, _ = _STRUCT[p.type]
+        if code in "fd":
+            packed_value: float | int = raw
+        else:
+            packed_value = round(raw)
+            lo, hi = _int_range(code)
+            if not lo <= packed_value <= hi:
+                raise ValueError(f"{value!r} is out of range for {p.type} after scaling "
+                                 f"({packed_value} not in {lo}..{hi})")
+        try:
+            data = struct.pack(">" + code, packed_value)
+        except (struct.error, OverflowError) as exc:
+            raise ValueError(f"{value!r} does not fit {p.type}: {exc}") from exc
+    words = [int.from_bytes(data[i:i + 2], p.byte_order) for i in range(0, len(data), 2)]
+    return words if p.word_order == "big" else list(reversed(words))
+
+
+def _int_range(code: str) -> tuple[int, int]:
+    bits = struct.calcsize(code) * 8
+    return (0, 2**bits - 1) if code.isupper() else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Block:
+    """One read request covering several points."""
+
+    fc: int
+    address: int
+    count: int
+    points: tuple[tuple[str, ModbusPoint], ...]
+
+
+def plan_reads(points: Mapping[str, ModbusPoint], max_gap: int = 0,
+               max_registers: int = 125) -> list[Block]:
+    """Coalesce points into as few read requests as possible.
+
+    Points of one function whose registers are contiguous (or separated by at most `max_gap`
+    unused registers) share a request, up to the protocol limit per request.
+    """
+    blocks: list[Block] = []
+    by_fc: dict[int, list[tuple[str, ModbusPoint]]] = {}
+    for name, p in points.items():
+        by_fc.setdefault(_FC_READ[p.function], []).append((name, p))
+    for fc in sorted(by_fc):
+        limit = _MAX_COUNT[fc] if fc <= 2 else min(max_registers, _MAX_COUNT[fc])
+        items = sorted(by_fc[fc], key=lambda kv: (kv[1].address, kv[1].width))
+        start = end = -1
+        members: list[tuple[str, ModbusPoint]] = []
+        for name, p in items:
+            p_end = p.address + p.width
+            if members and p.address - end <= max_gap and max(end, p_end) - start <= limit:
+                end = max(end, p_end)
+                members.append((name, p))
+                continue
+            if members:
+                blocks.append(Block(fc, start, end - start, tuple(members)))
+            start, end, members = p.address, p_end, [(name, p)]
+        if members:
+            blocks.append(Block(fc, start, end - start, tuple(members)))
+    return blocks
+
+
+# --- the line -----------------------------------------------------------------------------------
+
+
+@dataclass
+class UnitStats:
+    requests: int = 0
+    responses: int = 0
+    exceptions: int = 0
+    crc_errors: int = 0
+    timeouts: int = 0
+
+
+class ModbusLine:
+    """A Modbus RTU line on one serial port, shared by all its units; one request at a time."""
+
+    def __init__(self, port: SerialPort) -> None:
+        self.port = port
+        self.stats: dict[int, UnitStats] = {}
+        self._framer = FramerRTU(DecodePDU(is_server=False))
+        self._decoder = DecodePDU(is_server=False)
+
+    def unit_stats(self, unit: int) -> UnitStats:
+        return self.stats.setdefault(unit, UnitStats())
+
+    def _gap_s(self) -> float:
+        # 3.5 character times between frames; the spec fixes 1.75 ms above 19200 baud
+        s = self.port.settings
+        return 0.00175 if s.baudrate > 19200 else 3.5 * s.char_time_s()
+
+    async def request(self, unit: int, pdu: ModbusPDU, *, device: str, timeout_s: float = 0.5,
+                      retries: int = 1) -> ModbusPDU:
+        """Send `pdu` to `unit` and return its response PDU.
+
+        Timeouts and CRC errors are retried `retries` times. Raises ModbusExceptionError for an
+        exception response, ReadTimeoutError when the unit stays silent, DriverError otherwise.
+        """
+        stats = self.unit_stats(unit)
+        pdu.dev_id = unit
+        frame = self._framer.buildFrame(pdu)
+        async with self.port.lock:
+            for attempt in range(retries + 1):
+                stats.requests += 1
+                await self.port.ensure_open(device)
+                idle = time.monotonic() - self.port.last_rx
+                if idle < self._gap_s():
+                    await asyncio.sleep(self._gap_s() - idle)
+                self.port.discard_input()
+                await self.port.write(frame, device)
+                try:
+                    response = await self._receive(unit, pdu.function_code, timeout_s, device)
+                except ReadTimeoutError:
+                    stats.timeouts += 1
+                    if attempt == retries:
+                        raise
+                    continue
+                except _CrcError as exc:
+                    stats.crc_errors += 1
+                    log.warning("modbus_crc_error", device=device, unit=unit, frame=exc.frame.hex())
+                    if attempt == retries:
+                        raise DriverError(device, f"modbus unit {unit}: CRC error in response "
+                                                  f"{exc.frame.hex()}") from None
+                    await asyncio.sleep(self._gap_s())
+                    continue
+                stats.responses += 1
+                if response.isError():
+                    stats.exceptions += 1
+                    raise ModbusExceptionError(device, pdu.function_code, response.exception_code)
+                return response
+        raise AssertionError("unreachable")
+
+    async def _receive(self, unit: int, fc: int, timeout_s: float, device: str) -> ModbusPDU:
+        """Read one response frame for (unit, fc), skipping leading garbage; check its CRC."""
+        deadline = time.monotonic() + timeout_s
+        port = self.port
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        buf = b""
+        while True:
+            if len(buf) < 2:
+                buf += await port.read_exactly(2 - len(buf), left(), device)
+                continue
+            if buf[0] != unit or buf[1] not in (fc, fc | 0x80):
+                buf = buf[1:]  # garbage before the frame: hunt for our unit and function
+                continue
+            if buf[1] & 0x80:
+                size = 5
+            elif fc <= 4:
+                if len(buf) < 3:
+                    buf += await port.read_exactly(1, left(), device)
+                size = 5 + buf[2]
+            else:
+                size = 8
+            if len(buf) < size:
+                buf += await port.read_exactly(size - len(buf), left(), device)
+            frame = buf[:size]
+            crc = int.from_bytes(frame[-2:], "big")
+            if not FramerRTU.check_CRC(frame[:-2], crc):
+                raise _CrcError(frame)
+            try:
+                pdu = self._decoder.decode(frame[1:-2])
+            except Exception as exc:
+                raise DriverError(device, f"modbus unit {unit}: undecodable response "
+                                          f"{frame.hex()}: {exc}") from exc
+            if pdu is None:
+                raise DriverError(device, f"modbus unit {unit}: undecodable response {frame.hex()}")
+            return pdu
+
+
+class _CrcError(DriverError):
+    """A response frame whose CRC does not match (retried, then reported)."""
+
+    def __init__(self, frame: bytes) -> None:
+        super().__init__("modbus", f"CRC error in {frame.hex()}")
+        self.frame = frame
+
+
+def decode_response(block: Block, response: ModbusPDU) -> dict[str, Any]:
+    """Point values from a block's response; DriverError if the response is short."""
+    if block.fc <= 2:
+        data: Sequence[Any] = list(response.bits)[:block.count]
+    else:
+        data = list(response.registers)
+    if len(data) < block.count:
+        raise ValueError(f"response has {len(data)} values, expected {block.count}")
+    out = {}
+    for name, p in block.points:
+        i = p.address - block.address
+        out[name] = decode_value(data[i:i + p.width], p)
+    return out
+
+
+# --- driver and actuator ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModbusConfig(SerialLinkConfig):
+    unit: int  # slave address, 1..247
+    points: dict[str, ModbusPoint] = field(default_factory=dict)
+    request_timeout: Duration = 0.5
+    retries: int = 1
+    max_gap: int = 0  # unused registers a coalesced request may span
+    max_registers: int = 125
+
+    def __post_init__(self) -> None:
+        SerialLinkConfig.__post_init__(self)
+        if not 1 <= self.unit <= 247:
+            raise ValueError(f"unit must be 1..247, got {self.unit}")
+        if not 1 <= self.max_registers <= 125:
+            raise ValueError("max_registers must be 1..125")
+        if self.retries < 0 or self.max_gap < 0:
+            raise ValueError("retries and max_gap must not be negative")
+        if not self.points:
+            raise ValueError("points: configure at least one register")
+
+
+class _ModbusBase:
+    config: ModbusConfig
+    buses: Buses
+    name: str
+
+    def _line(self) -> ModbusLine:
+        line: ModbusLine = self.buses.modbus(self.config.port, **self.config.serial_settings())
+        return line
+
+    def stats(self) -> dict[str, int]:
+        """Per-unit counters: requests, responses, exceptions, crc_errors, timeouts."""
+        return dict(vars(self._line().unit_stats(self.config.unit)))
+
+    async def _call(self, pdu: ModbusPDU) -> ModbusPDU:
+        c = self.config
+        return await self._line().request(c.unit, pdu, device=self.name, timeout_s=c.request_timeout,
+                                          retries=c.retries)
+
+
+class ModbusDriver(_ModbusBase, Driver):
+    """Reads the register map with coalesced requests. A block answered with an exception gives
+    BAD readings for its points; a silent unit, or one that refuses every block, fails the read."""
+
+    Config = ModbusConfig
+
+    def __init__(self, name: str, config: ModbusConfig, buses: Buses) -> None:
+        Driver.__init__(self, name, config, buses)
+        self.blocks = plan_reads(config.points, config.max_gap, config.max_registers)
+
+    async def read(self) -> list[Reading]:
+        out: list[Reading] = []
+        refused: ModbusExceptionError | None = None
+        for block in self.blocks:
+            pdu = _READ_PDU[block.fc](address=block.address, count=block.count)
+            try:
+                response = await self._call(pdu)
+            except ModbusExceptionError as exc:
+                log.warning("modbus_exception", device=self.name, address=block.address,
+                            count=block.count, code=exc.code)
+                refused = exc
+                ts = now_ms()
+                out += [Reading(self.name, n, None, ts, Quality.BAD) for n, _ in block.points]
+                continue
+            ts = now_ms()
+            try:
+                values = decode_response(block, response)
+            except ValueError as exc:
+                raise DriverError(self.name, f"modbus unit {self.config.unit}: {exc}") from exc
+            for n, v in values.items():
+                out.append(Reading(self.name, n, v, ts) if v is not None
+                           else Reading(self.name, n, None, ts, Quality.BAD))
+        if refused is not None and all(r.quality == Quality.BAD for r in out):
+            raise refused  # nothing readable: the device is failing, not just one register
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModbusWriterConfig(ModbusConfig):
+    verify: bool = True  # read the value back after writing
+
+    def __post_init__(self) -> None:
+        ModbusConfig.__post_init__(self)
+        bad = [n for n, p in self.points.items() if p.function not in ("coil", "holding")]
+        if bad:
+            raise ValueError(f"points {bad} are read-only (function must be coil or holding)")
+
+
+class ModbusWriter(_ModbusBase, Actuator):
+    """Writes coils and holding registers by point name, with the point's type and scaling.
+
+    Actions: `write` with params `point` and `value`; or the point's name with param `value`.
+    """
+
+    Config = ModbusWriterConfig
+
+    def __init__(self, name: str, config: ModbusWriterConfig, buses: Buses) -> None:
+        Actuator.__init__(self, name, config, buses)
+        self.last: dict[str, Any] = {}
+
+    config: ModbusWriterConfig
+
+    async def apply(self, action: str, params: Mapping[str, Any]) -> dict[str, Any]:
+        point_name = params.get("point") if action == "write" else action
+        p = self.config.points.get(point_name) if isinstance(point_name, str) else None
+        if p is None or not isinstance(point_name, str):
+            raise ActionError(self.name, f"unknown point {point_name!r} (known: "
+                                         f"{', '.join(self.config.points)})")
+        if "value" not in params:
+            raise ActionError(self.name, "missing param 'value'")
+        try:
+            raw = encode_value(params["value"], p)
+        except ValueError as exc:
+            raise ActionError(self.name, f"{point_name}: {exc}") from exc
+        pdu: ModbusPDU
+        if p.function == "coil":
+            pdu = WriteSingleCoilRequest(address=p.address, bits=[bool(raw[0])])
+        elif len(raw) == 1:
+            pdu = WriteSingleRegisterRequest(address=p.address, registers=[int(raw[0])])
+        else:
+            pdu = WriteMultipleRegistersRequest(address=p.address, registers=[int(r) for r in raw])
+        await self._call(pdu)
+        result: dict[str, Any] = {"point": point_name, "value": params["value"]}
+        if self.config.verify:
+            block = plan_reads({point_name: p})[0]
+            back = await self._call(_READ_PDU[block.fc](address=block.address, count=block.count))
+            got = decode_response(block, back)[point_name]
+            expected = decode_value(raw, p)
+            if got != expected:
+                raise ActionError(self.name, f"{point_name}: read back {got!r} after writing {expected!r}")
+            result["readback"] = got
+        self.last[point_name] = result.get("readback", params["value"])
+        return result
+
+    def state(self) -> dict[str, Any]:
+        return {"last_written": dict(self.last)}
+
+

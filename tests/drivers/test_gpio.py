@@ -1,0 +1,101 @@
+"""Relay boards: set, pulse, read-back verification and initial state on the emulated latches."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from drivers.base import ActionError
+from drivers.bus import BusManager
+from drivers.gpio import MCP23017, PCF8574, MCP23017Config, PCF8574Config
+from drivers.sim.chips import MCP23017Chip, PCF8574Chip
+from drivers.sim.i2c import SimI2CBus
+
+
+async def test_pcf8574_active_low_set_and_initial_state(buses: BusManager, sim: SimI2CBus) -> None:
+    chip = sim.attach(0x20, PCF8574Chip())
+    cfg = PCF8574Config(bus=f"sim:{sim.name}", outputs=[0, 1, 2, 3], active_low=True, initial_on=[2])
+    relay = PCF8574("relays", cfg, buses)
+    await relay.open()
+    # channel 2 on (low), other outputs off (high), inputs 4-7 kept high to stay readable
+    assert chip.latch == 0b1111_1011  # type: ignore[attr-defined]
+    assert relay.state()["outputs"] == {"0": False, "1": False, "2": True, "3": False}
+    assert await relay.apply("set", {"channel": 0, "on": True}) == {"channel": 0, "on": True}
+    assert chip.latch == 0b1111_1010  # type: ignore[attr-defined]
+    await relay.apply("set", {"channel": 2, "on": False})
+    assert chip.latch == 0b1111_1110  # type: ignore[attr-defined]
+
+
+async def test_pcf8574_pulse_restores_the_output(buses: BusManager, sim: SimI2CBus) -> None:
+    chip = sim.attach(0x21, PCF8574Chip())
+    relay = PCF8574("r", PCF8574Config(bus=f"sim:{sim.name}", address=0x21), buses)
+    await relay.open()
+    result = await relay.apply("pulse", {"channel": 5, "ms": 20})
+    assert result == {"channel": 5, "pulsed_ms": 20, "on": False}
+    assert chip.writes[-2:] == [0b0010_0000, 0]  # type: ignore[attr-defined]
+
+
+async def test_pulse_cancelled_still_switches_off(buses: BusManager, sim: SimI2CBus) -> None:
+    chip = sim.attach(0x20, MCP23017Chip())
+    relay = MCP23017("r", MCP23017Config(bus=f"sim:{sim.name}"), buses)
+    await relay.open()
+    task = asyncio.create_task(relay.apply("pulse", {"channel": 9, "ms": 60_000}), name="pulse")
+    while not chip.olat:  # type: ignore[attr-defined]
+        await asyncio.sleep(0.001)
+    assert chip.olat == 1 << 9  # type: ignore[attr-defined]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert chip.olat == 0  # type: ignore[attr-defined]
+
+
+async def test_mcp23017_directions_set_and_readback(buses: BusManager, sim: SimI2CBus) -> None:
+    chip = sim.attach(0x20, MCP23017Chip())
+    relay = MCP23017("io", MCP23017Config(bus=f"sim:{sim.name}", outputs=[0, 8, 15], initial_on=[15]), buses)
+    await relay.open()
+    iodir = chip.regs[0] | chip.regs[1] << 8  # type: ignore[attr-defined]
+    assert iodir == 0xFFFF & ~(1 << 0 | 1 << 8 | 1 << 15)
+    assert chip.olat == 1 << 15  # type: ignore[attr-defined]
+    await relay.apply("set", {"channel": 8, "on": True})
+    assert chip.olat == (1 << 15 | 1 << 8)  # type: ignore[attr-defined]
+    assert (await relay.apply("get", {}))["outputs"] == {"0": False, "8": True, "15": True}
+
+
+async def test_stuck_output_fails_verification(buses: BusManager, sim: SimI2CBus) -> None:
+    chip = sim.attach(0x20, MCP23017Chip())
+    relay = MCP23017("io", MCP23017Config(bus=f"sim:{sim.name}"), buses)
+    await relay.open()
+    chip.stuck = 1 << 3  # type: ignore[attr-defined]
+    with pytest.raises(ActionError, match=r"read-back mismatch on channel\(s\) \[3\]"):
+        await relay.apply("set", {"channel": 3, "on": True})
+
+
+async def test_keep_state_leaves_outputs_alone(buses: BusManager, sim: SimI2CBus) -> None:
+    chip = sim.attach(0x20, MCP23017Chip())
+    chip.regs[0x14] = 0b0000_0110  # type: ignore[attr-defined]  # OLATA from before a restart
+    relay = MCP23017("io", MCP23017Config(bus=f"sim:{sim.name}", keep_state=True, outputs=[1, 2, 3]), buses)
+    await relay.open()
+    assert chip.olat == 0b0110  # type: ignore[attr-defined]
+    assert relay.state()["outputs"] == {"1": True, "2": True, "3": False}
+
+
+@pytest.mark.parametrize("action,params,match", [
+    ("set", {"channel": 9, "on": True}, "channel must be one of"),
+    ("set", {"channel": 1, "on": "yes"}, "'on' must be true or false"),
+    ("set", {"channel": True, "on": True}, "channel must be one of"),
+    ("pulse", {"channel": 1, "ms": 0}, "'ms' must be"),
+    ("explode", {}, "unknown action"),
+])
+async def test_bad_params_are_refused(buses: BusManager, sim: SimI2CBus, action: str,
+                                      params: dict[str, object], match: str) -> None:
+    sim.attach(0x20, PCF8574Chip())
+    relay = PCF8574("r", PCF8574Config(bus=f"sim:{sim.name}"), buses)
+    await relay.open()
+    with pytest.raises(ActionError, match=match):
+        await relay.apply(action, params)
+
+
+def test_unknown_channel_in_config_is_rejected() -> None:
+    with pytest.raises(ValueError, match=r"channels \[8\] do not exist"):
+        PCF8574("r", PCF8574Config(outputs=[8]), BusManager())

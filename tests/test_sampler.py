@@ -1,0 +1,102 @@
+"""Samplers: one broken or hung device never delays another, and a failing one recovers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from structlog.testing import capture_logs
+
+from drivers.base import Driver, DriverError, Reading, now_ms
+from drivers.wave import WaveConfig, WaveDriver, WavePoint
+from gatewayd.queue import Queue, QueueConfig
+from gatewayd.sampler import Sampler
+
+
+class Flaky(Driver):
+    """Fails while `broken` is set; hangs while `hang` is set."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name, None, None)  # type: ignore[arg-type]
+        self.broken = False
+        self.hang = False
+
+    async def read(self) -> list[Reading]:
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.broken:
+            raise DriverError(self.name, "NACK at 0x76")
+        return [Reading(self.name, "x", 1.0, now_ms())]
+
+
+async def until(pred, limit_s: float = 10.0) -> None:
+    async with asyncio.timeout(limit_s):
+        while not pred():
+            await asyncio.sleep(0.005)  # polling a condition, bounded by the timeout
+
+
+async def test_broken_and_hung_devices_do_not_slow_a_good_one(tmp_path: Path) -> None:
+    q = Queue(tmp_path / "q.db", QueueConfig(commit_window=0.01), ["a"])
+    await q.open()
+    good = Sampler(WaveDriver("good", WaveConfig(), None), 0.01, 1.0, 0.0, 5.0, q)  # type: ignore[arg-type]
+    hung_driver, broken_driver = Flaky("hung"), Flaky("broken")
+    hung_driver.hang = True
+    broken_driver.broken = True
+    hung = Sampler(hung_driver, 0.01, 0.05, 0.0, 5.0, q)
+    broken = Sampler(broken_driver, 0.01, 1.0, 0.0, 5.0, q)
+    tasks = [asyncio.create_task(s.run(), name=s.driver.name) for s in (good, hung, broken)]
+    qtask = asyncio.create_task(q.run())
+    try:
+        t0 = time.monotonic()
+        await until(lambda: good.status.reads >= 50)
+        elapsed = time.monotonic() - t0
+        # 50 reads at 10 ms nominal take 0.5 s; a shared-loop stall would take far longer.
+        assert elapsed < 2.5, f"good device slowed down: 50 reads took {elapsed:.2f}s"
+        assert hung.status.state == "failing" and "timed out after 0.05s" in hung.status.last_error
+        assert broken.status.state == "failing" and "NACK at 0x76" in broken.status.last_error
+        assert good.status.state == "ok" and good.status.failures == 0
+        with capture_logs() as logs:
+            broken_driver.broken = False
+            hung_driver.hang = False
+            await until(lambda: broken.status.state == "ok" and hung.status.state == "ok")
+        assert {e["device"] for e in logs if e["event"] == "device_recovered"} == {"broken", "hung"}
+    finally:
+        for t in [*tasks, qtask]:
+            t.cancel()
+        await asyncio.gather(*tasks, qtask, return_exceptions=True)
+        await q.close()
+
+
+async def test_backoff_grows_and_resets() -> None:
+    from gatewayd.backoff import Backoff, Throttle
+
+    b = Backoff(base_s=1, cap_s=8)
+    ceilings = []
+    for _ in range(6):
+        ceilings.append(min(8, 1 * 2 ** b.attempt))
+        assert b.next_delay() <= ceilings[-1]
+    assert ceilings == [1, 2, 4, 8, 8, 8]
+    assert 7.2 <= b.cap_delay() <= 8
+    b.reset()
+    assert b.attempt == 0
+    clock = [0.0]
+    t = Throttle(4, 120, clock=lambda: clock[0])
+    for _ in range(4):
+        assert t.wait_s() == 0
+        t.record()
+    assert t.wait_s() == 120
+    clock[0] = 121
+    assert t.wait_s() == 0
+
+
+def test_wave_shapes_are_deterministic() -> None:
+    cfg = WaveConfig(points={"s": WavePoint("sine", 0, 10, 4.0), "r": WavePoint("ramp", 0, 10, 10.0),
+                             "w": WavePoint("walk", 0, 10, step=1, seed=5)})
+    d1, d2 = WaveDriver("a", cfg, None), WaveDriver("b", cfg, None)  # type: ignore[arg-type]
+    assert d1.value_at("s", 1.0) == 10.0 and d1.value_at("s", 3.0) == 0.0
+    assert d1.value_at("r", 2.5) == 2.5
+    walk1 = [d1.value_at("w", 0) for _ in range(20)]
+    walk2 = [d2.value_at("w", 0) for _ in range(20)]
+    assert walk1 == walk2 and len(set(walk1)) > 10
+    assert all(0 <= v <= 10 for v in walk1)
