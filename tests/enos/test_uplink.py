@@ -167,3 +167,16 @@ async def test_unmapped_devices_are_quarantined(rig: Rig, sim: EnosSimulator) ->
     await rig.acked(2)
     assert [p.value for p in sim.points()] == [2.0]
     assert rig.outbox is not None and rig.outbox.quarantined[0][1] == "unmapped"
+
+
+async def test_device_faults_are_posted_as_events(rig: Rig, sim: EnosSimulator) -> None:
+    rig.start_uplink(post_device_faults=True)
+    await rig.wait_state("connected")
+    await rig.queue.put([Reading("meter1", "temp", None, 1_700_000_000_000, 2)])  # BAD
+    await rig.acked(1)
+    await rig.queue.put([Reading("meter1", "temp", 20.0, 1_700_000_000_100)])
+    await rig.acked(2)
+    assert [(key, ev, body["faulty"]) for key, ev, body, _ in sim.hub.events] == [
+        (SUBS["meter1"], "deviceFault", True), (SUBS["meter1"], "deviceFault", False)]
+    assert rig.outbox is not None and rig.outbox.quarantined[0][1] == "no_value"
+    assert [p.value for p in sim.points()] == [20.0]
