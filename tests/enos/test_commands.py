@@ -88,3 +88,30 @@ async def test_command_queued_while_offline_is_delivered_after_login(
     rig.start_uplink()
     reply = await sim.wait_reply(rec)
     assert reply["code"] == 200 and rig.relay.actions == [("switch", {"on": True})]
+
+
+async def test_hostile_pushes_never_take_the_uplink_down(rig: Rig, sim: EnosSimulator) -> None:
+    uplink = rig.start_uplink()
+    await rig.wait_state("connected")
+    session = f"/ext/session/{GW[0]}/{GW[1]}"
+    nasty = [
+        (SUBS["relay"], "thing/service/switch", b'{"id":5,"params":null}'),
+        (SUBS["relay"], "thing/service/switch", b"[]"),
+        (SUBS["relay"], "thing/service/switch", b"\xff\xfe"),
+        (SUBS["meter1"], "thing/service/measurepoint/get", b'{"id":"g","params":{"a":1}}'),
+        (SUBS["meter1"], "thing/service/a/b/c", b'{"id":"deep","params":{}}'),
+        (SUBS["meter1"], "thing/model/down_raw", b"\x00\x01"),
+    ]
+    for key, suffix, payload in nasty:
+        sim.send_raw(key, suffix, payload)
+    for path, payload in (("combine/disable", b'{"id":"c1","params":"x"}'),
+                          ("combine/disable", b'{"id":"c2","params":[1,{"productKey":7}]}'),
+                          ("thing/activate/info", b'{"id":"a1","params":{}}')):
+        sim.hub.send_command(GW, f"{session}/{path}", "", None, payload=payload)
+    # Every push but the activation info gets an answer (ids the hub never issued, so the
+    # hub counts them as unmatched); nothing is executed, and the uplink stays up.
+    await sim.wait_until(lambda: sim.hub.counts["unmatched_device_replies"] == 8)
+    ok = await sim.wait_reply(sim.invoke_service(SUBS["relay"], "switch", {"on": True}))
+    assert ok["code"] == 200 and str(uplink.state) == "connected"
+    assert rig.relay.actions == [("switch", {"on": True})]
+    assert uplink.status()["sub_devices"]["meter1"]["state"] == "logged_in"

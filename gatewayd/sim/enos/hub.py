@@ -512,7 +512,8 @@ class Hub:
             name = s.get("deviceName")
             dev = self.registry.add_device(Device(
                 key[0], dk, secrets.token_urlsafe(12), "sub",
-                name=name.get("defaultValue", dk) if isinstance(name, dict) else str(name or dk),
+                name=str(name.get("defaultValue", dk)) if isinstance(name, dict)
+                else str(name or dk),
                 attributes=dict(s.get("deviceAttributes") or {})))
             gw.sub_devices.add(key)
             out.append({"assetId": dev.asset_id, "productKey": key[0], "deviceKey": dk,
@@ -632,8 +633,10 @@ class Hub:
     def _login_batch(self, conn: mqtt.Connection, topic: P.Topic, env: dict[str, Any]) -> Any:
         gw = self._gateway(conn, topic)
         p = env.get("params")
-        empty = {"loginedSubDevices": [], "failedSubDevices": []}
-        subs = p.get("subDevices") if isinstance(p, dict) else None
+        empty: dict[str, list[Any]] = {"loginedSubDevices": [], "failedSubDevices": []}
+        if not isinstance(p, dict):
+            raise _Refusal(P.PAYLOAD_FORMAT_ERROR, "Payload format error", empty)
+        subs = p.get("subDevices")
         if not isinstance(subs, list) or not subs or not all(
                 isinstance(s, dict) and isinstance(s.get("productKey"), str)
                 and isinstance(s.get("deviceKey"), str) for s in subs):

@@ -45,8 +45,11 @@ class Session:
                     str(msg.payload or "").encode()
                 if topic.endswith(P.REPLY_SUFFIX):
                     self._on_reply(topic, payload)
-                else:
+                    continue
+                try:
                     self._on_command(topic, payload)
+                except Exception:  # a cloud message must never take the connection down
+                    log.exception("enos_command_handler_failed", topic=topic)
         except aiomqtt.MqttError as exc:
             raise UplinkUnavailableError(f"connection lost: {exc}") from exc
         finally:

@@ -13,7 +13,6 @@ import contextlib
 import os
 import socket
 import ssl
-import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -316,9 +315,10 @@ class EnosUplink(Uplink):
             env = await session.request(P.session_topic(pk, dk, "combine/login/batch"),
                                         "combine.login.batch", params, version="1.1")
             code = P.reply_code(env) or 0
-            data = env.get("data") if isinstance(env.get("data"), dict) else {}
+            data = env.get("data")
+            listed = data.get("loginedSubDevices") if isinstance(data, dict) else None
             logged = {(d.get("productKey"), d.get("deviceKey"))
-                      for d in data.get("loginedSubDevices") or [] if isinstance(d, dict)}
+                      for d in (listed if isinstance(listed, list) else []) if isinstance(d, dict)}
             for s in chunk:
                 if s.key in logged:
                     s.state, s.code, s.error = "logged_in", 0, ""
@@ -564,8 +564,9 @@ class EnosUplink(Uplink):
                          f"unsupported session command {topic.path}")
             return
         for p in params:
-            sub = self._by_key.get((p.get("productKey"), p.get("deviceKey"))) \
-                if isinstance(p, dict) else None
+            if not isinstance(p, dict):
+                continue
+            sub = self._by_key.get((str(p.get("productKey")), str(p.get("deviceKey"))))
             if sub is None:
                 continue
             if action == "enable":
@@ -635,7 +636,6 @@ class EnosUplink(Uplink):
             "points_resume": self.points_resume,
             "quarantined": self.quarantined,
             "activated_secret": self.secret_path.exists(),
-            "time": time.time(),
         })
         return out
 
