@@ -68,10 +68,14 @@ class Message:
     resume: bool
     entries: list[Entry]
     allow_offline: bool = False
+    size: int = 0  # upper bound of the payload in bytes, kept by `add`
 
-    @property
-    def size(self) -> int:
-        return _ENVELOPE_BYTES + sum(len(e.encoded) + 1 for e in self.entries)
+    def __post_init__(self) -> None:
+        self.size = _ENVELOPE_BYTES + sum(len(e.encoded) + 1 for e in self.entries)
+
+    def add(self, entry: Entry) -> None:
+        self.entries.append(entry)
+        self.size += len(entry.encoded) + 1
 
     @property
     def items(self) -> list[Item]:
@@ -141,7 +145,7 @@ def pack(entries: Sequence[tuple[bool, Entry]], max_bytes: int,
                 msg = None
             if msg is None:
                 msg = current[backlog] = Message(backlog, [])
-            msg.entries.append(e)
+            msg.add(e)
     out.extend(m for m in current.values() if m.entries)
     return out
 
