@@ -169,6 +169,11 @@ class EnosUplink(Uplink):
             raise UplinkUnavailableError(f"connect failed: {exc}") from exc
         except aiomqtt.MqttError as exc:
             raise UplinkUnavailableError(f"connect failed: {exc}") from exc
+        except TimeoutError:
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):  # drop the half-open client
+                async with asyncio.timeout(2):
+                    await client.__aexit__(None, None, None)
+            raise UplinkUnavailableError(f"no CONNACK within {cfg.connect_timeout:g} s") from None
         session = self._session = Session(client, cfg.request_timeout, self._on_command)
         self.log.info("enos_connected", host=cfg.host, port=cfg.port, secure_mode=mode,
                       tls=cfg.tls)
@@ -178,6 +183,8 @@ class EnosUplink(Uplink):
             raise _first(eg) from None
         except* (UplinkError, OSError, TimeoutError) as eg:
             first = _first(eg)
+            if isinstance(first, UplinkError):
+                raise first from None
             raise UplinkUnavailableError(f"{type(first).__name__}: {first}") from first
         finally:
             self._session = None
