@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from drivers.base import Reading
 from gatewayd.sim.enos import EnosSimulator
 from tests.enos.conftest import GW, SUBS, Rig
@@ -160,13 +162,22 @@ async def test_model_mismatch_is_quarantined_without_wedging(rig: Rig, sim: Enos
     assert uplink.status()["quarantined"] == 1
 
 
-async def test_unmapped_devices_are_quarantined(rig: Rig, sim: EnosSimulator) -> None:
-    rig.start_uplink()
+@pytest.mark.parametrize("policy", ["skip", "quarantine", "gateway"])
+async def test_unmapped_devices_follow_the_policy(rig: Rig, sim: EnosSimulator,
+                                                  policy: str) -> None:
+    uplink = rig.start_uplink(unmapped=policy)
     await rig.wait_state("connected")
-    await rig.queue.put([Reading("attic", "temp", 1.0, 1), Reading("meter1", "temp", 2.0, 2)])
+    await rig.queue.put([Reading("attic-env", "temp", 1.0, 1), Reading("meter1", "temp", 2.0, 2)])
     await rig.acked(2)
-    assert [p.value for p in sim.points()] == [2.0]
-    assert rig.outbox is not None and rig.outbox.quarantined[0][1] == "unmapped"
+    got = {(p.device_key, p.point, p.value) for p in sim.points()}
+    assert rig.outbox is not None
+    if policy == "gateway":
+        assert got == {("meter-001", "temp", 2.0), ("gw-001", "attic_env_temp", 1.0)}
+    else:
+        assert got == {("meter-001", "temp", 2.0)}
+    assert [r for _, r, _ in rig.outbox.quarantined] == (["unmapped"] if policy == "quarantine"
+                                                         else [])
+    assert uplink.status()["skipped_unmapped"] == (1 if policy == "skip" else 0)
 
 
 async def test_device_faults_are_posted_as_events(rig: Rig, sim: EnosSimulator) -> None:

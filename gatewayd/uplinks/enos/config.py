@@ -68,6 +68,9 @@ class EnosConfig:
     backoff_cap: Duration = 300.0  # the hub blocks a device for 5 min after 4 tries in 2 min
     login_retry: Duration = 30.0  # first retry of a failed sub-device login (then doubles)
     devices: dict[str, DeviceMapping] = field(default_factory=dict)  # local device -> EnOS
+    # Readings of devices not under `devices`: "skip" (not for EnOS; counted in /status),
+    # "quarantine" (counted as dropped), or "gateway" (the gateway's own point device_point).
+    unmapped: Literal["skip", "quarantine", "gateway"] = "skip"
 
     def __post_init__(self) -> None:
         if self.device_secret is None and self.product_secret is None:

@@ -85,6 +85,8 @@ class EnosUplink(Uplink):
         self.points_post = 0
         self.points_resume = 0
         self.quarantined = 0
+        self.skipped = 0  # readings of devices not mapped to EnOS (unmapped = "skip")
+        self._skipped_devices: set[str] = set()
 
     # -- credentials -----------------------------------------------------------------------
 
@@ -369,7 +371,19 @@ class EnosUplink(Uplink):
         if target is None:
             mapping = self.config.devices.get(r.device)
             if mapping is None:
-                self._reject(item, "unmapped", f"device {r.device!r} is not in the EnOS map")
+                policy = self.config.unmapped
+                if policy == "gateway":  # the gateway's own point "<device>_<point>"
+                    target = Target(None, None, _point_id(f"{r.device}_{r.point}"), False)
+                    self._targets[cache_key] = target
+                    return target
+                if policy == "quarantine":
+                    self._reject(item, "unmapped", f"device {r.device!r} is not in the EnOS map")
+                    return None
+                self.skipped += 1
+                if r.device not in self._skipped_devices:
+                    self._skipped_devices.add(r.device)
+                    self.log.info("enos_device_not_mapped", device=r.device,
+                                  hint="add it under devices, or set unmapped")
                 return None
             point = mapping.points.get(r.point, r.point)
             target = Target(None if mapping.gateway else mapping.product_key,
@@ -642,6 +656,7 @@ class EnosUplink(Uplink):
             "points_post": self.points_post,
             "points_resume": self.points_resume,
             "quarantined": self.quarantined,
+            "skipped_unmapped": self.skipped,
             "activated_secret": self.secret_path.exists(),
         })
         return out
@@ -653,3 +668,8 @@ def _first(eg: BaseExceptionGroup[Any]) -> BaseException:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return exc
+
+
+def _point_id(text: str) -> str:
+    """A measure point id from free text: letters, digits and underscores only."""
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in text)
