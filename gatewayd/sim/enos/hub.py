@@ -528,13 +528,16 @@ class Hub:
         return params
 
     def _check_sub_sign(self, gw: Device, sub: Key, client_id: Any, timestamp: Any,
-                        method: Any, given: Any, secure_mode: str = "2",
-                        ) -> tuple[int, str, Device | None]:
-        """(code, message, device) for one sub-device login or topo-add credential."""
+                        method: Any, given: Any, secure_mode: str = "2", *,
+                        login: bool = True) -> tuple[int, str, Device | None]:
+        """(code, message, device) for one sub-device login (`login`) or topo-add credential.
+
+        A login needs the sub-device in this gateway's topology; a topo.add needs it allowed.
+        """
         dev = self.registry.devices.get(sub)
         if dev is None:
             return P.NO_SUCH_DEVICE, "Device not exist", None
-        if sub not in gw.sub_devices and sub not in gw.topology:
+        if sub not in gw.topology and (login or sub not in gw.sub_devices):
             return P.NOT_THIS_GATEWAY, "not a sub-device of this gateway", dev
         if not dev.enabled:
             return P.DEVICE_DISABLED, "Device is disable", dev
@@ -559,7 +562,7 @@ class Hub:
             sub = (e["productKey"], e["deviceKey"])
             code, msg, dev = self._check_sub_sign(
                 gw, sub, e.get("clientId"), e.get("timestamp"),
-                e.get("signMethod") or e.get("signmethod"), e.get("sign"))
+                e.get("signMethod") or e.get("signmethod"), e.get("sign"), login=False)
             if code != P.OK:
                 raise _Refusal(P.TOPO_ADD_FAILED, f"{sub[0]}&{sub[1]}: {msg}")
             other = self.registry.gateway_of(sub)
@@ -595,7 +598,6 @@ class Hub:
 
     def _do_login(self, conn: mqtt.Connection, sub: Key) -> dict[str, Any]:
         st: ConnState = conn.state
-        gw = self.registry.devices[st.key]
         if sub not in st.logged_in and sum(1 for c in self.sub_owner.values() if c is conn) \
                 >= MAX_ONLINE_SUBS:
             raise _Refusal(SUB_LIMIT_CODE, f"more than {MAX_ONLINE_SUBS} online sub-devices")
@@ -603,7 +605,6 @@ class Hub:
         if old is not None and old is not conn:  # kick-off: the newest login wins
             old.state.logged_in.discard(sub)
             log.info("sim_sub_device_kicked", sub=sub, old_conn=old.conn_id)
-        gw.topology.add(sub)  # OPEN: a login by an allowed sub-device puts it in the topology
         self.sub_owner[sub] = conn
         st.logged_in.add(sub)
         self._flush_pending(sub, conn)
