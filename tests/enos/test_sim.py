@@ -196,3 +196,48 @@ async def test_control_api_queues_commands_and_shows_points(strict_sim: EnosSimu
                                           "how": "post"}]
         async with http.post(f"{base}/commands", json={"nonsense": 1}) as resp:
             assert resp.status == 400
+
+
+async def test_register_single_login_logout_attributes_and_tags(strict_sim: EnosSimulator) -> None:
+    sys_t = f"/sys/{GW[0]}/{GW[1]}"
+    session = f"/ext/session/{GW[0]}/{GW[1]}"
+    async with connect(strict_sim) as c:
+        reg = await request(c, f"{sys_t}/thing/device/register", {"id": "1", "params": [
+            {"productKey": "SUBPK01", "deviceKey": "meter-new",
+             "deviceName": {"defaultValue": "New meter"}, "timezone": "+01:00"}]})
+        assert reg is not None and reg["code"] == 200
+        secret = reg["data"][0]["deviceSecret"]
+        again = await request(c, f"{sys_t}/thing/device/register", {"id": "2", "params": [
+            {"productKey": "SUBPK01", "deviceKey": "meter-new"}]})
+        assert again is not None and again["code"] == 702
+        sub, ts = ("SUBPK01", "meter-new"), "1700000002000"
+        cred = {"productKey": sub[0], "deviceKey": sub[1], "clientId": f"{sub[0]}.{sub[1]}.{ts}",
+                "timestamp": ts, "signMethod": "sha256", "secureMode": "2"}
+        cred["sign"] = device_sign(*sub, secret, cred["clientId"], ts)
+        early = await request(c, f"{session}/combine/login", {"id": "3", "params": cred})
+        assert early is not None and early["code"] == 740  # not in the topology yet
+        added = await request(c, f"{sys_t}/thing/topo/add", {"id": "4", "params": [cred]})
+        assert added is not None and added["code"] == 200
+        login = await request(c, f"{session}/combine/login", {"id": "5", "params": cred})
+        assert login is not None and login["code"] == 200
+        assert {k: login["data"][k] for k in ("productKey", "deviceKey")} == {
+            "productKey": "SUBPK01", "deviceKey": "meter-new"}
+        sub_t = f"/sys/{sub[0]}/{sub[1]}"
+        upd = await request(c, f"{sub_t}/thing/attribute/update",
+                            {"id": "6", "params": {"attributes": {"rated": 5000, "site": "roof"}}})
+        assert upd is not None and upd["code"] == 200
+        q = await request(c, f"{sub_t}/thing/attribute/query",
+                          {"id": "7", "params": {"attributes": ["rated"]}})
+        assert q is not None and q["data"] == {"rated": 5000}
+        bad = await request(c, f"{sub_t}/thing/attribute/update", {"id": "8", "params": {}})
+        assert bad is not None and bad["code"] == 1207
+        tags = await request(c, f"{sub_t}/thing/tag/update",
+                             {"id": "9", "params": [{"tagKey": "floor", "tagValue": "2"}]})
+        assert tags is not None and tags["code"] == 200
+        tq = await request(c, f"{sub_t}/thing/tag/query", {"id": "10", "params": {"tags": []}})
+        assert tq is not None and tq["data"] == {"floor": "2"}
+        out = await request(c, f"{session}/combine/logout",
+                            {"id": "11", "params": {"productKey": sub[0], "deviceKey": sub[1]}})
+        assert out is not None and out["data"] == {"productKey": sub[0], "deviceKey": sub[1]}
+        after = await request(c, f"{sub_t}/thing/tag/query", {"id": "12", "params": {"tags": []}})
+        assert after is not None and after["code"] == 1009  # logged out: no permission

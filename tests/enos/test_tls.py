@@ -51,3 +51,18 @@ async def test_tls_refused_without_a_client_certificate(tls_rig: Rig, pki: Pki) 
     await tls_rig.wait_state("backing_off")
     assert uplink.last_error
     assert sim.hub.connects == []
+
+
+async def test_client_certificate_must_name_the_device(tls_rig: Rig, pki: Pki) -> None:
+    from gatewayd.schema import Secret
+    sim = tls_rig.sim
+    assert sim.tls_port is not None
+    # The certificate's CN is gw-001; logging in as another device with it is refused.
+    cfg = make_config(sim, port=sim.tls_port, tls=True, ca_file=str(pki.ca),
+                      cert_file=str(pki.client_cert), key_file=str(pki.client_key),
+                      product_key="DYNPK", device_key="dyn-gw", device_secret=None,
+                      product_secret=Secret("dynProductSecret"), subs=())
+    uplink = tls_rig.start_uplink(cfg)
+    await tls_rig.wait_state("auth_failed")
+    assert [(c.device_key, c.code) for c in sim.hub.connects] == [("dyn-gw", 5)]
+    assert "refused the login" in uplink.last_error

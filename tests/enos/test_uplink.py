@@ -136,6 +136,8 @@ async def test_simulator_restart_mid_stream_loses_nothing(rig: Rig, sim: EnosSim
     assert [c.code for c in sim.hub.connects] == [0, 0, 0]
     assert sim.logged_in(GW) == set(SUBS.values())  # logged in again after the restart
     assert all(r.delivered for r in sim.hub.requests)
+    ids = [(r.conn_id, r.msg_id) for r in sim.hub.requests]
+    assert len(ids) == len(set(ids))  # request ids are never reused on a connection
 
 
 async def test_lost_replies_are_resent(rig: Rig, sim: EnosSimulator) -> None:

@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import ssl
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,14 +171,15 @@ class MqttServer:
     """
 
     def __init__(self, authenticate: Authenticate, on_publish: OnPublish,
-                 on_connected: OnEvent, on_closed: OnEvent) -> None:
+                 on_connected: OnEvent, on_closed: OnEvent,
+                 conn_ids: Iterator[int] | None = None) -> None:
         self._authenticate = authenticate
         self._on_publish = on_publish
         self._on_connected = on_connected
         self._on_closed = on_closed
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._ids = itertools.count(1)
+        self._ids = conn_ids or itertools.count(1)  # shared across restarts by the owner
         self.connections: set[Connection] = set()
 
     async def listen(self, host: str, port: int, ssl_ctx: ssl.SSLContext | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ class EnosSimulator:
         self.tls_port = tls_port if tls else None
         self.http_port = http_port
         self._server: MqttServer | None = None
+        self._conn_ids = itertools.count(1)  # connection ids stay unique across restarts
         self._http: web.AppRunner | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -74,7 +76,7 @@ class EnosSimulator:
     async def _listen(self) -> None:
         hub = self.hub
         self._server = MqttServer(hub.authenticate, hub.on_publish, hub.on_connected,
-                                  hub.on_closed)
+                                  hub.on_closed, self._conn_ids)
         self.port = await self._server.listen(self.host, self.port)
         if self.tls is not None:
             self.tls_port = await self._server.listen(self.host, self.tls_port or 0,
