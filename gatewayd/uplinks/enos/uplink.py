@@ -339,7 +339,8 @@ class EnosUplink(Uplink):
 
     async def _login_retry_loop(self, session: Session) -> None:
         """Retry failed sub-devices with backoff, and log in re-enabled ones at once."""
-        backoff = Backoff(self.config.login_retry, max(600.0, self.config.login_retry))
+        retry_s = self.config.login_retry
+        backoff = Backoff(retry_s, max(600.0, retry_s), floor_s=retry_s / 2)  # never a tight loop
         while True:
             retry = [s for s in self.subs.values() if s.state in ("failed", "configured")]
             delay = backoff.next_delay() if retry else None
