@@ -32,6 +32,10 @@ HEALTH = "http://127.0.0.1:9847"
 OPSHUB_PORT = 8790
 OPSHUB_USER, OPSHUB_PASSWORD = "BENCH", "bench-pw"
 OPSHUB_GATEWAY = "01-23-45-67-89-ab"
+ENOS_PORT, ENOS_HTTP = 11883, 18080
+ENOS_GW = ("BENCHGW", "bench-gw")
+ENOS_SECRETS = {"ENOS_GW_SECRET": "bench-gw-secret", "ENOS_METER1_SECRET": "bench-meter1-secret",
+                "ENOS_METER2_SECRET": "bench-meter2-secret"}
 MMS_PORT = 8443
 MMS_DEVICE, MMS_TOKEN = "bench-gw", "bench-token-0123456789abcdef"
 
@@ -84,6 +88,36 @@ async def start_opshub() -> Part:
                 f" (GET {sim.url}/sim/data)")
 
     return Part("opshub", {"OPSHUB_PASSWORD": OPSHUB_PASSWORD}, demo, summary, sim.stop)
+
+
+async def start_enos() -> Part:
+    from gatewayd.sim.enos import Device, EnosSimulator, Product, Registry
+
+    reg = Registry()
+    reg.add_product(Product("BENCHGW", "bench-gw-product-secret"))
+    reg.add_product(Product("BENCHMETER", "bench-meter-product-secret"))
+    meters = {("BENCHMETER", "meter-1"): ENOS_SECRETS["ENOS_METER1_SECRET"],
+              ("BENCHMETER", "meter-2"): ENOS_SECRETS["ENOS_METER2_SECRET"]}
+    reg.add_device(Device(*ENOS_GW, ENOS_SECRETS["ENOS_GW_SECRET"], "gateway", sub_devices=set(meters)))
+    for key, secret in meters.items():
+        reg.add_device(Device(*key, secret, "sub"))
+    sim = EnosSimulator(reg, port=ENOS_PORT, http_port=ENOS_HTTP)
+    await sim.start()
+
+    async def demo() -> str:
+        await sim.wait_until(lambda: sim.online(ENOS_GW), timeout_s=20)
+        reply = await sim.wait_reply(
+            sim.invoke_service(ENOS_GW, "set_relay", {"channel": 2, "on": True}), timeout_s=20)
+        return f"service thing.service.set_relay(channel=2, on=true) -> {reply}"
+
+    def summary() -> str:
+        c = sim.hub.counts
+        shown = ", ".join(f"{p.device_key}.{p.point}={p.value}" for p in sim.points()[-3:])
+        return (f"enos: {c['points_post']} points via post, {c['points_resume']} via resume; "
+                f"sub-devices logged in: {sorted(dk for _, dk in sim.logged_in(ENOS_GW))}; last: {shown}"
+                f" (GET http://127.0.0.1:{ENOS_HTTP}/points?limit=5)")
+
+    return Part("enos", dict(ENOS_SECRETS), demo, summary, sim.stop)
 
 
 async def start_mms() -> Part:
@@ -152,7 +186,7 @@ async def summary_loop(session: aiohttp.ClientSession, parts: list[Part]) -> Non
 
 
 async def main() -> int:
-    parts = [start_hardware(), await start_opshub(), await start_mms()]
+    parts = [start_hardware(), await start_enos(), await start_opshub(), await start_mms()]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for p in parts:
         env.update(p.env)
@@ -170,6 +204,7 @@ async def main() -> int:
     curl -s {HEALTH}/status | python3 -m json.tool     # devices, uplinks, backlog
     tail -f {STATE / 'archive.jsonl'}          # delivered readings (jsonl uplink)
     curl -s {HEALTH}/metrics | grep gatewayd_           # Prometheus metrics
+    curl -s 'http://127.0.0.1:{ENOS_HTTP}/points?limit=5'       # what the EnOS hub accepted
     curl -s 'http://127.0.0.1:{OPSHUB_PORT}/sim/data?limit=5'   # what Operations Hub stored
     curl -s http://127.0.0.1:{MMS_PORT}/sim/rows/m0t0y0p0e1          # what HCP IoT MMS stored
 """, flush=True)
