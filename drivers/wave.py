@@ -7,7 +7,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Literal
 
-from drivers.base import Buses, Driver, Duration, Reading, now_ms
+from drivers.base import Buses, Driver, DriverError, Duration, Reading, now_ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +60,6 @@ class WaveDriver(Driver):
         return nxt
 
     async def read(self) -> list[Reading]:
-        from drivers.base import DriverError
-
         self._reads += 1
         ts = now_ms()
         out: list[Reading] = []

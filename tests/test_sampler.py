@@ -100,3 +100,19 @@ def test_wave_shapes_are_deterministic() -> None:
     walk2 = [d2.value_at("w", 0) for _ in range(20)]
     assert walk1 == walk2 and len(set(walk1)) > 10
     assert all(0 <= v <= 10 for v in walk1)
+
+
+def test_wake_ups_share_a_tick_grid() -> None:
+    """Devices wake on a shared grid (a tenth of the interval, at most 100 ms), never early."""
+    s1 = Sampler(WaveDriver("a", WaveConfig(), None), 1.0, 1.0, 0.05, 5.0, None)  # type: ignore[arg-type]
+    s2 = Sampler(WaveDriver("b", WaveConfig(), None), 0.05, 1.0, 0.05, 5.0, None)  # type: ignore[arg-type]
+    now = 1000.0
+    for target in (1000.01, 1000.049, 1000.1, 1000.55, 1001.0001):
+        wake = now + s1._until_tick(target, now)
+        assert wake >= target - 1e-9 and wake - target < 0.1 + 1e-9
+        assert abs(wake * 10 - round(wake * 10)) < 1e-6  # on the 100 ms grid
+    # Two devices whose deadlines fall in the same tick wake together.
+    assert s1._until_tick(1000.31, now) == s1._until_tick(1000.39, now)
+    fast = now + s2._until_tick(1000.0123, now)  # 50 ms interval: a 5 ms grid
+    assert abs(fast * 200 - round(fast * 200)) < 1e-6 and fast - 1000.0123 < 0.005 + 1e-9
+    assert s1._until_tick(999.0, now) == 0.0  # a deadline in the past: no sleep
