@@ -176,7 +176,7 @@ async def summary_loop(session: aiohttp.ClientSession, parts: list[Part]) -> Non
         for line in lines:
             r = json.loads(line)
             latest[f"{r['device']}.{r['point']}"] = r["value"]
-        shown = " ".join(f"{k}={v}" for k, v in sorted(latest.items())[:14])
+        shown = " ".join(f"{k}={v}" for k, v in sorted(latest.items()))
         print(f"[bench] queue rows={status['queue']['rows']} | devices: {devices}\n"
               f"[bench] uplinks: {uplinks}\n"
               f"[bench] latest readings (archive): {shown}", flush=True)

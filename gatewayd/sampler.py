@@ -10,6 +10,7 @@ import asyncio
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,13 +48,15 @@ class Sampler:
 
     def __init__(self, driver: Driver, interval_s: float, timeout_s: float, jitter: float,
                  backoff_max_s: float, queue: Any, metrics: Any = None,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 on_state: Callable[[str, bool, str, int], None] | None = None) -> None:
         self.driver = driver
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.jitter = jitter
         self.queue = queue
         self.metrics = metrics
+        self.on_state = on_state  # (device, failing, error, ts_ms) on ok <-> failing changes
         self.rng = rng or random.Random()
         self.backoff = Backoff(base_s=min(1.0, interval_s), cap_s=max(backoff_max_s, interval_s),
                                floor_s=min(0.1, interval_s), rng=self.rng)
@@ -71,11 +74,15 @@ class Sampler:
         if state == st.state:
             return
         st.since = time.time()
+        changed = state == "failing" or st.state == "failing"
         if state == "failing":
             log.warning("device_failing", device=st.name, error=error)
         elif st.state == "failing":
             log.info("device_recovered", device=st.name, failures=st.consecutive_failures)
         st.state = state
+        if changed and self.on_state is not None:
+            self.on_state(st.name, state == "failing", st.last_error if state == "failing" else "",
+                          int(st.since * 1000))
         if self._m_ok is not None:
             self._m_ok.set(1 if state == "ok" else 0)
 

@@ -67,7 +67,7 @@ class Gateway:
             cls = drivers.load(drivers.DRIVERS, d.driver)
             driver: Driver = cls(d.name, d.options, self.buses)
             self.samplers.append(Sampler(driver, d.interval, d.timeout, d.jitter, d.backoff_max,
-                                         self.queue, self.metrics))
+                                         self.queue, self.metrics, on_state=self._device_state))
         timeouts = {}
         for a in cfg.actuators:
             if not a.enabled:
@@ -97,6 +97,13 @@ class Gateway:
             self.dispatcher.repliers[u.name] = uplink.reply
         if cfg.health.enabled:
             self.health = HealthServer(cfg.health, self)
+
+    def _device_state(self, device: str, failing: bool, error: str, ts_ms: int) -> None:
+        for uplink in self.uplinks.values():
+            try:
+                uplink.device_state(device, failing, error, ts_ms)
+            except Exception:  # one uplink's bug must not stop a sampler
+                log.exception("device_state_hook_failed", uplink=uplink.name, device=device)
 
     # -- running --------------------------------------------------------------------------------
 

@@ -44,7 +44,9 @@ async def test_broken_and_hung_devices_do_not_slow_a_good_one(tmp_path: Path) ->
     hung_driver.hang = True
     broken_driver.broken = True
     hung = Sampler(hung_driver, 0.01, 0.05, 0.0, 5.0, q)
-    broken = Sampler(broken_driver, 0.01, 1.0, 0.0, 5.0, q)
+    changes: list[tuple[str, bool, str]] = []
+    broken = Sampler(broken_driver, 0.01, 1.0, 0.0, 5.0, q,
+                     on_state=lambda dev, failing, err, ts: changes.append((dev, failing, err)))
     tasks = [asyncio.create_task(s.run(), name=s.driver.name) for s in (good, hung, broken)]
     qtask = asyncio.create_task(q.run())
     try:
@@ -61,6 +63,8 @@ async def test_broken_and_hung_devices_do_not_slow_a_good_one(tmp_path: Path) ->
             hung_driver.hang = False
             await until(lambda: broken.status.state == "ok" and hung.status.state == "ok")
         assert {e["device"] for e in logs if e["event"] == "device_recovered"} == {"broken", "hung"}
+        # The uplinks' health feed saw exactly one failing and one recovered transition.
+        assert changes == [("broken", True, "broken: NACK at 0x76"), ("broken", False, "")]
     finally:
         for t in [*tasks, qtask]:
             t.cancel()

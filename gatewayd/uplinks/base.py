@@ -146,6 +146,13 @@ class Uplink(ABC):
     async def reply(self, command: Command, result: CommandResult) -> None:
         """Send a command's result back to the cloud. Never raises for a lost connection."""
 
+    def device_state(self, device: str, failing: bool, error: str, ts_ms: int) -> None:  # noqa: B027
+        """A local device started (`failing`) or stopped failing. Default: ignored.
+
+        Called from the event loop; must not block. Uplinks whose cloud has a notion of device
+        health (EnOS events) report it; a failing device sends no readings to infer it from.
+        """
+
     def status(self) -> dict[str, Any]:
         """State for /status; subclasses extend it."""
         return {

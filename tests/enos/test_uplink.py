@@ -182,6 +182,24 @@ async def test_unmapped_devices_follow_the_policy(rig: Rig, sim: EnosSimulator,
     assert uplink.status()["skipped_unmapped"] == (1 if policy == "skip" else 0)
 
 
+async def test_driver_failures_reported_by_samplers_become_events(rig: Rig, sim: EnosSimulator) -> None:
+    """A failing driver sends no readings; the sampler's state feed still reaches EnOS, also
+    for a change that happened while the hub was unreachable."""
+    uplink = rig.start_uplink(post_device_faults=True)
+    await rig.wait_state("connected")
+    uplink.device_state("meter1", True, "meter1: no answer from unit 1", 1_700_000_000_000)
+    await sim.hub.wait_until(lambda: len(sim.hub.events) == 1, timeout_s=5)
+    key, event, body, _ = sim.hub.events[0]
+    assert (key, event, body["faulty"]) == (SUBS["meter1"], "deviceFault", True)
+    assert body["error"] == "meter1: no answer from unit 1"
+    uplink.device_state("not-mapped", True, "x", 1)  # devices EnOS does not know are ignored
+    await sim.restart()
+    uplink.device_state("meter1", False, "", 1_700_000_000_500)  # recovered while reconnecting
+    await sim.hub.wait_until(lambda: len(sim.hub.events) == 2, timeout_s=15)
+    key, event, body, _ = sim.hub.events[1]
+    assert (key, body["faulty"]) == (SUBS["meter1"], False)
+
+
 async def test_device_faults_are_posted_as_events(rig: Rig, sim: EnosSimulator) -> None:
     rig.start_uplink(post_device_faults=True)
     await rig.wait_state("connected")

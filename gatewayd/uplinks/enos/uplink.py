@@ -79,6 +79,9 @@ class EnosUplink(Uplink):
         self._commands: OrderedDict[str, str] = OrderedDict()  # command id -> its topic
         self._last_values: dict[Key, dict[str, Any]] = {}  # for measurepoint.get
         self._faulty: set[str] = set()  # local devices whose last reading was BAD
+        # Driver failures reported by the samplers, waiting to be posted (kept while offline).
+        self._fault_events: dict[str, tuple[bool, str, int]] = {}
+        self._fault_wanted = asyncio.Event()
         self._login_wanted = asyncio.Event()
         self._activation: asyncio.Future[tuple[str, str]] | None = None
         self._reply_tasks: set[asyncio.Task[None]] = set()
@@ -219,6 +222,8 @@ class EnosUplink(Uplink):
                                         if s.state == "in_topology"])
         self.set_state(UplinkState.CONNECTED)
         tg.create_task(self._login_retry_loop(session), name=f"enos-relogin[{self.name}]")
+        if self.config.post_device_faults:
+            tg.create_task(self._fault_loop(session), name=f"enos-faults[{self.name}]")
         await self.pump(self._send_lease, self.config.batch_max_points)
 
     def _reply_topics(self) -> list[str]:
@@ -487,23 +492,55 @@ class EnosUplink(Uplink):
                 changes[it.reading.device] = (bad, it)
                 (self._faulty.add if bad else self._faulty.discard)(it.reading.device)
         session = self._session
+        if session is None:
+            return
         for device, (bad, it) in changes.items():
-            mapping = self.config.devices.get(device)
-            if mapping is None or session is None:
-                continue
-            key = self.gateway if mapping.gateway else (mapping.product_key, mapping.device_key)
-            if not mapping.gateway and self.subs[device].state != "logged_in":
-                continue
-            event = self.config.fault_event
-            params = {"events": {"device": device, "faulty": bad, "point": it.reading.point},
-                      "time": it.reading.ts_ms}
-            try:
-                env = await session.request(P.sys_topic(*key, f"thing/event/{event}/post"),
-                                            f"thing.event.{event}.post", params)
-                self.log.info("enos_fault_event", device=device, faulty=bad,
-                              code=P.reply_code(env))
-            except TimeoutError:
-                self.log.warning("enos_fault_event_timeout", device=device)
+            await self._post_fault_event(session, device, {"faulty": bad, "point": it.reading.point},
+                                         it.reading.ts_ms)
+
+    def device_state(self, device: str, failing: bool, error: str, ts_ms: int) -> None:
+        """A driver started or stopped failing: post it as a fault event (after a reconnect too)."""
+        if self.config.post_device_faults and device in self.config.devices:
+            self._fault_events[device] = (failing, error, ts_ms)
+            self._fault_wanted.set()
+
+    async def _fault_loop(self, session: Session) -> None:
+        if self._fault_events:
+            self._fault_wanted.set()  # changes that happened while offline
+        while True:
+            await self._fault_wanted.wait()
+            self._fault_wanted.clear()
+            while self._fault_events:
+                device, (failing, error, ts_ms) = next(iter(self._fault_events.items()))
+                body = {"faulty": failing, "error": error[:200]}
+                if await self._post_fault_event(session, device, body, ts_ms):
+                    # Only forget it if no newer change arrived while posting.
+                    if self._fault_events.get(device) == (failing, error, ts_ms):
+                        del self._fault_events[device]
+                else:
+                    break  # sub-device not logged in yet, or no answer: retry on the next change
+                           # or the next session
+
+    async def _post_fault_event(self, session: Session, device: str, body: dict[str, Any],
+                                ts_ms: int) -> bool:
+        """Post one fault event for a mapped, logged-in device. True once the hub answered."""
+        mapping = self.config.devices.get(device)
+        if mapping is None:
+            return True  # not an EnOS device: nothing to post
+        key = self.gateway if mapping.gateway else (mapping.product_key, mapping.device_key)
+        if not mapping.gateway and self.subs[device].state != "logged_in":
+            return False
+        event = self.config.fault_event
+        params = {"events": {"device": device, **body}, "time": ts_ms}
+        try:
+            env = await session.request(P.sys_topic(*key, f"thing/event/{event}/post"),
+                                        f"thing.event.{event}.post", params)
+        except TimeoutError:
+            self.log.warning("enos_fault_event_timeout", device=device)
+            return False
+        self.log.info("enos_fault_event", device=device, faulty=body["faulty"],
+                      code=P.reply_code(env))
+        return True
 
     # -- commands --------------------------------------------------------------------------
 
