@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 
 
 class Backoff:
@@ -39,7 +40,8 @@ class Backoff:
 class Throttle:
     """Allows at most `count` events per sliding `window_s`; says how long to wait otherwise."""
 
-    def __init__(self, count: int, window_s: float, clock=time.monotonic) -> None:
+    def __init__(self, count: int, window_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.count = count
         self.window_s = window_s
         self._clock = clock

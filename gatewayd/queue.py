@@ -100,12 +100,6 @@ def _decode(val: Any, vt: int) -> Any:
     return None
 
 
-def estimate_size(reading: Reading) -> int:
-    """Approximate bytes a reading takes in the queue (for byte caps and lease limits)."""
-    v = reading.value
-    return _ROW_OVERHEAD + (len(v) if isinstance(v, str) else 8)
-
-
 class Queue:
     """The durable queue. `await open()`, run `run()` in the service's TaskGroup, `close()`."""
 
@@ -507,9 +501,7 @@ class Queue:
             if c > cut:
                 cut, reason = c, "max_bytes"
         cutoff_ms = int((time.time() - self.config.max_age) * 1000)
-        row = db.execute("SELECT seq FROM readings WHERE seq > ? ORDER BY seq LIMIT 1",
-                         (cut,)).fetchone()
-        if row is not None:
+        if cut < self.tail:  # seq is contiguous: rows remain after the cut
             young = db.execute("SELECT seq FROM readings WHERE seq > ? AND ts >= ? ORDER BY seq LIMIT 1",
                                (cut, cutoff_ms)).fetchone()
             c = (young[0] - 1) if young is not None else self.tail

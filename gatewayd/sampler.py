@@ -55,7 +55,6 @@ class Sampler:
         self.timeout_s = timeout_s
         self.jitter = jitter
         self.queue = queue
-        self.metrics = metrics
         self.on_state = on_state  # (device, failing, error, ts_ms) on ok <-> failing changes
         self.rng = rng or random.Random()
         self.backoff = Backoff(base_s=min(1.0, interval_s), cap_s=max(backoff_max_s, interval_s),

@@ -68,6 +68,16 @@ class BenchEmulation:
     def _devices_toml(self) -> str:
         bus = f"sim:{self.i2c_bus}"
         meter_points = ", ".join(f"{k} = {_inline(v)}" for k, v in METER_MAP.items())
+        meters = "".join(f'''
+[[devices]]
+name = "meter-{unit}"
+driver = "modbus"
+interval = "2s"
+port = "{self.modbus.path}"
+baudrate = 19200
+unit = {unit}
+points = {{ {meter_points} }}
+''' for unit in (1, 2))
         return f'''
 [[devices]]
 name = "attic-env"
@@ -91,23 +101,7 @@ bus = "{bus}"
 address = 0x48
 points.level_m = {{ channel = "0", gain_v = 4.096, in_min = 0.0, in_max = 3.3, out_min = 0.0, out_max = 2.5 }}
 
-[[devices]]
-name = "meter-1"
-driver = "modbus"
-interval = "2s"
-port = "{self.modbus.path}"
-baudrate = 19200
-unit = 1
-points = {{ {meter_points} }}
-
-[[devices]]
-name = "meter-2"
-driver = "modbus"
-interval = "2s"
-port = "{self.modbus.path}"
-baudrate = 19200
-unit = 2
-points = {{ {meter_points} }}
+{meters}
 
 [[devices]]
 name = "gps"

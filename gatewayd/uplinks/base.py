@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -248,10 +248,3 @@ class Uplink(ABC):
             if self.ctx.metrics is not None:
                 self.ctx.metrics.readings_sent.labels(self.name).inc(len(lease))
 
-
-def group_by(items: Sequence[Item], key: Callable[[Item], Any]) -> dict[Any, list[Item]]:
-    """Group items by `key`, keeping seq order inside each group."""
-    out: dict[Any, list[Item]] = {}
-    for it in items:
-        out.setdefault(key(it), []).append(it)
-    return out
