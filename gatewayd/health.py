@@ -1,4 +1,4 @@
-"""The local HTTP endpoint: /healthz, /metrics (Prometheus), /status (JSON), POST /commands."""
+"""The local HTTP endpoint: /healthz, /readyz, /metrics (Prometheus), /status (JSON), POST /commands."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ class HealthServer:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/status", self.status)
         if self.config.allow_commands:
@@ -55,9 +56,17 @@ class HealthServer:
             await runner.cleanup()
 
     async def healthz(self, request: web.Request) -> web.Response:
+        """Liveness: 200 while every loop runs; the body names what is degraded."""
         problems = self.gateway.problems()
-        body = {"ok": not problems, "problems": problems}
+        degraded = self.gateway.degraded()
+        body = {"ok": not problems, "problems": problems, "degraded": degraded}
         return web.json_response(body, status=200 if not problems else 503)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: 503 with the reasons while anything is down or degraded (e.g. storage)."""
+        reasons = self.gateway.problems() + self.gateway.degraded()
+        return web.json_response({"ready": not reasons, "reasons": reasons},
+                                 status=200 if not reasons else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         await self.gateway.refresh_gauges()

@@ -24,6 +24,17 @@ class Metrics:
         self.store_failures = Counter("gatewayd_queue_store_failures",
                                       "Readings that could not be stored (disk full, read-only)",
                                       ["reason"], registry=r)
+        self.queue_storage_ok = Gauge("gatewayd_queue_storage_ok",
+                                      "1 while the queue's disk takes writes, 0 while degraded",
+                                      registry=r)
+        self.queue_storage_state = Gauge("gatewayd_queue_storage_state",
+                                         "1 for the queue's storage condition (ok, disk_full, "
+                                         "read_only, io_error, locked)", ["state"], registry=r)
+        self.queue_held = Gauge("gatewayd_queue_held_readings",
+                                "Readings held in memory while the disk refuses writes", registry=r)
+        self.state_lost = Counter("gatewayd_queue_state_lost_readings",
+                                  "Committed readings found missing from the queue database at start",
+                                  registry=r)
         self.device_failures = Counter("gatewayd_device_read_failures", "Failed device reads",
                                        ["device"], registry=r)
         self.commands = Counter("gatewayd_commands", "Commands by outcome",

@@ -1,17 +1,31 @@
 """The durable queue: SQLite in WAL mode, group commit, one delivery cursor per uplink.
 
 Layout:
-- `readings(seq, ts, sid, val, vt, q, off)`: `seq` is contiguous (assigned at commit, so a
-  failed commit leaves no gap); `sid` points into `series(sid, dev, pt)`; `vt` says how `val` is
-  encoded (native, bool, JSON, null); `off` has bit `cursor.bit` set when that uplink was
-  disconnected at enqueue time.
+- `readings(seq, ts, sid, val, vt, q, off)`: `seq` grows by one per reading (assigned at commit,
+  so a failed commit leaves no gap; only a detected state loss skips numbers, see below); `sid`
+  points into `series(sid, dev, pt)`; `vt` says how `val` is encoded (native, bool, JSON, null);
+  `off` has bit `cursor.bit` set when that uplink was disconnected at enqueue time.
 - `cursors(name, bit, acked)`: everything up to `acked` was confirmed by that uplink's cloud.
-- `meta(k, v)`: `last_seq`, so seq keeps growing after every row was collected.
+- `meta(k, v)`: `last_seq`, so seq keeps growing after every row was collected; `queue_id`;
+  `gaps`, the seq ranges skipped after a state loss.
+
+Next to the database, `queue.state` (the sidecar, a small JSON file written atomically and
+fsynced) holds the queue's identity, the last committed seq it knew of (written every GC pass
+and at shutdown), the highest seq it may have handed out (`reserved`, written before a commit
+passes it) and whether the last stop was clean. At start, a database whose tail is below the
+sidecar's mark, or an empty or missing database next to a sidecar, is a state loss: an error
+event names how many readings were lost, `gatewayd_queue_state_lost_readings_total` counts
+them, and numbering continues above `reserved`, so no seq is ever used for two readings.
 
 What a crash can lose: readings submitted but not yet committed, i.e. at most the open commit
-window (default 100 ms). `put()` returns only after the commit. With `fsync = "always"` a
-commit also survives power loss; with "normal" (WAL, synchronous=NORMAL) it survives a process
-crash, and a power loss may roll back the last commits but never corrupts the file.
+window. `put()` returns only after the commit. With `fsync = "always"` (the default) a commit
+also survives a power cut; with "normal" (WAL, synchronous=NORMAL) it survives a process crash,
+and a power cut may roll back the last commits (never corrupting the file).
+
+Storage faults (disk full, read-only, I/O error, locked) on any write path (append, ack, cursor
+writes, GC, open) never raise out of the queue: `Queue.storage` turns degraded, readings wait in
+a bounded memory buffer (the excess is dropped and counted), acks are kept in memory, and a probe
+retries every `_PROBE_S` until the disk takes writes again. One log line per condition change.
 
 All SQLite work runs in two threads: one writer (commits, acks, GC) and one reader (leases), so
 the event loop never blocks on disk, and a 1M-row backlog is never loaded into memory.
@@ -20,11 +34,13 @@ the event loop never blocks on disk, and a 1M-row backlog is never loaded into m
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import math
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -45,13 +61,22 @@ _VT_NATIVE, _VT_BOOL, _VT_JSON, _VT_NULL = 0, 1, 2, 3
 _ROW_OVERHEAD = 24  # approx. bytes per row beyond the value: seq, ts, sid, flags, b-tree cell
 _GC_CHUNK = 50_000  # rows deleted per transaction, so GC never holds the writer for long
 _MAX_UPLINKS = 62  # bits in the `off` column
+_RESERVE = 100_000  # seqs reserved in the sidecar ahead of the tail (one fsync per this many)
+_PROBE_ROWS = 1000  # a degraded queue probes the disk with a commit this small
+
+# SQLite primary result codes (the low byte of an extended code).
+_SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
+_SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 10, 11, 13, 14, 26
+
+StorageState = Literal["ok", "disk_full", "read_only", "io_error", "locked"]
+STORAGE_STATES: tuple[StorageState, ...] = ("ok", "disk_full", "read_only", "io_error", "locked")
 
 
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
     commit_window: Duration = 0.1  # group commit: one transaction per window
     commit_max_rows: Annotated[int, Range(1, 1_000_000)] = 20_000  # commit early past this
-    fsync: Literal["always", "normal", "off"] = "normal"
+    fsync: Literal["always", "normal", "off"] = "always"
     max_rows: Annotated[int, Range(1000, None)] = 10_000_000
     max_bytes: ByteSize = 1024**3
     max_age: Duration = 30 * 86400.0
@@ -60,6 +85,89 @@ class QueueConfig:
     new_uplink_start: Literal["now", "oldest"] = "now"
     memory_buffer: Annotated[int, Range(0, None)] = 100_000  # held while the disk refuses writes
     integrity_check: Literal["quick", "off"] = "quick"
+
+
+@dataclass(slots=True)
+class Storage:
+    """The queue's disk condition: `state` is "ok" or why writes fail, `since` when it began."""
+
+    state: StorageState = "ok"
+    since: float = 0.0  # epoch seconds
+    detail: str = ""  # the last error text
+    where: str = ""  # the write path that met it: append, ack, gc, open, ...
+    held: int = 0  # readings waiting in memory for the disk
+    dropped: int = 0  # readings dropped (memory buffer full) since the condition began
+    acks_pending: int = 0  # uplink cursors confirmed but not yet written
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "ok"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"state": self.state, "ok": self.ok, "since": round(self.since, 3),
+                "detail": self.detail, "where": self.where, "held": self.held,
+                "dropped": self.dropped, "acks_pending": self.acks_pending}
+
+
+class StorageFault(Exception):
+    """A storage error the queue survives; wraps the OSError or sqlite3 error with its class."""
+
+    def __init__(self, state: StorageState, detail: str) -> None:
+        super().__init__(detail)
+        self.state = state
+        self.detail = detail
+
+
+def _dir_read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def classify(exc: BaseException, path: Path | None = None) -> StorageState | None:
+    """The storage condition an exception means, or None if it is not a storage error."""
+    if isinstance(exc, StorageFault):
+        return exc.state
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "disk_full"
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return "read_only"
+        return "io_error"
+    if isinstance(exc, (sqlite3.OperationalError, sqlite3.DatabaseError)) and not isinstance(
+            exc, (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)):
+        code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+        text = str(exc).lower()
+        if code == _SQLITE_FULL or "full" in text:
+            return "disk_full"
+        if code in (_SQLITE_READONLY, _SQLITE_PERM) or "readonly" in text or "read-only" in text:
+            return "read_only"
+        if code in (_SQLITE_BUSY, _SQLITE_LOCKED) or "locked" in text:
+            return "locked"
+        if code == _SQLITE_CANTOPEN and path is not None and _dir_read_only(path.parent):
+            return "read_only"
+        return "io_error"
+    return None
+
+
+def _is_corruption(exc: sqlite3.Error) -> bool:
+    """True for "this file is damaged", as opposed to "the disk refuses" (never renamed aside)."""
+    code = (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF
+    if code in (_SQLITE_CORRUPT, _SQLITE_NOTADB):
+        return True
+    if code:
+        return False
+    text = str(exc).lower()
+    return "malformed" in text or "not a database" in text
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class _RateLimitedLog:
@@ -106,6 +214,7 @@ class Queue:
     def __init__(self, path: Path, config: QueueConfig, uplinks: Sequence[str] = (),
                  metrics: Any = None, starts: dict[str, str] | None = None) -> None:
         self.path = Path(path)
+        self.side_path = self.path.with_name(self.path.stem + ".state")
         self.config = config
         self._uplink_names = list(uplinks)
         self._starts = starts or {}
@@ -118,19 +227,29 @@ class Queue:
         self._series_by_id: dict[int, tuple[str, str]] = {}
         self._pending: list[Reading] = []
         self._pending_futs: list[asyncio.Future[bool]] = []
-        self._retry: list[Reading] = []  # readings the disk refused, retried each window
+        self._retry: list[Reading] = []  # readings the disk refused, held for the next commit
+        self._dirty: dict[str, int] = {}  # cursors confirmed in memory but not yet written
         self._have_pending = asyncio.Event()
         self._full = asyncio.Event()
         self._committed = asyncio.Condition()
         self._commit_lock = asyncio.Lock()  # one commit at a time: seq is assigned from `tail`
         self._outboxes: dict[str, Outbox] = {}
+        self._opened = False  # the writer's database is open (False in a degraded start)
         self.head = 1  # first seq present (head > tail: empty)
         self.tail = 0  # last committed seq
         self.bytes_est = 0  # approximate bytes of rows present
         self.dropped_total = 0
-        self.store_failed = 0
-        self.store_error = ""  # current disk condition, "" when healthy
+        self.store_failed = 0  # readings never stored: the memory buffer was full
+        self.state_lost = 0  # readings found lost at start (state loss)
+        self.queue_id = ""
+        self.storage = Storage(since=time.time())
         self.renamed_corrupt: Path | None = None
+        self.probe_s = 1.0  # how often a degraded queue retries the disk
+        # writer thread only:
+        self._gaps: list[tuple[int, int]] = []  # seq ranges skipped after a state loss
+        self._meta_dirty: dict[str, str] = {}  # meta rows still to write
+        self._side: dict[str, Any] = {}  # the sidecar as last written
+        self._reserved = 0  # seqs up to this may have been handed out (durable in the sidecar)
         self._rl = _RateLimitedLog()
         self._closed = False
 
@@ -142,30 +261,76 @@ class Queue:
     async def _on_reader(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._r, fn, *args)
 
+    @property
+    def store_error(self) -> str:
+        """The current storage condition, "" when healthy (kept for older callers)."""
+        return "" if self.storage.ok else self.storage.state
+
     async def open(self) -> None:
-        """Open (or create, or replace a corrupt) database and load cursors."""
-        cursors = await self._on_writer(self._open_sync)
-        await self._on_reader(self._open_reader_sync)
+        """Open (or create, or replace a corrupt) database and load cursors.
+
+        A state directory that refuses writes does not stop the start: the queue runs degraded
+        (readings held in memory) and opens the database once the disk allows.
+        """
+        deferred: BaseException | None = None
+        try:
+            cursors, deferred = await self._on_writer(self._open_sync)
+            await self._on_reader(self._open_reader_sync)
+            self._opened = True
+        except (sqlite3.Error, OSError) as exc:
+            if classify(exc, self.path) is None:
+                raise
+            cursors = {name: (i, 0) for i, name in enumerate(self._uplink_names)}
+            deferred = exc
         for name, (bit, acked) in cursors.items():
             self._outboxes[name] = Outbox(self, name, bit, acked)
+        if self._opened:
+            log.info("queue_opened", path=str(self.path), rows=self.rows, head=self.head,
+                     tail=self.tail, uplinks=list(self._outboxes), fsync=self.config.fsync)
+        self._update_storage_gauges()
+        if deferred is not None:
+            self._fault(deferred, "open", at_start=True)
+
+    async def _reopen(self) -> None:
+        """Open the database after a degraded start (raises the storage error if it still fails)."""
+        cursors, deferred = await self._on_writer(self._open_sync)
+        await self._on_reader(self._open_reader_sync)
+        self._opened = True
+        for name, (bit, acked) in cursors.items():
+            ob = self._outboxes[name]
+            ob.bit, ob.acked, ob.next_seq = bit, acked, acked
+            ob.live_from = self.tail + 1
         log.info("queue_opened", path=str(self.path), rows=self.rows, head=self.head,
-                 tail=self.tail, uplinks=list(self._outboxes))
+                 tail=self.tail, uplinks=list(self._outboxes), fsync=self.config.fsync,
+                 after_degraded_start=True)
+        async with self._committed:
+            self._committed.notify_all()
+        if deferred is not None:
+            raise deferred
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                              timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        sync = {"always": "FULL", "normal": "NORMAL", "off": "OFF"}[self.config.fsync]
-        db.execute(f"PRAGMA synchronous={sync}")
-        db.execute("PRAGMA cache_size=-4096")  # 4 MiB page cache: memory stays flat
-        db.execute("PRAGMA temp_store=MEMORY")
-        if self.config.max_file_size:
-            page = db.execute("PRAGMA page_size").fetchone()[0]
-            db.execute(f"PRAGMA max_page_count={max(16, self.config.max_file_size // page)}")
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            sync = {"always": "FULL", "normal": "NORMAL", "off": "OFF"}[self.config.fsync]
+            db.execute(f"PRAGMA synchronous={sync}")
+            db.execute("PRAGMA cache_size=-4096")  # 4 MiB page cache: memory stays flat
+            db.execute("PRAGMA temp_store=MEMORY")
+            if self.config.max_file_size:
+                page = db.execute("PRAGMA page_size").fetchone()[0]
+                db.execute(f"PRAGMA max_page_count={max(16, self.config.max_file_size // page)}")
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def _is_corrupt(self) -> str:
-        """Why the existing file is unusable, or "" if it is fine (or absent)."""
+        """Why the existing file is unusable, or "" if it is fine (or absent).
+
+        Raises the error instead when the disk, not the file, is the problem (full, read-only,
+        I/O error): a good database is never renamed aside because its disk is full.
+        """
         if not self.path.exists() or self.path.stat().st_size == 0:
             return ""
         with self.path.open("rb") as f:
@@ -181,6 +346,8 @@ class Queue:
             finally:
                 db.close()
         except sqlite3.DatabaseError as exc:
+            if not _is_corruption(exc):
+                raise
             return f"cannot be read: {exc}"
         if rows != [("ok",)]:
             return "integrity check failed: " + "; ".join(str(r[0]) for r in rows[:3])
@@ -201,30 +368,151 @@ class Queue:
         self.renamed_corrupt = target
         log.error("queue_corrupt_renamed", path=str(self.path), moved_to=str(target), reason=why)
 
-    def _open_sync(self) -> dict[str, tuple[int, int]]:
+    # -- the sidecar ----------------------------------------------------------------------------
+
+    def _read_sidecar(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.side_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            log.error("queue_sidecar_unreadable", path=str(self.side_path), error=str(exc))
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("queue_id"), str):
+            log.error("queue_sidecar_unreadable", path=str(self.side_path), error="unexpected content")
+            return None
+        return data
+
+    def _write_sidecar_sync(self, **fields: Any) -> None:
+        """Replace the sidecar atomically (write, fsync, rename, fsync the directory)."""
+        side = {**self._side, **fields, "written_ms": int(time.time() * 1000)}
+        data = json.dumps(side, separators=(",", ":"), sort_keys=True).encode()
+        tmp = self.side_path.with_name(self.side_path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.side_path)
+        _fsync_dir(self.side_path.parent)
+        self._side = side
+
+    def _sidecar_pass_sync(self, committed: int, acked: dict[str, int], clean: bool) -> None:
+        """Record the committed mark (every GC pass and at shutdown) if anything changed."""
+        if (self._side.get("committed") == committed and self._side.get("acked") == acked
+                and self._side.get("clean") == clean):
+            return
+        self._write_sidecar_sync(committed=committed, acked=acked, clean=clean)
+
+    # -- opening --------------------------------------------------------------------------------
+
+    def _open_sync(self) -> tuple[dict[str, tuple[int, int]], BaseException | None]:
+        """Open the database, detect state loss, load cursors.
+
+        Returns the cursors and a storage error met on a write that may wait (the sidecar, a
+        cursor insert): the queue is then open for delivery but degraded.
+        """
+        if self._db is not None:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+            self._db = None
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        side = self._read_sidecar()
+        existed = self.path.exists() and self.path.stat().st_size > 0
         why = self._is_corrupt()
         if why:
             self._rename_aside(why)
+            existed = False
         try:
             db = self._connect()
             self._create_schema(db)
         except sqlite3.DatabaseError as exc:
+            if not _is_corruption(exc):
+                raise
             # Opened but unusable (e.g. a half-written schema): start afresh rather than refuse.
             self._rename_aside(f"cannot be used: {exc}")
+            existed = False
             db = self._connect()
             self._create_schema(db)
         self._db = db
+        self._series.clear()
+        self._series_by_id.clear()
         for sid, dev, pt in db.execute("SELECT sid, dev, pt FROM series"):
             self._series[(dev, pt)] = sid
             self._series_by_id[sid] = (dev, pt)
-        row = db.execute("SELECT min(seq), max(seq) FROM readings").fetchone()
-        meta = db.execute("SELECT v FROM meta WHERE k='last_seq'").fetchone()
-        last = max(int(meta[0]) if meta else 0, row[1] or 0)
-        self.tail = last
-        self.head = row[0] if row[0] is not None else last + 1
+        lo, hi = db.execute("SELECT min(seq), max(seq) FROM readings").fetchone()
+        meta = {k: v for k, v in db.execute("SELECT k, v FROM meta")}
+        db_tail = max(int(meta.get("last_seq") or 0), hi or 0)
+        self._gaps = [(int(a), int(b)) for a, b in json.loads(meta.get("gaps") or "[]")]
+        qid = str(meta.get("queue_id") or "")
+        self._meta_dirty = {}
+        if not qid:
+            qid = side["queue_id"] if side is not None else uuid.uuid4().hex
+            self._meta_dirty["queue_id"] = qid
+        self.queue_id = qid
+        tail = self._check_loss(side, existed, qid, db_tail)
+        if tail > db_tail:
+            self._gaps.append((db_tail + 1, tail))
+            self._meta_dirty["last_seq"] = str(tail)
+        self.tail = tail
+        self.head = lo if lo is not None else tail + 1
+        self._gaps = [g for g in self._gaps if g[1] >= self.head]
+        if self._gaps or "gaps" in meta:
+            self._meta_dirty["gaps"] = json.dumps(self._gaps)
         self.bytes_est = self._bytes_between(db, self.head, self.tail)
-        return self._reconcile_cursors(db)
+        cursors, deferred = self._reconcile_cursors(db)
+        self._side = {"format": 1, "queue_id": qid, "committed": tail,
+                      "reserved": max(int((side or {}).get("reserved", 0)), tail),
+                      "acked": {n: a for n, (_, a) in cursors.items()}, "clean": False,
+                      "fsync": self.config.fsync}
+        try:
+            self._write_sidecar_sync()
+            self._reserved = int(self._side["reserved"])
+        except OSError as exc:
+            self._reserved = tail  # not durable: the next commit writes it first
+            deferred = deferred or exc
+        return cursors, deferred
+
+    def _check_loss(self, side: dict[str, Any] | None, existed: bool, qid: str, db_tail: int) -> int:
+        """Compare the database with the sidecar; returns the tail to continue numbering from."""
+        if side is None:
+            return db_tail
+        mark = int(side.get("committed", 0))
+        reserved = max(int(side.get("reserved", 0)), mark)
+        if reserved == 0 and mark == 0:
+            return db_tail  # the old queue never numbered a reading
+        acked = [int(a) for a in (side.get("acked") or {}).values()]
+        reason = ""
+        if not existed:
+            reason = "database missing or empty"
+        elif side.get("queue_id") != qid:
+            reason = "database belongs to another queue (identity differs from the sidecar's)"
+        elif db_tail < mark:
+            reason = "database ends below the last committed seq"
+        if reason:
+            floor = max(db_tail if existed else 0, min(acked, default=0))
+            lost = max(0, mark - floor)
+            self.state_lost += lost
+            if self.metrics is not None:
+                self.metrics.state_lost.inc(lost)
+            log.error("queue_state_lost", lost=lost, reason=reason, db_tail=db_tail,
+                      committed_mark=mark, continue_at=max(db_tail, reserved) + 1,
+                      path=str(self.path), sidecar=str(self.side_path),
+                      message=f"{lost} committed readings not yet delivered are gone from the "
+                              "queue database; numbering continues above every seq ever used")
+            return max(db_tail, reserved)
+        if not side.get("clean", False) and self.config.fsync != "always" and db_tail < reserved:
+            # With fsync "normal" an unclean stop may have rolled back commits after the mark
+            # without a trace; skip their seqs so none is given to a second reading.
+            log.warning("queue_seq_skipped", reason=f"unclean stop with fsync={self.config.fsync}",
+                        db_tail=db_tail, continue_at=reserved + 1)
+            return reserved
+        return db_tail
 
     @staticmethod
     def _create_schema(db: sqlite3.Connection) -> None:
@@ -249,15 +537,14 @@ class Queue:
             " FROM readings WHERE seq BETWEEN ? AND ?", (lo, hi)).fetchone()
         return int(n) * _ROW_OVERHEAD + int(text)
 
-    def _reconcile_cursors(self, db: sqlite3.Connection) -> dict[str, tuple[int, int]]:
+    def _reconcile_cursors(self, db: sqlite3.Connection
+                           ) -> tuple[dict[str, tuple[int, int]], BaseException | None]:
         existing = {n: (b, a) for n, b, a in db.execute("SELECT name, bit, acked FROM cursors")}
         wanted = self._uplink_names
-        db.execute("BEGIN")
-        for name in set(existing) - set(wanted):
-            db.execute("DELETE FROM cursors WHERE name=?", (name,))
-            log.info("uplink_cursor_dropped", uplink=name, acked=existing[name][1])
+        gone = set(existing) - set(wanted)
         used = {b for n, (b, _) in existing.items() if n in wanted}
         out: dict[str, tuple[int, int]] = {}
+        created: list[tuple[str, int, int]] = []
         for name in wanted:
             if name in existing:
                 bit, acked = existing[name]
@@ -269,13 +556,35 @@ class Queue:
                 used.add(bit)
                 start = self._starts.get(name, self.config.new_uplink_start)
                 acked = self.tail if start == "now" else self.head - 1
-                db.execute("INSERT INTO cursors(name, bit, acked) VALUES (?,?,?)", (name, bit, acked))
+                created.append((name, bit, acked))
                 log.info("uplink_cursor_created", uplink=name, start=start, acked=acked)
             out[name] = (bit, acked)
-        db.execute("COMMIT")
-        return out
+        if not (gone or created or self._meta_dirty):
+            return out, None
+        try:
+            db.execute("BEGIN")
+            for name in gone:
+                db.execute("DELETE FROM cursors WHERE name=?", (name,))
+            db.executemany("INSERT INTO cursors(name, bit, acked) VALUES (?,?,?)", created)
+            db.executemany("INSERT OR REPLACE INTO meta(k, v) VALUES (?,?)",
+                           list(self._meta_dirty.items()))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            if classify(exc, self.path) is None:
+                raise
+            # The disk refuses: new cursors are written with the first commit it takes.
+            self._dirty.update({name: acked for name, _, acked in created})
+            return out, exc
+        self._meta_dirty = {}
+        for name in gone:
+            log.info("uplink_cursor_dropped", uplink=name, acked=existing[name][1])
+        return out, None
 
     def _open_reader_sync(self) -> None:
+        if self._rdb is not None:
+            self._rdb.close()
         self._rdb = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._rdb.execute("PRAGMA cache_size=-4096")
 
@@ -289,8 +598,13 @@ class Queue:
             ob.closed = True
         async with self._committed:
             self._committed.notify_all()
+        if self._retry or self._dirty:
+            log.error("queue_closed_unstored", readings=len(self._retry), acks=dict(self._dirty),
+                      condition=self.storage.state)
+        acked = {n: ob.acked for n, ob in self._outboxes.items()}
+        clean = not self._retry and not self._dirty and self._opened
         await self._on_reader(self._close_reader_sync)
-        await self._on_writer(self._close_writer_sync)
+        await self._on_writer(self._close_writer_sync, self.tail, acked, clean)
         self._w.shutdown(wait=True)
         self._r.shutdown(wait=True)
         log.info("queue_closed", tail=self.tail, rows=self.rows)
@@ -300,7 +614,7 @@ class Queue:
             self._rdb.close()
             self._rdb = None
 
-    def _close_writer_sync(self) -> None:
+    def _close_writer_sync(self, tail: int, acked: dict[str, int], clean: bool) -> None:
         if self._db is not None:
             try:
                 self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -308,12 +622,92 @@ class Queue:
                 pass
             self._db.close()
             self._db = None
+            try:
+                self._sidecar_pass_sync(tail, acked, clean)
+            except OSError as exc:
+                log.warning("queue_sidecar_not_written", error=str(exc))
+
+    # -- storage condition ----------------------------------------------------------------------
+
+    def _fault(self, exc: BaseException, where: str, at_start: bool = False) -> None:
+        """A write failed for a storage reason: degrade (one log line per condition change)."""
+        state = classify(exc, self.path) or "io_error"
+        st = self.storage
+        st.detail = str(exc)
+        if state == st.state:
+            return
+        previous = st.state
+        st.state, st.since, st.where = state, time.time(), where
+        if previous == "ok":
+            st.dropped = 0
+        st.held, st.acks_pending = len(self._retry), len(self._dirty)
+        log.error("queue_storage_degraded", condition=state, previous=previous, where=where,
+                  error=str(exc), at_start=at_start, held_in_memory=len(self._retry),
+                  memory_buffer=self.config.memory_buffer, path=str(self.path),
+                  message=("the state directory refuses writes at start: " if at_start else
+                           "the queue cannot write to disk: ")
+                  + f"readings are held in memory (up to {self.config.memory_buffer}) and "
+                  "written once the disk takes writes again")
+        self._update_storage_gauges()
+        self._have_pending.set()  # wake the commit loop into probing
+
+    def _write_ok(self) -> None:
+        """A write reached the disk: leave any degraded condition."""
+        st = self.storage
+        if st.ok:
+            return
+        log.warning("queue_storage_recovered", condition=st.state,
+                    lasted_s=round(time.time() - st.since, 3), dropped=st.dropped,
+                    held_in_memory=len(self._retry), acks_pending=len(self._dirty))
+        st.state, st.since, st.where, st.detail = "ok", time.time(), "", ""
+        self._update_storage_gauges()
+        if self._retry or self._dirty:
+            self._have_pending.set()
+
+    def _update_storage_gauges(self) -> None:
+        st = self.storage
+        st.held, st.acks_pending = len(self._retry), len(self._dirty)
+        m = self.metrics
+        if m is None:
+            return
+        m.queue_storage_ok.set(1 if st.ok else 0)
+        for s in STORAGE_STATES:
+            m.queue_storage_state.labels(s).set(1 if s == st.state else 0)
+        m.queue_held.set(len(self._retry))
+
+    def _hold(self, batch: list[Reading]) -> None:
+        """Keep readings in the bounded memory buffer; drop (and count) the oldest past it."""
+        self._retry.extend(batch)
+        over = len(self._retry) - self.config.memory_buffer
+        if over > 0:
+            del self._retry[:over]
+            reason = self.storage.state if not self.storage.ok else "io_error"
+            self.store_failed += over
+            self.storage.dropped += over
+            for ob in self._outboxes.values():
+                ob.dropped[reason] = ob.dropped.get(reason, 0) + over
+            if self.metrics is not None:
+                self.metrics.store_failures.labels(reason).inc(over)
+                for name in self._outboxes:
+                    self.metrics.readings_dropped.labels(name, reason).inc(over)
+        self.storage.held = len(self._retry)
 
     # -- appending ------------------------------------------------------------------------------
 
+    def _count(self, lo: int, hi: int) -> int:
+        """Rows with a seq in [lo, hi] that exist (or existed): seqs minus the skipped gaps."""
+        n = hi - lo + 1
+        if n <= 0:
+            return 0
+        for g0, g1 in self._gaps:
+            a, b = max(lo, g0), min(hi, g1)
+            if b >= a:
+                n -= b - a + 1
+        return n
+
     @property
     def rows(self) -> int:
-        return max(0, self.tail - self.head + 1)
+        return self._count(self.head, self.tail)
 
     def outbox(self, name: str) -> Outbox:
         return self._outboxes[name]
@@ -323,9 +717,17 @@ class Queue:
         return self._outboxes
 
     def submit(self, readings: Iterable[Reading]) -> asyncio.Future[bool]:
-        """Add readings to the open commit window; the future is True once they are durable."""
+        """Add readings to the open commit window; the future is True once they are durable.
+
+        While the disk refuses writes the readings go straight to the memory buffer and the
+        future is False (not durable yet; they are committed when the disk recovers).
+        """
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         if self._closed:
+            fut.set_result(False)
+            return fut
+        if not self.storage.ok:
+            self._hold(list(readings))
             fut.set_result(False)
             return fut
         self._pending.extend(readings)
@@ -337,15 +739,15 @@ class Queue:
 
     def backpressure(self) -> bool:
         """True when producers outrun the disk: the open window is over its size cap."""
-        return len(self._pending) + len(self._retry) > self.config.commit_max_rows
+        return len(self._pending) > self.config.commit_max_rows
 
     async def put(self, readings: Iterable[Reading]) -> bool:
         """Append readings; returns after the commit (True), or False if the disk refused them."""
         return await self.submit(readings)
 
     async def flush(self) -> None:
-        """Commit the open window now."""
-        if self._pending or self._retry:
+        """Commit the open window (and anything held or unwritten) now."""
+        if self._pending or self._retry or self._dirty:
             await self._commit()
 
     async def run(self) -> None:
@@ -356,12 +758,16 @@ class Queue:
 
     async def _commit_loop(self) -> None:
         while True:
-            await self._have_pending.wait()
-            try:
-                async with asyncio.timeout(self.config.commit_window):
-                    await self._full.wait()
-            except TimeoutError:
-                pass
+            if self.storage.ok:
+                await self._have_pending.wait()
+            if self.storage.ok:
+                try:
+                    async with asyncio.timeout(self.config.commit_window):
+                        await self._full.wait()
+                except TimeoutError:
+                    pass
+            else:
+                await asyncio.sleep(self.probe_s)  # degraded: probe the disk now and then
             await self._commit()
 
     async def _commit(self) -> None:
@@ -369,11 +775,16 @@ class Queue:
             await self._commit_locked()
 
     async def _commit_locked(self) -> None:
-        batch, futs = self._retry + self._pending, self._pending_futs
-        self._retry, self._pending, self._pending_futs = [], [], []
+        futs = self._pending_futs
+        if self.storage.ok:
+            batch, rest = self._retry + self._pending, []
+        else:  # a probe: what is held, a small slice first
+            self._hold(self._pending)
+            batch, rest = self._retry[:_PROBE_ROWS], self._retry[_PROBE_ROWS:]
+        self._retry, self._pending, self._pending_futs = rest, [], []
         self._have_pending.clear()
         self._full.clear()
-        if not batch:
+        if not batch and not self._dirty and self._opened:
             for f in futs:
                 if not f.done():
                     f.set_result(True)
@@ -382,36 +793,62 @@ class Queue:
         for ob in self._outboxes.values():
             if not ob.connected:
                 offline |= 1 << ob.bit
+        dirty = dict(self._dirty)
         started = time.perf_counter()
         try:
-            first, last, nbytes = await self._on_writer(self._commit_sync, batch, offline)
-        except sqlite3.Error as exc:
-            self._store_failed(batch, exc)
+            if not self._opened:
+                await self._reopen()
+            first, last, nbytes = await self._on_writer(self._commit_sync, batch, offline, dirty)
+        except (sqlite3.Error, OSError) as exc:
+            if classify(exc, self.path) is None:
+                raise
+            self._retry = batch + self._retry
+            self._fault(exc, "append" if batch else "ack")
+            self._hold([])
             for f in futs:
                 if not f.done():
                     f.set_result(False)
             return
-        if self.metrics is not None:
-            self.metrics.commit_latency.observe(time.perf_counter() - started)
-            self.metrics.readings_queued.inc(len(batch))
-        if self.store_error:
-            log.warning("queue_store_recovered", condition=self.store_error)
-            self.store_error = ""
-        self.tail = last
-        self.bytes_est += nbytes
-        log.debug("queue_committed", first_seq=first, last_seq=last, count=len(batch))
+        self._clean_dirty(dirty)
+        self._write_ok()
+        if batch:
+            if self.metrics is not None:
+                self.metrics.commit_latency.observe(time.perf_counter() - started)
+                self.metrics.readings_queued.inc(len(batch))
+            self.tail = last
+            self.bytes_est += nbytes
+            log.debug("queue_committed", first_seq=first, last_seq=last, count=len(batch))
+        if self._retry:
+            self._have_pending.set()
+        self._update_storage_gauges()
         if self.rows > self.config.max_rows or self.bytes_est > self.config.max_bytes:
             try:
                 await self.enforce_caps()  # before put() returns: the caps hold afterwards
-            except sqlite3.Error as exc:
-                self._rl.warning("queue_cap_failed", error=str(exc))
+            except (sqlite3.Error, OSError) as exc:
+                if classify(exc, self.path) is None:
+                    raise
+                self._fault(exc, "gc")
         for f in futs:
             if not f.done():
                 f.set_result(True)
         async with self._committed:
             self._committed.notify_all()
 
-    def _commit_sync(self, batch: list[Reading], offline: int) -> tuple[int, int, int]:
+    def _write_cursors(self, db: sqlite3.Connection, dirty: dict[str, int]) -> None:
+        for name, acked in dirty.items():
+            ob = self._outboxes.get(name)
+            if ob is None:
+                continue
+            db.execute("INSERT INTO cursors(name, bit, acked) VALUES (?,?,?) ON CONFLICT(name)"
+                       " DO UPDATE SET acked=max(acked, excluded.acked)", (name, ob.bit, acked))
+
+    def _write_cursors_sync(self, dirty: dict[str, int]) -> None:
+        db = self._db
+        assert db is not None
+        self._write_cursors(db, dirty)  # one autocommit statement per cursor
+
+    def _commit_sync(self, batch: list[Reading], offline: int, dirty: dict[str, int]
+                     ) -> tuple[int, int, int]:
         db = self._db
         assert db is not None
         series = self._series
@@ -440,68 +877,71 @@ class Queue:
             append((seq, r.ts_ms, sid, v, vt, r.quality, offline))
         nbytes += len(batch) * (_ROW_OVERHEAD + 8)
         try:
+            if seq > self._reserved:
+                # Reserve seqs durably before using them: after a state loss numbering goes on
+                # above every seq that could have been handed out.
+                reserved = seq + _RESERVE
+                self._write_sidecar_sync(reserved=reserved)
+                self._reserved = reserved
             db.execute("BEGIN")
             if new_series:
                 db.executemany("INSERT INTO series(sid, dev, pt) VALUES (?,?,?)", new_series)
-            db.executemany("INSERT INTO readings(seq, ts, sid, val, vt, q, off) VALUES (?,?,?,?,?,?,?)",
-                           rows)
-            db.execute("INSERT OR REPLACE INTO meta(k, v) VALUES ('last_seq', ?)", (seq,))
+            if rows:
+                db.executemany("INSERT INTO readings(seq, ts, sid, val, vt, q, off)"
+                               " VALUES (?,?,?,?,?,?,?)", rows)
+                db.execute("INSERT OR REPLACE INTO meta(k, v) VALUES ('last_seq', ?)", (seq,))
+            if self._meta_dirty:
+                db.executemany("INSERT OR REPLACE INTO meta(k, v) VALUES (?,?)",
+                               list(self._meta_dirty.items()))
+            self._write_cursors(db, dirty)
             db.execute("COMMIT")
-        except sqlite3.Error:
+        except (sqlite3.Error, OSError):
             if db.in_transaction:
-                db.execute("ROLLBACK")
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             for sid, dev, pt in new_series:
                 del series[(dev, pt)]
                 del self._series_by_id[sid]
             raise
+        self._meta_dirty = {}
         return first, seq, nbytes
-
-    def _store_failed(self, batch: list[Reading], exc: sqlite3.Error) -> None:
-        text = str(exc)
-        if "readonly" in text or "read-only" in text:
-            reason = "read_only"
-        elif "full" in text:
-            reason = "disk_full"
-        else:
-            reason = "io_error"
-        self.store_error = reason
-        keep = self.config.memory_buffer
-        lost = max(0, len(batch) - keep)
-        self._retry = batch[lost:] if keep else []
-        if not keep:
-            lost = len(batch)
-        if lost:
-            self.store_failed += lost
-            if self.metrics is not None:
-                self.metrics.store_failures.labels(reason).inc(lost)
-        self._rl.warning("queue_store_failed", key=reason, condition=reason, error=text,
-                         lost=lost, held_in_memory=len(self._retry))
-        if self._retry:
-            self._have_pending.set()
 
     # -- caps and GC ----------------------------------------------------------------------------
 
     async def enforce_caps(self) -> int:
         """Drop the oldest rows past max_rows / max_bytes / max_age. Returns rows dropped."""
+        if not self._opened:
+            return 0
         cut, reason = await self._on_writer(self._find_cut_sync)
         if cut < self.head:
             return 0
         return await self._drop_through(cut, reason)
 
+    def _nth_seq(self, db: sqlite3.Connection, k: int) -> int:
+        """The seq of the k-th row from the head (k >= 1)."""
+        if not any(g[1] >= self.head for g in self._gaps):
+            return self.head + k - 1
+        row = db.execute("SELECT seq FROM readings WHERE seq >= ? ORDER BY seq LIMIT 1 OFFSET ?",
+                         (self.head, k - 1)).fetchone()
+        return int(row[0]) if row else self.tail
+
     def _find_cut_sync(self) -> tuple[int, str]:
         db = self._db
         assert db is not None
         cut, reason = self.head - 1, ""
-        if self.rows > self.config.max_rows:
-            cut, reason = self.tail - self.config.max_rows, "max_rows"
-        if self.bytes_est > self.config.max_bytes and self.rows:
-            avg = self.bytes_est / self.rows
-            excess_rows = math.ceil((self.bytes_est - self.config.max_bytes) / avg)
-            c = self.head - 1 + excess_rows
+        rows = self.rows
+        if rows > self.config.max_rows:
+            cut, reason = self._nth_seq(db, rows - self.config.max_rows), "max_rows"
+        if self.bytes_est > self.config.max_bytes and rows:
+            avg = self.bytes_est / rows
+            excess_rows = min(rows, math.ceil((self.bytes_est - self.config.max_bytes) / avg))
+            c = self._nth_seq(db, excess_rows)
             if c > cut:
                 cut, reason = c, "max_bytes"
         cutoff_ms = int((time.time() - self.config.max_age) * 1000)
-        if cut < self.tail:  # seq is contiguous: rows remain after the cut
+        if cut < self.tail:  # rows remain after the cut
             young = db.execute("SELECT seq FROM readings WHERE seq > ? AND ts >= ? ORDER BY seq LIMIT 1",
                                (cut, cutoff_ms)).fetchone()
             c = (young[0] - 1) if young is not None else self.tail
@@ -514,10 +954,13 @@ class Queue:
         per_uplink: dict[str, int] = {}
         for name, ob in self._outboxes.items():
             if ob.acked < cut:
-                per_uplink[name] = cut - max(ob.acked, self.head - 1)
+                per_uplink[name] = self._count(max(ob.acked, self.head - 1) + 1, cut)
         first = self.head
-        removed_bytes = await self._on_writer(self._delete_through_sync, cut, per_uplink)
-        n = cut - first + 1
+        dirty = dict(self._dirty)
+        removed_bytes = await self._on_writer(self._delete_through_sync, cut, per_uplink, dirty)
+        self._clean_dirty(dirty)
+        self._write_ok()
+        n = self._count(first, cut)
         self.head = cut + 1
         self.bytes_est = max(0, self.bytes_est - removed_bytes)
         for name, count in per_uplink.items():
@@ -532,13 +975,20 @@ class Queue:
                              reason=reason, count=count, through_seq=cut)
         return n
 
-    def _delete_through_sync(self, cut: int, per_uplink: dict[str, int]) -> int:
+    def _clean_dirty(self, written: dict[str, int]) -> None:
+        for name, acked in written.items():
+            if self._dirty.get(name) == acked:
+                del self._dirty[name]
+
+    def _delete_through_sync(self, cut: int, per_uplink: dict[str, int],
+                             dirty: dict[str, int]) -> int:
         db = self._db
         assert db is not None
         removed = self._bytes_between(db, self.head, cut)
         lo = self.head
         db.execute("BEGIN")
         try:
+            self._write_cursors(db, dirty)
             for name in per_uplink:
                 db.execute("UPDATE cursors SET acked=max(acked, ?) WHERE name=?", (cut, name))
             while lo <= cut:
@@ -548,18 +998,26 @@ class Queue:
             db.execute("COMMIT")
         except sqlite3.Error:
             if db.in_transaction:
-                db.execute("ROLLBACK")
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             raise
         return removed
 
     async def collect(self) -> int:
         """Delete rows every uplink has acked (a chunk at a time). Returns rows deleted."""
+        if not self._opened:
+            return 0
         done = min((ob.acked for ob in self._outboxes.values()), default=self.tail)
         if done < self.head:
             return 0
         cut = min(done, self.head + _GC_CHUNK - 1)
-        removed = await self._on_writer(self._delete_through_sync, cut, {})
-        n = cut - self.head + 1
+        dirty = dict(self._dirty)
+        removed = await self._on_writer(self._delete_through_sync, cut, {}, dirty)
+        self._clean_dirty(dirty)
+        self._write_ok()
+        n = self._count(self.head, cut)
         self.head = cut + 1
         self.bytes_est = max(0, self.bytes_est - removed)
         return n
@@ -567,13 +1025,23 @@ class Queue:
     async def _gc_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.gc_interval)
-            try:
-                await self.enforce_caps()
-                while await self.collect() >= _GC_CHUNK:
-                    await asyncio.sleep(0)
-            except sqlite3.Error as exc:
-                self._rl.warning("queue_gc_failed", error=str(exc))
+            await self.gc_pass()
             self.update_gauges()
+
+    async def gc_pass(self) -> None:
+        """Caps, collection and the sidecar's committed mark; storage errors degrade."""
+        if not self._opened:
+            return
+        try:
+            await self.enforce_caps()
+            while await self.collect() >= _GC_CHUNK:
+                await asyncio.sleep(0)
+            acked = {n: ob.acked for n, ob in self._outboxes.items()}
+            await self._on_writer(self._sidecar_pass_sync, self.tail, acked, False)
+        except (sqlite3.Error, OSError) as exc:
+            if classify(exc, self.path) is None:
+                raise
+            self._fault(exc, "gc")
 
     # -- reading --------------------------------------------------------------------------------
 
@@ -616,8 +1084,11 @@ class Queue:
         db = self._rdb
         if db is None:
             return None
-        row = db.execute("SELECT ts FROM readings WHERE seq > ? ORDER BY seq LIMIT 1",
-                         (after_seq,)).fetchone()
+        try:
+            row = db.execute("SELECT ts FROM readings WHERE seq > ? ORDER BY seq LIMIT 1",
+                             (after_seq,)).fetchone()
+        except sqlite3.Error:
+            return None
         return row[0] if row else None
 
     async def backlog_stats(self) -> dict[str, dict[str, Any]]:
@@ -639,10 +1110,22 @@ class Queue:
             }
         return out
 
+    def status(self) -> dict[str, Any]:
+        """The queue's part of /status."""
+        return {
+            "rows": self.rows, "head_seq": self.head, "tail_seq": self.tail,
+            "bytes_approx": self.bytes_est, "fsync": self.config.fsync,
+            "storage": self.storage.as_dict(), "store_error": self.store_error,
+            "store_failed": self.store_failed, "dropped": self.dropped_total,
+            "state_lost": self.state_lost, "queue_id": self.queue_id,
+            "corrupt_file_moved_to": str(self.renamed_corrupt) if self.renamed_corrupt else None,
+        }
+
     def update_gauges(self) -> None:
         if self.metrics is None:
             return
         self.metrics.queue_rows.set(self.rows)
+        self._update_storage_gauges()
         avg = self.bytes_est / self.rows if self.rows else 0
         for name, ob in self._outboxes.items():
             self.metrics.backlog_rows.labels(name).set(ob.pending())
@@ -650,13 +1133,17 @@ class Queue:
 
 
 class Outbox:
-    """One uplink's cursor over the queue. See `gatewayd.uplinks.base.Outbox` for the contract."""
+    """One uplink's cursor over the queue. See `gatewayd.uplinks.base.Outbox` for the contract.
+
+    Never raises a storage error into an uplink: a failed cursor write keeps the ack in memory
+    (written with the next write the disk takes), a failed read returns an empty lease.
+    """
 
     def __init__(self, queue: Queue, name: str, bit: int, acked: int) -> None:
         self.queue = queue
         self.name = name
         self.bit = bit
-        self.acked = acked  # durable cursor
+        self.acked = acked  # confirmed cursor (durable unless in queue._dirty)
         self.next_seq = acked  # last seq handed out by lease()
         self.connected = False
         self.live_from = queue.tail + 1  # seqs below this are backlog for the current connection
@@ -677,8 +1164,13 @@ class Outbox:
         if linger_s > 0 and q.tail - self.next_seq < max_items:
             # A trickle: wait a little for a fuller batch (fewer wake-ups, messages and acks).
             await q.wait_committed(self.next_seq + max_items - 1, linger_s)
-        items = await q._on_reader(q._lease_sync, self.next_seq, q.tail, max_items, max_bytes,
-                                   self.bit, self.live_from)
+        try:
+            items = await q._on_reader(q._lease_sync, self.next_seq, q.tail, max_items, max_bytes,
+                                       self.bit, self.live_from)
+        except sqlite3.Error as exc:
+            q._rl.warning("queue_read_failed", key=self.name, uplink=self.name, error=str(exc))
+            await asyncio.sleep(min(1.0, wait_s if wait_s is not None else 1.0))
+            return Lease(self.name, [])
         if items:
             self.next_seq = items[-1].seq
         return Lease(self.name, items)
@@ -688,15 +1180,22 @@ class Outbox:
             if seq <= self.acked:
                 return
             q = self.queue
-            await q._on_writer(self._ack_sync, seq)
             if q.metrics is not None:
-                q.metrics.readings_acked.labels(self.name).inc(seq - self.acked)
+                q.metrics.readings_acked.labels(self.name).inc(q._count(self.acked + 1, seq))
             self.acked = seq
-
-    def _ack_sync(self, seq: int) -> None:
-        db = self.queue._db
-        assert db is not None
-        db.execute("UPDATE cursors SET acked=max(acked, ?) WHERE name=?", (seq, self.name))
+            if not (q.storage.ok and q._opened):
+                q._dirty[self.name] = seq  # written with the first write the disk takes
+                q.storage.acks_pending = len(q._dirty)
+                return
+            try:
+                await q._on_writer(q._write_cursors_sync, {self.name: seq})
+            except (sqlite3.Error, OSError) as exc:
+                if classify(exc, q.path) is None:
+                    raise
+                q._dirty[self.name] = max(seq, q._dirty.get(self.name, 0))
+                q._fault(exc, "ack")
+                return
+            q._write_ok()
 
     def rewind(self) -> None:
         self.next_seq = self.acked
@@ -716,5 +1215,4 @@ class Outbox:
         self.connected = connected
 
     def pending(self) -> int:
-        return max(0, self.queue.tail - self.acked)
-
+        return self.queue._count(self.acked + 1, self.queue.tail)

@@ -204,8 +204,17 @@ class Gateway:
             return ["starting"]
         out = [f"task {name} is not running" for name, t in self._tasks.items()
                if t.done() and not self.stopping and name != "watchdog"]
-        if self.queue is not None and self.queue.store_error:
-            out.append(f"queue cannot store readings: {self.queue.store_error}")
+        return out
+
+    def degraded(self) -> list[str]:
+        """What works only partly while every loop still runs (readiness, not liveness)."""
+        out = []
+        q = self.queue
+        if q is not None and not q.storage.ok:
+            st = q.storage
+            out.append(f"queue storage {st.state} since {time.strftime('%H:%M:%SZ', time.gmtime(st.since))}"
+                       f" ({st.where}: {st.detail}); {st.held} readings held in memory,"
+                       f" {st.dropped} dropped")
         return out
 
     async def refresh_gauges(self) -> None:
@@ -228,12 +237,8 @@ class Gateway:
             "ready": self.ready.is_set(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "problems": self.problems(),
-            "queue": None if q is None else {
-                "rows": q.rows, "head_seq": q.head, "tail_seq": q.tail,
-                "bytes_approx": q.bytes_est, "store_error": q.store_error,
-                "store_failed": q.store_failed, "dropped": q.dropped_total,
-                "corrupt_file_moved_to": str(q.renamed_corrupt) if q.renamed_corrupt else None,
-            },
+            "degraded": self.degraded(),
+            "queue": None if q is None else q.status(),
             "devices": {s.driver.name: s.status.as_dict(s.driver.stats()) for s in self.samplers},
             "uplinks": {n: {**u.status(), "backlog": backlog.get(n, {})}
                         for n, u in self.uplinks.items()},

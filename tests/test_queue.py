@@ -233,7 +233,7 @@ async def test_disk_full_is_survived_and_recovers(tmp_path: Path) -> None:
                     break
         assert results.count(False) == 3, "the file cap was never reached"
         assert q.store_error == "disk_full"
-        assert any(e["event"] == "queue_store_failed" for e in logs)
+        assert [e["event"] for e in logs].count("queue_storage_degraded") == 1  # once, not per write
         failed_rows = q.store_failed
         assert failed_rows > 0  # beyond the memory buffer, and counted
         assert metrics.store_failures.labels("disk_full")._value.get() == failed_rows
