@@ -59,18 +59,18 @@ async def case_append(n: int, state: Path) -> dict[str, float]:
 
 
 async def case_drain(n: int, state: Path) -> dict[str, float]:
-    """(b) lease + ack of an n-row backlog, 5000 per lease."""
+    """(b) lease + ack of an n-row backlog, 5000 per lease, each ack fsynced (the default)."""
     db = state / "q.db"
     q = Queue(db, QueueConfig(fsync="off", max_rows=n * 2), ["a"])
     await q.open()
     now = int(time.time() * 1000)
     for i in range(0, n, 50_000):
-        await q._on_writer(q._commit_sync, batch(i, 50_000, now), 0)
+        await q._on_writer(q._commit_sync, batch(i, 50_000, now), 0, {})
         q.tail += 50_000
     await q.close()
     del q
     # Measure in a fresh process state: only the drain's memory counts.
-    q = Queue(db, QueueConfig(fsync="normal", max_rows=n * 2), ["a"])
+    q = Queue(db, QueueConfig(max_rows=n * 2), ["a"])  # the default policy: fsync=always
     await q.open()
     ob = q.outbox("a")
     t0, c0 = time.perf_counter(), time.process_time()
@@ -87,7 +87,8 @@ async def case_drain(n: int, state: Path) -> dict[str, float]:
     return {"readings": done, "wall_s": wall, "cpu_s": cpu}
 
 
-def write_config(state: Path, devices: int, interval: str, count: int, level: str = "warning") -> Path:
+def write_config(state: Path, devices: int, interval: str, count: int, level: str = "warning",
+                 fsync: str = "always") -> Path:
     devs = "".join(textwrap.dedent(f"""
         [[devices]]
         name = "dev{i}"
@@ -100,6 +101,8 @@ def write_config(state: Path, devices: int, interval: str, count: int, level: st
         [gateway]
         id = "bench"
         state_dir = "{state}"
+        [queue]
+        fsync = "{fsync}"
         [health]
         enabled = false
         [log]
@@ -161,6 +164,16 @@ def case_e2e(seconds: float, state: Path) -> dict[str, float]:
     return run_daemon(write_config(state, 10, "10ms", 199), seconds, warmup=3)
 
 
+def case_e2e_normal(seconds: float, state: Path) -> dict[str, float]:
+    """(c') the same with fsync=normal: what power-cut safety costs at full load."""
+    return run_daemon(write_config(state, 10, "10ms", 199, fsync="normal"), seconds, warmup=3)
+
+
+def case_steady(seconds: float, state: Path, fsync: str) -> dict[str, float]:
+    """A steady 1,000 readings/s (20 devices x 50 points at 1 Hz) with the given fsync policy."""
+    return run_daemon(write_config(state, 20, "1s", 49, fsync=fsync), seconds, warmup=3)
+
+
 def case_idle(seconds: float, state: Path) -> dict[str, float]:
     """Idle CPU: 20 devices at 1 Hz."""
     return run_daemon(write_config(state, 20, "1s", 0), seconds, warmup=3)
@@ -175,6 +188,10 @@ def run_case(name: str, n: int, seconds: float) -> dict[str, float]:
             res = asyncio.run(case_drain(n, state))
         elif name == "e2e":
             res = case_e2e(seconds, state)
+        elif name == "e2e_normal":
+            res = case_e2e_normal(seconds, state)
+        elif name in ("steady_always", "steady_normal"):
+            res = case_steady(seconds, state, name.split("_")[1])
         else:
             res = case_idle(seconds, state)
     res.setdefault("rss_mb", peak_rss_mb())
@@ -195,6 +212,9 @@ CASES = {
     "append": "(a) append, group commit, fsync=always",
     "drain": "(b) drain 1M backlog (lease+ack)",
     "e2e": "(c) e2e sim->queue->jsonl",
+    "e2e_normal": "(c') e2e, fsync=normal",
+    "steady_always": "steady 1k/s, fsync=always",
+    "steady_normal": "steady 1k/s, fsync=normal",
     "idle": "idle: 20 devices at 1 Hz",
 }
 

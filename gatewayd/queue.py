@@ -467,7 +467,7 @@ class Queue:
         self.bytes_est = self._bytes_between(db, self.head, self.tail)
         cursors, deferred = self._reconcile_cursors(db)
         self._side = {"format": 1, "queue_id": qid, "committed": tail,
-                      "reserved": max(int((side or {}).get("reserved", 0)), tail),
+                      "reserved": max(int((side or {}).get("reserved", 0)), tail + _RESERVE),
                       "acked": {n: a for n, (_, a) in cursors.items()}, "clean": False,
                       "fsync": self.config.fsync}
         try:
@@ -746,9 +746,11 @@ class Queue:
         return await self.submit(readings)
 
     async def flush(self) -> None:
-        """Commit the open window (and anything held or unwritten) now."""
-        if self._pending or self._retry or self._dirty:
-            await self._commit()
+        """Commit the open window (and anything held or unwritten) now.
+
+        Always takes the commit lock, so a commit already in flight has landed on return.
+        """
+        await self._commit()
 
     async def run(self) -> None:
         """The group-commit and GC loops. Runs until cancelled."""
@@ -772,7 +774,14 @@ class Queue:
 
     async def _commit(self) -> None:
         async with self._commit_lock:
-            await self._commit_locked()
+            # Shielded: the writer thread finishes a commit even if this task is cancelled
+            # (shutdown), so the seqs it wrote must be accounted for before giving up.
+            job = asyncio.ensure_future(self._commit_locked())
+            try:
+                await asyncio.shield(job)
+            except asyncio.CancelledError:
+                await asyncio.wait([job])
+                raise
 
     async def _commit_locked(self) -> None:
         futs = self._pending_futs

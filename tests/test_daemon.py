@@ -229,6 +229,7 @@ def test_health_metrics_status_and_local_commands(tmp_path: Path, daemons: list[
     assert code == 200 and json.loads(body)["ok"] is True
     for _ in range(3):
         d.event("queue_committed")
+    wait_delivered(tmp_path / "out.jsonl", committed(d.events))  # sent_total has its child now
     code, body = _get(base + "/metrics")
     text = body.decode()
     assert code == 200
