@@ -1,4 +1,4 @@
-"""Command line: `gatewayd run|check|probe|sim`."""
+"""Command line: `gatewayd run|check|status|probe|sim`."""
 
 from __future__ import annotations
 
@@ -51,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
                                        "in and secrets masked. Exit 0 if valid, 78 if not.")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file")
     check.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+
+    status = sub.add_parser(
+        "status", help="the status page as a terminal table (devices, uplinks, queue)",
+        description="Show what the running daemon reads and where every reading is. Exit 0 if "
+                    "all is well, 1 if a device, uplink or the queue's storage is failing, 2 if "
+                    "the daemon cannot be reached.")
+    from gatewayd.web import term
+
+    term.add_arguments(status)
+    status.set_defaults(plugin=term)
 
     probe = _optional_module("gatewayd.probe")
     if probe is not None:
