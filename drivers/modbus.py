@@ -10,10 +10,8 @@ request planning are pure functions.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import struct
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal

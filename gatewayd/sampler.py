@@ -61,7 +61,7 @@ class DeviceState:
 class _Rate:
     """Events per second over the last completed window (until then, since the start)."""
 
-    __slots__ = ("window_s", "_t0", "_n0", "_n", "hz")
+    __slots__ = ("_n", "_n0", "_t0", "hz", "window_s")
 
     def __init__(self, window_s: float, now: float) -> None:
         self.window_s = window_s
@@ -77,8 +77,8 @@ class _Rate:
             self.hz = (self._n - self._n0) / elapsed
             self._t0, self._n0 = now, self._n
             return True
-        if self.hz is None and elapsed > 0:
-            self.hz = self._n / max(elapsed, self.window_s / 10)  # a first estimate
+        if self._n0 == 0:  # no window completed yet: an estimate since the start
+            self.hz = self._n / max(elapsed, self.window_s / 10)
         return False
 
 
@@ -108,13 +108,13 @@ class PortLoad:
         self.devices[device] = 1.0 / interval_s
         self._window_s = max(self._window_s, 5 * interval_s)
 
-    def note(self, now: float, missed: int) -> None:
-        """One poll made by one of the port's devices, after `missed` slots it could not make."""
-        self.polls += 1
+    def note(self, now: float, polls: int, missed: int) -> None:
+        """`polls` polls made and `missed` slots missed by one of the port's devices."""
+        self.polls += polls
         self.missed += missed
         if self._rate is None:
             self._rate = _Rate(self._window_s, now)
-        if not self._rate.add(now):
+        if not self._rate.add(now, polls):
             return
         polls = self.polls - self._polls_at_window
         missed_now = self.missed - self._missed_at_window
@@ -147,13 +147,14 @@ class PortLoad:
 class PortLoads:
     """One `PortLoad` per serial port that sampled devices share (for /status)."""
 
-    def __init__(self) -> None:
+    def __init__(self, window_s: float = 10.0) -> None:
         self.ports: dict[str, PortLoad] = {}
+        self.window_s = window_s  # shortest rate window (longer for slow devices)
 
     def get(self, port: str) -> PortLoad:
         load = self.ports.get(port)
         if load is None:
-            load = self.ports[port] = PortLoad(port)
+            load = self.ports[port] = PortLoad(port, self.window_s)
         return load
 
     def status(self) -> dict[str, Any]:
@@ -228,7 +229,6 @@ class Sampler:
         interval = self.interval_s
         spread = interval * self.jitter
         need_open = True
-        missed = 0  # slots missed before the poll being made now
         # The first poll is made at once; the slots start at a random offset in the first
         # interval, so devices do not all fire at once.
         next_at = time.monotonic() + self.rng.uniform(0, interval * self.jitter * 2)
@@ -245,7 +245,7 @@ class Sampler:
                 async with asyncio.timeout(self.timeout_s):
                     readings = await self.driver.read()
             except (DriverError, TimeoutError) as exc:
-                self._polled(missed)
+                self._polled()
                 error = (f"read timed out after {self.timeout_s:g}s" if isinstance(exc, TimeoutError)
                          else str(exc))
                 st.failures += 1
@@ -260,7 +260,7 @@ class Sampler:
                 # Back off: the slots it sleeps through are missed, as any others.
                 await asyncio.sleep(self.backoff.next_delay())
             else:
-                self._polled(missed)
+                self._polled()
                 self.backoff.reset()
                 st.reads += 1
                 st.consecutive_failures = 0
@@ -278,24 +278,28 @@ class Sampler:
                 # Late (a slow read, a wait for the port): the latest slot that came due is
                 # polled at once, the ones before it are missed; never a burst.
                 missed = int((now - next_at) // interval)
-                next_at += missed * interval
+                if missed:
+                    next_at += missed * interval
+                    self._missed(missed, now)
                 await asyncio.sleep(0)
                 continue
-            missed = 0
             await asyncio.sleep(self._until_tick(next_at + self.rng.uniform(-spread, spread), now))
 
-    def _polled(self, missed: int) -> None:
-        """Account one poll (made now) and the `missed` slots before it."""
+    def _polled(self) -> None:
+        """Account one poll, made now."""
         now = time.monotonic()
-        st = self.status
-        if missed:
-            st.missed_polls += missed
-            if self._m_missed is not None:
-                self._m_missed.inc(missed)
         self._rate.add(now)
-        st.achieved_hz = self._rate.hz
+        self.status.achieved_hz = self._rate.hz
         if self.port_load is not None:
-            self.port_load.note(now, missed)
+            self.port_load.note(now, 1, 0)
+
+    def _missed(self, missed: int, now: float) -> None:
+        """Account `missed` slots that passed without a poll."""
+        self.status.missed_polls += missed
+        if self._m_missed is not None:
+            self._m_missed.inc(missed)
+        if self.port_load is not None:
+            self.port_load.note(now, 0, missed)
 
     def _until_tick(self, target: float, now: float) -> float:
         """Seconds to sleep until `target` rounded up to the shared tick grid.
