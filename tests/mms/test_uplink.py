@@ -96,9 +96,10 @@ async def test_poison_reading_is_quarantined_and_the_rest_delivered(sim, make_ha
     assert stored == [r.value for i, r in enumerate(batch) if i != 13]
     assert h.uplink.rejected == 1
     assert h.queue.outbox("mms").quarantined == {"rejected": 1}
-    dropped = [e for e in logs if e["event"] == "reading_dropped"]
+    dropped = [e for e in logs if e["event"] == "reading_quarantined"]
     assert len(dropped) == 1 and dropped[0]["seq"] == 14
     assert dropped[0]["detail"] == "The message doesn't conform to the given message type"
+    assert not [e for e in logs if e["event"] == "reading_dropped"]  # the outbox logs it, once
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
