@@ -22,458 +22,38 @@ commands in the same poll, deduplicated within a window. Each result is publishe
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import re
-import ssl
 import time
-import uuid
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
-import aiohttp
-
-from drivers.base import Command, CommandResult, Duration, Quality, Range, Reading, Value, now_ms
+from drivers.base import Command, CommandResult, Quality, Reading, Value, now_ms
 from gatewayd.backoff import Backoff
-from gatewayd.errors import (
-    UplinkAuthError,
-    UplinkError,
-    UplinkRejectedError,
-    UplinkUnavailableError,
-)
-from gatewayd.schema import Secret
+from gatewayd.errors import UplinkAuthError, UplinkError, UplinkRejectedError, UplinkUnavailableError
 from gatewayd.uplinks.base import Item, Lease, Uplink, UplinkContext, UplinkState
+from gatewayd.uplinks.opshub.codec import (
+    Metric,
+    PolledCommand,
+    TimeFormat,
+    build_messages,
+    command_key,
+    convert,
+    format_value,
+    parse_subscribe,
+    primary_mac,
+    publish_verdicts,
+)
+from gatewayd.uplinks.opshub.config import OpsHubConfig, PointMap
+from gatewayd.uplinks.opshub.transport import BodyRejected, OpsHubApi
 
-REST_PREFIX = "/app/iqp/rest"
 RESULT_METRIC = "cmd_result"
-_OFFSET_RE = re.compile(r"^([+-])(\d{2}):(\d{2})$")
-_ID_RE = re.compile(r"^[^/\s]+$")  # page: avoid spaces in names and ids; "/" splits a channel
-_PARAM_TYPES = ("str", "int", "float", "bool")
 _POLL_BACKOFF_CAP_S = 60.0
 _MAX_PENDING_COMMANDS = 1000
 _PROBE_LEVELS = 3  # split levels tried before "everything refused" means a config error
 _QUALITY_NAMES = {int(q): q.name.lower() for q in Quality}
-_TRUE, _FALSE = {"1", "true", "on", "yes"}, {"0", "false", "off", "no"}
-
-
-# -- configuration ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class PointMap:
-    """How one local point is published: the M2M_data `metric`, `data_type`, `description`..."""
-
-    met: str = ""  # metric name; default: the local point name
-    type: str = ""  # data_type; default: "Number" for numbers, "String" otherwise
-    desc: str = ""
-    gen1: str = ""
-    gen2: str = ""  # default: the reading's quality ("uncertain"/"bad") when it is not good
-
-
-@dataclass(frozen=True, slots=True)
-class DeviceMap:
-    """One local device: its Ops Hub sensor id and its points."""
-
-    sensor: str = ""  # default: the local device name
-    points: dict[str, PointMap] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.sensor and not _ID_RE.match(self.sensor):
-            raise ValueError(f"sensor id {self.sensor!r} must not contain spaces or '/'")
-
-
-@dataclass(frozen=True, slots=True)
-class GpsMap:
-    """The local device whose readings give the gateway's position (lat/long/alt of each entry)."""
-
-    device: str
-    lat: str = "lat"  # local point names
-    long: str = "long"
-    alt: str = "alt"
-    decimals: Annotated[int, Range(0, 12)] = 6  # lat/long digits after the point (6: ~0.1 m)
-    publish: bool = False  # also publish the GPS readings as a channel of their own
-
-
-@dataclass(frozen=True, slots=True)
-class CommandPattern:
-    """A command string format: a regex matched against the whole string.
-
-    Named groups become the command's params; the group `action` (or the key `action`) names
-    the dispatcher action and the group `device` (or the key `device`) the local target.
-    """
-
-    pattern: str
-    action: str = ""
-    device: str = ""  # local device it targets; default: the device of the command's channel
-    channel: str = ""  # only for commands arriving on this local device's channel ("" any)
-    types: dict[str, Literal["str", "int", "float", "bool"]] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        try:
-            rx = re.compile(self.pattern)
-        except re.error as exc:
-            raise ValueError(f"pattern {self.pattern!r} is not a valid regex: {exc}") from None
-        if not self.action and "action" not in rx.groupindex:
-            raise ValueError(f"pattern {self.pattern!r}: set `action` or use a (?P<action>...) "
-                             "group")
-        unknown = set(self.types) - set(rx.groupindex)
-        if unknown:
-            raise ValueError(f"types names groups the pattern lacks: {', '.join(sorted(unknown))}")
-
-
-@dataclass(frozen=True, slots=True)
-class OpsHubConfig:
-    url: str  # site URL: "https://opshub.example.com" (the API lives under /app/iqp/rest/)
-    username: str
-    password: Secret
-    account: str = ""  # the channel's account part; default: the username
-    gateway_id: str = ""  # default: MAC of the primary interface, "01-23-45-67-89-ab"
-    ca_bundle: str = ""  # PEM file of the CAs to trust (a private CA); "" = the system store
-    allow_http: bool = False  # plain http:// only when set (the password travels in the body)
-    utc_offset: str = "+00:00"  # time zone written in `time` and `cloud`
-    poll_interval: Duration = 5.0  # subscribe polling; 0 disables command polling
-    request_timeout: Duration = 30.0
-    max_batch: Annotated[int, Range(1, 100_000)] = 2000  # readings per publish
-    devices: dict[str, DeviceMap] = field(default_factory=dict)
-    send_unmapped: bool = True  # publish devices missing from `devices` under their own name
-    gps: GpsMap | None = None
-    commands: list[CommandPattern] = field(default_factory=list)
-    result_sensor: str = "gateway"  # result channel of commands sent to the gateway channel
-    dedupe_window: Duration = 60.0
-    backoff_base: Duration = 1.0
-    backoff_cap: Duration = 300.0
-
-    def __post_init__(self) -> None:
-        scheme = self.url.split("://", 1)[0].lower() if "://" in self.url else ""
-        if scheme not in ("https", "http"):
-            raise ValueError(f"url must start with https:// (got {self.url!r})")
-        if scheme == "http" and not self.allow_http:
-            raise ValueError("url is plain http://: the password would travel unencrypted; "
-                             "use https:// or set allow_http = true")
-        if self.ca_bundle and not Path(self.ca_bundle).is_file():
-            raise ValueError(f"ca_bundle {self.ca_bundle!r} is not a readable file")
-        if not _OFFSET_RE.match(self.utc_offset):
-            raise ValueError(f'utc_offset must look like "+09:00", got {self.utc_offset!r}')
-        if "/" in (self.account or self.username):
-            raise ValueError("account must not contain '/'")
-        for what, value in (("gateway_id", self.gateway_id), ("result_sensor", self.result_sensor)):
-            if value and not _ID_RE.match(value):
-                raise ValueError(f"{what} {value!r} must not contain spaces or '/'")
-        if self.backoff_cap < self.backoff_base:
-            raise ValueError("backoff_cap must be at least backoff_base")
-
-
-# -- helpers shared by the uplink (pure, unit-tested) -------------------------------------------
-
-
-def primary_mac() -> str:
-    """MAC of the interface holding the default route, as "01-23-45-67-89-ab".
-
-    Falls back to the first non-loopback interface with a MAC, then to `uuid.getnode()`.
-    """
-    candidates: list[str] = []
-    try:
-        for line in Path("/proc/net/route").read_text().splitlines()[1:]:
-            fields = line.split()
-            if len(fields) > 1 and fields[1] == "00000000":
-                candidates.append(fields[0])
-    except OSError:
-        pass
-    net = Path("/sys/class/net")
-    try:
-        candidates += sorted(p.name for p in net.iterdir() if p.name != "lo")
-    except OSError:
-        pass
-    for name in candidates:
-        try:
-            mac = (net / name / "address").read_text().strip().lower()
-        except OSError:
-            continue
-        if re.fullmatch(r"([0-9a-f]{2}:){5}[0-9a-f]{2}", mac) and mac != "00:00:00:00:00:00":
-            return mac.replace(":", "-")
-    node = uuid.getnode()
-    return "-".join(f"{(node >> s) & 0xFF:02x}" for s in range(40, -1, -8))
-
-
-class TimeFormat:
-    """Formats epoch milliseconds as the page's `YYYY-MM-DDThh:mm:ss.sss±TZ`."""
-
-    def __init__(self, utc_offset: str = "+00:00") -> None:
-        m = _OFFSET_RE.match(utc_offset)
-        if m is None:
-            raise ValueError(f"bad utc offset {utc_offset!r}")
-        sign = -1 if m.group(1) == "-" else 1
-        self.offset_ms = sign * (int(m.group(2)) * 3600 + int(m.group(3)) * 60) * 1000
-        self.suffix = utc_offset
-
-    def __call__(self, ts_ms: int) -> str:
-        """Raises ValueError (or OverflowError) for a time outside years 1..9999."""
-        sec, ms = divmod(int(ts_ms) + self.offset_ms, 1000)
-        t = time.gmtime(sec)
-        if not 1 <= t.tm_year <= 9999:
-            raise ValueError(f"timestamp {ts_ms} is outside years 1-9999")
-        return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:{t.tm_min:02d}:"
-                f"{t.tm_sec:02d}.{ms:03d}{self.suffix}")
-
-
-def format_value(value: Value) -> tuple[str, str]:
-    """(val, default data_type) for a reading value; the page sends every value as a string."""
-    if isinstance(value, bool):
-        return ("true" if value else "false"), "String"
-    if isinstance(value, int):
-        return str(value), "Number"
-    if isinstance(value, float):
-        if value.is_integer() and abs(value) < 1e15:
-            return str(int(value)), "Number"  # 100.0 -> "100", as the page writes numbers
-        return repr(value), "Number"
-    if value is None:
-        return "", "String"
-    if isinstance(value, str):
-        return value, "String"
-    return json.dumps(value, separators=(",", ":"), sort_keys=True), "String"
-
-
-def command_key(dc: str, command: str, ordinal: int) -> str:
-    """The dedupe key of a polled command, which carries no id of its own: a hash of its
-    channel, its string and its ordinal among identical commands in the same poll answer."""
-    return hashlib.sha256(f"{dc}\n{command}\n{ordinal}".encode()).hexdigest()[:20]
-
-
-_UNQUOTED_KEY = re.compile(r'([{,]\s*)([A-Za-z_]\w*)\s*:')
-_UNOPENED_VALUE = re.compile(r':\s*([A-Za-z_]\w*)"')
-
-
-def loads_lenient(text: str) -> Any:
-    """json.loads, then a second try that repairs the vendor page's own typos.
-
-    The page writes a command list as `{"request_type":command_list", commands: [...]}` (a
-    missing quote and an unquoted key); a server built from that page may do the same.
-    Raises ValueError if the text is not JSON even after the repair.
-    """
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        repaired = _UNOPENED_VALUE.sub(r':"\1"', _UNQUOTED_KEY.sub(r'\1"\2":', text))
-        return json.loads(repaired)
-
-
-@dataclass(slots=True)
-class Metric:
-    """One metric ready to publish: its channel, time, position and `mets` entry."""
-
-    item: Item | None  # None for command results (not from the queue)
-    dc: str
-    time: str
-    position: tuple[tuple[str, str], ...]  # (("alt", ..), ("lat", ..), ("long", ..)) present ones
-    met: dict[str, str]
-
-
-def build_messages(metrics: Sequence[Metric], cloud: str) -> list[dict[str, Any]]:
-    """Publish `messages`: one per channel (first-seen order), one `data` entry per time and
-    position within it, keys in the page's order."""
-    channels: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], list[dict[str, str]]]] = {}
-    for m in metrics:
-        channels.setdefault(m.dc, {}).setdefault((m.time, m.position), []).append(m.met)
-    return [{"dc": dc, "cloud": cloud,
-             "data": [{**dict(pos), "time": t, "mets": mets} for (t, pos), mets in entries.items()]}
-            for dc, entries in channels.items()]
-
-
-def publish_verdicts(answer: Any) -> dict[str, bool]:
-    """Channel -> accepted, from a publish answer (one object, or an array of them)."""
-    answers = answer if isinstance(answer, list) else [answer]
-    out: dict[str, bool] = {}
-    for a in answers:
-        hs = a.get("handshake") if isinstance(a, dict) else None
-        if not isinstance(hs, dict) or hs.get("stage") != "publish":
-            continue
-        if not isinstance(hs.get("dc"), str):
-            continue
-        out[hs["dc"]] = str(hs.get("code")).strip() == "1"
-    return out
-
-
-@dataclass(frozen=True, slots=True)
-class PolledCommand:
-    dc: str
-    command: str
-
-
-def parse_subscribe(answer: Any) -> tuple[list[PolledCommand], list[tuple[str, str]]]:
-    """(commands, problems) from a subscribe answer; a problem is (dc or "", reason).
-
-    Accepts `command_list`, `no_commands` (also the page's `" no_commands"`) and `result`.
-    """
-    payload = answer.get("payload") if isinstance(answer, dict) else None
-    if not isinstance(payload, dict):
-        return [], [("", "subscribe answer has no payload object")]
-    kind = str(payload.get("request_type", "")).strip()
-    if kind in ("no_commands", "result"):
-        return [], []
-    if kind != "command_list":
-        return [], [("", f"unknown request_type {payload.get('request_type')!r}")]
-    raw = payload.get("commands")
-    if not isinstance(raw, list):
-        return [], [("", "command_list without a commands array")]
-    commands, problems = [], []
-    for i, entry in enumerate(raw):
-        dc = entry.get("dc") if isinstance(entry, dict) else None
-        cmd = entry.get("command") if isinstance(entry, dict) else None
-        if isinstance(dc, str) and isinstance(cmd, str):
-            commands.append(PolledCommand(dc, cmd))
-        else:
-            problems.append((dc if isinstance(dc, str) else "",
-                             f"commands[{i}] needs string dc and command, got {entry!r:.200}"))
-    return commands, problems
-
-
-def _convert(value: str, kind: str) -> Any:
-    if kind == "int":
-        return int(value, 0)
-    if kind == "float":
-        return float(value)
-    if kind == "bool":
-        low = value.strip().lower()
-        if low in _TRUE or low in _FALSE:
-            return low in _TRUE
-        raise ValueError(f"{value!r} is not a boolean")
-    return value
-
-
-# -- the REST session ---------------------------------------------------------------------------
-
-
-class _TokenInvalid(Exception):
-    """The server no longer accepts the token (or answered like a login page)."""
-
-
-class _BodyRejected(Exception):
-    """The server refused the whole body (error code 1, HTTP 400/413/422)."""
-
-
-class OpsHubApi:
-    """One HTTP session to the site: login, and calls with one silent re-login and retry."""
-
-    def __init__(self, config: OpsHubConfig, log: Any, counters: Counter[str] | None = None) -> None:
-        self.config = config
-        self.log = log
-        self.base = config.url.rstrip("/") + REST_PREFIX
-        self.token: str | None = None
-        self.counters = counters if counters is not None else Counter()  # logins, relogins
-        self._login_lock = asyncio.Lock()
-        self._http: aiohttp.ClientSession | None = None
-
-    async def __aenter__(self) -> OpsHubApi:
-        tls: ssl.SSLContext | bool = False
-        if self.config.url.lower().startswith("https://"):
-            # verification stays on; a private CA is added, never a bypass
-            tls = ssl.create_default_context(cafile=self.config.ca_bundle or None)
-        self._http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=tls, limit=4),
-            headers={"Content-Type": "application/json", "Accept": "application/json"})
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._http is not None:
-            await self._http.close()
-            self._http = None
-
-    async def _post(self, stage: str, body: bytes) -> Any:
-        """POST one body; the decoded answer, or the exception that classifies it."""
-        assert self._http is not None
-        try:
-            async with asyncio.timeout(self.config.request_timeout):
-                async with self._http.post(f"{self.base}/{stage}", data=body) as resp:
-                    status = resp.status
-                    text = await resp.text(errors="replace")
-        except (aiohttp.ClientError, OSError) as exc:
-            raise UplinkUnavailableError(f"{stage}: {type(exc).__name__}: {exc}") from exc
-        except TimeoutError as exc:
-            raise UplinkUnavailableError(
-                f"{stage}: no answer in {self.config.request_timeout}s") from exc
-        if status in (401, 403):
-            raise _TokenInvalid(f"HTTP {status}")
-        if status in (400, 413, 422):
-            raise _BodyRejected(f"HTTP {status}")
-        if status == 429 or status >= 500:
-            raise UplinkUnavailableError(f"{stage}: HTTP {status}")
-        if status >= 300:
-            raise UplinkRejectedError(f"{stage}: HTTP {status} (check the site url)")
-        try:
-            answer = loads_lenient(text)
-        except ValueError:
-            # a proxy or SSO front end answers an expired session with its HTML sign-in page
-            raise _TokenInvalid(f"HTTP {status} body is not JSON: {text[:60]!r}") from None
-        hs = answer.get("handshake") if isinstance(answer, dict) else None
-        if isinstance(hs, dict) and hs.get("stage") == "error":
-            code = str(hs.get("code")).strip()
-            if code == "2":
-                raise _TokenInvalid("error code 2 (unauthorized)")
-            if code == "1":
-                raise _BodyRejected("error code 1 (bad JSON format)")
-            raise UplinkRejectedError(f"{stage}: error code {code}")
-        return answer
-
-    async def login(self) -> None:
-        """Exchange the credentials for a token. Raises UplinkAuthError if refused."""
-        body = json.dumps({"handshake": {"stage": "login"},
-                           "login": {"username": self.config.username,
-                                     "password": self.config.password.reveal()}},
-                          separators=(",", ":")).encode()
-        try:
-            answer = await self._post("login", body)
-        except _TokenInvalid as exc:
-            if str(exc).startswith("HTTP 40"):  # 401/403 on the login itself: credentials
-                raise UplinkAuthError(f"login refused for user {self.config.username!r} "
-                                      f"({exc})") from None
-            raise UplinkUnavailableError(f"login: {exc}") from None
-        except _BodyRejected as exc:
-            raise UplinkUnavailableError(f"login: {exc}") from None
-        hs = answer.get("handshake") if isinstance(answer, dict) else None
-        code = str(hs.get("code")).strip() if isinstance(hs, dict) else ""
-        token = answer.get("token") if isinstance(answer, dict) else None
-        if code == "1" and isinstance(token, str) and token:
-            self.token = token
-            self.counters["logins"] += 1
-            self.log.info("opshub_logged_in", user=self.config.username)
-            return
-        self.token = None
-        if code == "0":
-            raise UplinkAuthError(f"login refused for user {self.config.username!r}")
-        raise UplinkUnavailableError(f"login: unexpected answer {str(answer)[:120]}")
-
-    async def _relogin(self, failed_token: str | None) -> None:
-        async with self._login_lock:
-            if self.token is not None and self.token != failed_token:
-                return  # a concurrent call logged in already
-            await self.login()
-
-    async def call(self, stage: str, fields: bytes) -> Any:
-        """POST `{"handshake":{"stage":..},"token":..,<fields>}`; re-login and retry once if the
-        token is refused. `fields` is the JSON text of the remaining keys, without braces.
-
-        Raises _BodyRejected, UplinkAuthError, UplinkUnavailableError or UplinkRejectedError.
-        """
-        if self.token is None:
-            await self._relogin(None)
-        for attempt in (1, 2):
-            token = self.token
-            body = b'{"handshake":{"stage":"%s"},"token":%s,%s}' % (
-                stage.encode(), json.dumps(token).encode(), fields)
-            try:
-                return await self._post(stage, body)
-            except _TokenInvalid as exc:
-                if attempt == 2:
-                    raise UplinkUnavailableError(
-                        f"{stage}: token refused right after a new login ({exc})") from None
-                self.log.info("opshub_token_invalid", stage=stage, sign=str(exc))
-                self.token = None if self.token == token else self.token
-                await self._relogin(token)
-                self.counters["relogins"] += 1
-        raise AssertionError("unreachable")
 
 
 # -- the uplink ---------------------------------------------------------------------------------
@@ -663,7 +243,7 @@ class OpsHubUplink(Uplink):
                 return refused
             try:
                 verdicts = await self._publish(pending)
-            except _BodyRejected as exc:
+            except BodyRejected as exc:
                 self.log.warning("opshub_publish_refused", reason=str(exc), count=len(pending))
                 verdicts = dict.fromkeys({m.dc for m in pending}, False)
             if any(verdicts.values()):
@@ -703,7 +283,7 @@ class OpsHubUplink(Uplink):
                 answer = await self.api.call("subscribe", fields)
             except UplinkAuthError:
                 raise
-            except (_BodyRejected, UplinkError) as exc:
+            except (BodyRejected, UplinkError) as exc:
                 # commands are broken, data may not be: keep the session (publish fails on
                 # its own if the server is really gone) and poll again more slowly
                 failures += 1
@@ -791,7 +371,7 @@ class OpsHubUplink(Uplink):
             for key, value in groups.items():
                 kind = pat.types.get(key, "str")
                 try:
-                    params[key] = _convert(value, kind)
+                    params[key] = convert(value, kind)
                 except ValueError:
                     raise ValueError(f"{key}={value!r} is not a valid {kind}") from None
             return device, action, params
@@ -852,4 +432,4 @@ async def _first_failure(name: str, loops: list[tuple[str, Any]]) -> None:
     raise UplinkError("a session loop ended")
 
 
-__all__ = ["CommandPattern", "DeviceMap", "GpsMap", "OpsHubConfig", "OpsHubUplink", "PointMap"]
+__all__ = ["OpsHubUplink"]
