@@ -53,7 +53,7 @@ def base_table(sim: OpsHubSimulator, **overrides: Any) -> dict[str, Any]:
     table: dict[str, Any] = {
         "url": sim.url, "allow_http": True, "username": ACCOUNT, "password_env": "OPSHUB_PW",
         "gateway_id": GATEWAY, "poll_interval": "50ms", "request_timeout": "2s",
-        "backoff_base": "20ms", "backoff_cap": "200ms",
+        "backoff_base": "20ms", "backoff_cap": "200ms", "min_login_interval": "20ms",
     }
     table.update(overrides)
     return table

@@ -107,8 +107,14 @@ def loads_lenient(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        repaired = _UNOPENED_VALUE.sub(r':"\1"', _UNQUOTED_KEY.sub(r'\1"\2":', text))
+        pass
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
+    repaired = _UNOPENED_VALUE.sub(r':"\1"', _UNQUOTED_KEY.sub(r'\1"\2":', text))
+    try:
         return json.loads(repaired)
+    except RecursionError:
+        raise ValueError("JSON nested too deep") from None
 
 
 @dataclass(slots=True)
@@ -133,18 +139,30 @@ def build_messages(metrics: Sequence[Metric], cloud: str) -> list[dict[str, Any]
             for dc, entries in channels.items()]
 
 
-def publish_verdicts(answer: Any) -> dict[str, bool]:
-    """Channel -> accepted, from a publish answer (one object, or an array of them)."""
-    answers = answer if isinstance(answer, list) else [answer]
-    out: dict[str, bool] = {}
-    for a in answers:
+def publish_verdicts(answer: Any, channels: Sequence[str]) -> tuple[dict[str, bool], bool]:
+    """(channel -> accepted, one object for several channels) from a publish answer.
+
+    [open]: how a publish of several channels is answered. An array names each channel it
+    answers. A single object answers one channel for sure: the one it names, or the only one
+    published; for a publish of several channels it says nothing sure of the others (the flag
+    is then True). Code "1" accepts, "0" refuses; any other code, and a channel not named,
+    gets no verdict: the caller sends those again.
+    """
+    single = not isinstance(answer, list)
+    verdicts: dict[str, bool] = {}
+    for a in [answer] if single else answer:
         hs = a.get("handshake") if isinstance(a, dict) else None
         if not isinstance(hs, dict) or hs.get("stage") != "publish":
             continue
-        if not isinstance(hs.get("dc"), str):
+        code = str(hs.get("code")).strip()
+        if code not in ("0", "1"):
             continue
-        out[hs["dc"]] = str(hs.get("code")).strip() == "1"
-    return out
+        dc = hs.get("dc")
+        if dc is None and single and len(channels) == 1:
+            dc = channels[0]
+        if isinstance(dc, str) and dc in channels:
+            verdicts[dc] = code == "1"
+    return verdicts, single and len(channels) > 1
 
 
 @dataclass(frozen=True, slots=True)

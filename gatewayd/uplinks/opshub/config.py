@@ -98,6 +98,7 @@ class OpsHubConfig:
     dedupe_window: Duration = 60.0
     backoff_base: Duration = 1.0
     backoff_cap: Duration = 300.0
+    min_login_interval: Duration = 1.0  # logins at least this far apart, more while tokens die young
 
     def __post_init__(self) -> None:
         scheme = self.url.split("://", 1)[0].lower() if "://" in self.url else ""
@@ -117,4 +118,19 @@ class OpsHubConfig:
                 raise ValueError(f"{what} {value!r} must not contain spaces or '/'")
         if self.backoff_cap < self.backoff_base:
             raise ValueError("backoff_cap must be at least backoff_base")
+
+    def check_devices(self, names: set[str]) -> list[str]:
+        """Problems with the local device names the maps and commands use, as key paths."""
+        def missing(name: str) -> str:
+            return f"no device or actuator named {name!r} in this config"
+
+        problems = [f"devices.{d}: {missing(d)}" for d in self.devices if d not in names]
+        if self.gps is not None and self.gps.device not in names:
+            problems.append(f"gps.device: {missing(self.gps.device)}")
+        for i, c in enumerate(self.commands):
+            for key in ("device", "channel"):
+                value = getattr(c, key)
+                if value and value not in names:
+                    problems.append(f"commands[{i}].{key}: {missing(value)}")
+        return problems
 

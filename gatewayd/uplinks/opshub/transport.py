@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
+import random
 import ssl
+import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -23,15 +27,48 @@ class TokenInvalid(Exception):
 
 
 class BodyRejected(Exception):
-    """The server refused the whole body (error code 1, HTTP 400/413/422)."""
+    """The server refused the whole body: error code 1 (bad JSON format), the documented one."""
+
+
+_YOUNG_S = 10.0  # a token refused sooner after its login was most likely ended by another login
+_RELOGINS_PER_CALL = 4
+
+
+class LoginPacer:
+    """Spaces logins out, across sessions. [open]: a new login may end the earlier token; two
+    gateways on one account would then end each other's tokens and take turns logging in many
+    times a second. Logins are at least `gap_s` apart; each token refused within `_YOUNG_S` of
+    its login doubles the gap (with jitter, up to `cap_s`); a token that lived longer resets it."""
+
+    def __init__(self, gap_s: float, cap_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.gap_s = gap_s
+        self.cap_s = max(cap_s, gap_s)
+        self.clock = clock
+        self.streak = 0
+        self.last_login = -math.inf
+
+    def wait_s(self, refused: bool) -> float:
+        """Seconds to wait before the next login; `refused`: the current token was refused."""
+        now = self.clock()
+        if refused:
+            self.streak = self.streak + 1 if now - self.last_login < _YOUNG_S else 0
+        gap = self.gap_s
+        if self.streak > 1:
+            gap = min(self.cap_s, self.gap_s * 2 ** min(self.streak - 1, 20)) * random.uniform(0.5, 1.0)
+        return max(0.0, self.last_login + gap - now)
+
+    def logged_in(self) -> None:
+        self.last_login = self.clock()
 
 
 class OpsHubApi:
-    """One HTTP session to the site: login, and calls with one silent re-login and retry."""
+    """One HTTP session to the site: login, and calls with a silent, paced re-login and retry."""
 
-    def __init__(self, config: OpsHubConfig, log: Any, counters: Counter[str] | None = None) -> None:
+    def __init__(self, config: OpsHubConfig, log: Any, counters: Counter[str] | None = None,
+                 pacer: LoginPacer | None = None) -> None:
         self.config = config
         self.log = log
+        self.pacer = pacer or LoginPacer(config.min_login_interval, config.backoff_cap)
         self.base = config.url.rstrip("/") + REST_PREFIX
         self.token: str | None = None
         self.counters = counters if counters is not None else Counter()  # logins, relogins
@@ -68,12 +105,9 @@ class OpsHubApi:
                 f"{stage}: no answer in {self.config.request_timeout}s") from exc
         if status in (401, 403):
             raise TokenInvalid(f"HTTP {status}")
-        if status in (400, 413, 422):
-            raise BodyRejected(f"HTTP {status}")
-        if status == 429 or status >= 500:
-            raise UplinkUnavailableError(f"{stage}: HTTP {status}")
-        if status >= 300:
-            raise UplinkRejectedError(f"{stage}: HTTP {status} (check the site url)")
+        if status >= 300:  # no status but 401/403 is documented: retried, never a refusal
+            hint = " (check the site url)" if status < 500 and status != 429 else ""
+            raise UplinkUnavailableError(f"{stage}: HTTP {status}{hint}")
         try:
             answer = loads_lenient(text)
         except ValueError:
@@ -117,10 +151,22 @@ class OpsHubApi:
             raise UplinkAuthError(f"login refused for user {self.config.username!r}")
         raise UplinkUnavailableError(f"login: unexpected answer {str(answer)[:120]}")
 
+    async def ensure_login(self) -> None:
+        """Log in (paced) unless a token is held. Raises UplinkAuthError if refused."""
+        if self.token is None:
+            await self._relogin(None)
+
     async def _relogin(self, failed_token: str | None) -> None:
         async with self._login_lock:
             if self.token is not None and self.token != failed_token:
                 return  # a concurrent call logged in already
+            wait = self.pacer.wait_s(refused=failed_token is not None)
+            if wait > 0:
+                if self.pacer.streak > 1:
+                    self.log.info("opshub_login_paced", wait_s=round(wait, 2), streak=self.pacer.streak,
+                                  hint="tokens end soon after login: another login on this account?")
+                await asyncio.sleep(wait)
+            self.pacer.logged_in()  # counts the attempt, refused or not
             await self.login()
 
     async def call(self, stage: str, fields: bytes) -> Any:
@@ -131,16 +177,16 @@ class OpsHubApi:
         """
         if self.token is None:
             await self._relogin(None)
-        for attempt in (1, 2):
+        for attempt in range(_RELOGINS_PER_CALL + 1):
             token = self.token
             body = b'{"handshake":{"stage":"%s"},"token":%s,%s}' % (
                 stage.encode(), json.dumps(token).encode(), fields)
             try:
                 return await self._post(stage, body)
             except TokenInvalid as exc:
-                if attempt == 2:
+                if attempt == _RELOGINS_PER_CALL:
                     raise UplinkUnavailableError(
-                        f"{stage}: token refused right after a new login ({exc})") from None
+                        f"{stage}: token refused right after each new login ({exc})") from None
                 self.log.info("opshub_token_invalid", stage=stage, sign=str(exc))
                 self.token = None if self.token == token else self.token
                 await self._relogin(token)

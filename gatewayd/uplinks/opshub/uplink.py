@@ -47,7 +47,8 @@ from gatewayd.uplinks.opshub.codec import (
     publish_verdicts,
 )
 from gatewayd.uplinks.opshub.config import OpsHubConfig, PointMap
-from gatewayd.uplinks.opshub.transport import BodyRejected, OpsHubApi
+from gatewayd.uplinks.opshub.transport import BodyRejected, LoginPacer, OpsHubApi
+from gatewayd.uplinks.ratelog import RateLimitedLog
 
 RESULT_METRIC = "cmd_result"
 _POLL_BACKOFF_CAP_S = 60.0
@@ -84,6 +85,9 @@ class OpsHubUplink(Uplink):
         self._sensor_to_device = {(m.sensor or d): d for d, m in config.devices.items()}
         self._position: dict[str, str] = {}  # last GPS fix: "lat"/"long"/"alt" -> value
         self._accepted_once = False  # the server took something: a refusal is then the data's
+        self._one_channel = False  # one channel per publish (the server answers one object)
+        self._rl = RateLimitedLog(self.log)
+        self._pacer = LoginPacer(config.min_login_interval, config.backoff_cap)
         self._seen: dict[str, float] = {}  # command id -> monotonic time last seen
         # command id -> where its result goes; bounded, as a refused-busy command gets no reply
         self._pending: OrderedDict[str, _Pending] = OrderedDict()
@@ -108,11 +112,11 @@ class OpsHubUplink(Uplink):
             self.set_state(UplinkState.STOPPED)
 
     async def _session(self) -> None:
-        async with OpsHubApi(self.config, self.log, self.counters) as api:
+        async with OpsHubApi(self.config, self.log, self.counters, self._pacer) as api:
             self.api = api
             try:
                 self.set_state(UplinkState.AUTHENTICATING)
-                await api.login()
+                await api.ensure_login()
                 self.set_state(UplinkState.CONNECTED)
                 loops = [("publish", self.pump(self._send, self.config.max_batch)),
                          ("results", self._results_loop())]
@@ -126,7 +130,8 @@ class OpsHubUplink(Uplink):
         return {**super().status(), "gateway_dc": self.gateway_dc,
                 "logins": self.counters["logins"], "relogins": self.counters["relogins"],
                 "polls": self.polls, "commands_received": self.commands_received,
-                "results_pending": len(self._results), "quarantined": self.quarantined}
+                "results_pending": len(self._results), "quarantined": self.quarantined,
+                "one_channel_per_publish": self._one_channel}
 
     # -- publish --------------------------------------------------------------------------------
 
@@ -233,43 +238,61 @@ class OpsHubUplink(Uplink):
                 self.log.warning("opshub_result_refused", dc=m.dc, met=m.met)
 
     async def _publish_answered(self, metrics: list[Metric]) -> list[Metric]:
-        """Publish until every channel got an answer; returns the refused metrics.
+        """Publish until every channel has a verdict; returns the refused metrics.
 
-        Channels the answer does not name are sent again, twice at most.
+        Channels left without a verdict go again one channel per publish, whose answer cannot
+        be ambiguous; so does everything once the server answered several channels with one
+        object. A channel still without a verdict then is a transient failure: the lease goes
+        again after the backoff.
         """
         pending, refused = metrics, list[Metric]()
-        for _ in range(3):
+        for round_ in range(2):
             if not pending:
-                return refused
-            try:
-                verdicts = await self._publish(pending)
-            except BodyRejected as exc:
-                self.log.warning("opshub_publish_refused", reason=str(exc), count=len(pending))
-                verdicts = dict.fromkeys({m.dc for m in pending}, False)
-            if any(verdicts.values()):
-                self._accepted_once = True
-            refused += [m for m in pending if verdicts.get(m.dc) is False]
-            pending = [m for m in pending if m.dc not in verdicts]
-            if pending:
-                self.log.warning("opshub_reply_missing_channels",
-                                 channels=sorted({m.dc for m in pending}))
+                break
+            one = self._one_channel or round_ > 0
+            unsure: list[Metric] = []
+            for group in _by_channel(pending) if one else [pending]:
+                verdicts = await self._publish_group(group)
+                refused += [m for m in group if verdicts.get(m.dc) is False]
+                unsure += [m for m in group if m.dc not in verdicts]
+            pending = unsure
         if pending:
-            raise UplinkUnavailableError("publish answers did not name every channel")
+            raise UplinkUnavailableError(f"publish answer did not confirm channel {pending[0].dc}")
         return refused
+
+    async def _publish_group(self, group: list[Metric]) -> dict[str, bool]:
+        channels = list(dict.fromkeys(m.dc for m in group))
+        try:
+            verdicts, single = await self._publish(group, channels)
+        except BodyRejected as exc:
+            self.log.warning("opshub_publish_refused", reason=str(exc), count=len(group))
+            return dict.fromkeys(channels, False)
+        if single and not self._one_channel:
+            self._one_channel = True
+            self.log.warning("opshub_one_answer_for_several_channels", channels=len(channels),
+                             answered=sorted(verdicts),
+                             action="one channel per publish from now on; the rest go again")
+        if any(verdicts.values()):
+            self._accepted_once = True
+        if len(verdicts) < len(channels):
+            self._rl.warning("opshub_reply_missing_channels",
+                             channels=[c for c in channels if c not in verdicts][:5])
+        return verdicts
 
     def _quarantine(self, item: Item, reason: str, detail: str) -> None:
         """Count and log it as dropped (the outbox logs, rate-limited); the lease acks past it."""
         self.quarantined += 1
         self.ctx.outbox.quarantine(item, reason, detail[:200])
 
-    async def _publish(self, metrics: Sequence[Metric]) -> dict[str, bool]:
+    async def _publish(self, metrics: Sequence[Metric],
+                       channels: Sequence[str]) -> tuple[dict[str, bool], bool]:
         assert self.api is not None
         messages = build_messages(metrics, self.time_format(self.clock_ms()))
         fields = b'"messages":' + json.dumps(messages, separators=(",", ":"),
                                               ensure_ascii=False).encode()
         answer = await self.api.call("publish", fields)
         self.messages += 1
-        return publish_verdicts(answer)
+        return publish_verdicts(answer, channels)
 
     # -- commands -------------------------------------------------------------------------------
 
@@ -414,6 +437,14 @@ class OpsHubUplink(Uplink):
                 # keep them for the next session, ahead of anything newer
                 self._results.extendleft(reversed(batch))
                 raise
+
+
+def _by_channel(metrics: list[Metric]) -> list[list[Metric]]:
+    """The metrics grouped by channel, channels in first-seen order, each group in order."""
+    groups: dict[str, list[Metric]] = {}
+    for m in metrics:
+        groups.setdefault(m.dc, []).append(m)
+    return list(groups.values())
 
 
 async def _first_failure(name: str, loops: list[tuple[str, Any]]) -> None:
