@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd.sim.mms import DEFAULT_PUSH_USER, RESULT_TYPE
+from gatewayd_sim.mms import DEFAULT_PUSH_USER, RESULT_TYPE
 from tests.conftest import ROOT, Daemon, free_port
 
 TOKEN = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"

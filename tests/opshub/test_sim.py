@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gatewayd.sim.opshub import OpsHubSimulator
+from gatewayd_sim.opshub import OpsHubSimulator
 
 ACCOUNT, PASSWORD = "REST_DEMO", "pw"
 GW = f"{ACCOUNT}/01-23-45-67-89-ab"
@@ -336,7 +336,7 @@ async def test_cli_serves_until_sigterm() -> None:
 
 
 def test_users_from_arguments_and_file(tmp_path) -> None:
-    from gatewayd.sim.opshub import parse_users
+    from gatewayd_sim.opshub import parse_users
     f = tmp_path / "users.toml"
     f.write_text('[users]\nREST_DEMO = "pw1"\n"Operations Hub_Testing" = "pw2"\n')
     assert parse_users(["a:b:c"], str(f)) == {"REST_DEMO": "pw1",
