@@ -218,7 +218,7 @@ def parse(doc: dict[str, Any], path: Path, env: Mapping[str, str] | None = None)
     _check_commands(b, commands, declared_actuators, declared_uplinks, declared_devices)
     device_names = {d.name for d in devices} | {a.name for a in actuators}
     for u in uplinks:
-        check = getattr(u.options, "check_devices", None)
+        check = getattr(u.options, "check", None) or getattr(u.options, "check_devices", None)
         if check is not None:
             for problem in check(device_names):
                 b.error(f"uplinks.{u.name}", problem)
