@@ -224,7 +224,7 @@ def parse(doc: dict[str, Any], path: Path, env: Mapping[str, str] | None = None,
     _check_commands(b, commands, declared_actuators, declared_uplinks, declared_devices)
     _check_actions(b, commands, actuators)
     for u in uplinks:
-        check = getattr(u.options, "check_devices", None)
+        check = getattr(u.options, "check", None) or getattr(u.options, "check_devices", None)
         if check is not None:
             for problem in check(declared_devices):
                 m = re.search(r"named '([^']+)'", problem)
