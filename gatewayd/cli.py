@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "in and secrets masked. Exit 0 if valid, 78 if not.")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file")
     check.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    check.add_argument("--no-secrets", action="store_true",
+                       help="check everything but the secrets: secret files and environment "
+                            "variables are not read (on a workstation, before the credentials "
+                            "are installed)")
 
     probe = _optional_module("gatewayd.probe")
     if probe is not None:
@@ -81,23 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_config(path: str) -> Any:
+def _load_config(path: str, read_secrets: bool = True) -> Any:
     from gatewayd.config import load
 
     try:
-        return load(path)
+        return load(path, read_secrets=read_secrets)
     except ConfigError as exc:
         print(f"gatewayd: invalid config ({len(exc.problems)} problem"
               f"{'s' if len(exc.problems) != 1 else ''}):", file=sys.stderr)
         for p in exc.problems:
             print(f"  {p}", file=sys.stderr)
+        if read_secrets and any("secret file" in p or "environment variable" in p
+                                for p in exc.problems):
+            print("gatewayd: `gatewayd check --no-secrets` checks everything but the secrets",
+                  file=sys.stderr)
         return None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from gatewayd.schema import to_plain
 
-    cfg = _load_config(args.config)
+    cfg = _load_config(args.config, read_secrets=not args.no_secrets)
     if cfg is None:
         return EX_CONFIG
     if not args.quiet:
@@ -106,7 +114,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps(plain, indent=2, default=str))
     print(f"gatewayd: {args.config}: config OK ({len(cfg.devices)} devices, "
           f"{len(cfg.actuators)} actuators, {len(cfg.uplinks)} uplinks, "
-          f"{len(cfg.commands)} command mappings)", file=sys.stderr)
+          f"{len(cfg.commands)} command mappings"
+          f"{'; secrets not read' if args.no_secrets else ''})", file=sys.stderr)
     return EX_OK
 
 
