@@ -17,7 +17,9 @@ from gatewayd.config import CommandMap, DispatchSection, ParamSpec
 from gatewayd.dispatch import Dispatcher
 from gatewayd.queue import Queue, QueueConfig
 from gatewayd.schema import Secret
-from gatewayd.sim.mms import (
+from gatewayd.uplinks.base import UplinkContext
+from gatewayd.uplinks.mms import MmsConfig, MmsUplink
+from gatewayd_sim.mms import (
     DEFAULT_DEVICE_ID,
     DEFAULT_TOKEN,
     RESULT_TYPE,
@@ -25,8 +27,6 @@ from gatewayd.sim.mms import (
     MessageType,
     MmsSimulator,
 )
-from gatewayd.uplinks.base import UplinkContext
-from gatewayd.uplinks.mms import MmsConfig, MmsUplink
 
 UPLINK = "mms"
 PUSH_USER = ("ops-pusher", "push-pw-7f3a")  # the simulator has none unless given

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gatewayd.sim.mms import RESULT_TYPE
+from gatewayd_sim.mms import RESULT_TYPE
 from tests.conftest import ROOT, Daemon, free_port
 from tests.mms.conftest import PUSH_USER as DEFAULT_PUSH_USER
 

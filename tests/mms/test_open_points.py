@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from drivers.base import Reading
-from gatewayd.sim.mms import MmsSimulator
+from gatewayd_sim.mms import MmsSimulator
 from gatewayd.uplinks.mms import MessageMap
 from tests.mms.conftest import WIDE_TYPE, base_config, readings, wide_type
 

@@ -11,8 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gatewayd.sim import mms as simmod
-from gatewayd.sim.mms import (
+from gatewayd_sim import mms as simmod
+from gatewayd_sim.mms import (
     DEFAULT_DEVICE_ID,
     DEFAULT_TOKEN,
     MSG_NOT_CONFORM,

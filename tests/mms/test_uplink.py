@@ -9,9 +9,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from drivers.base import Reading
-from gatewayd.sim.mms import DEFAULT_DEVICE_ID, DEFAULT_TOKEN, RESULT_TYPE
 from gatewayd.uplinks.base import UplinkState
 from gatewayd.uplinks.mms import MessageMap
+from gatewayd_sim.mms import DEFAULT_DEVICE_ID, DEFAULT_TOKEN, RESULT_TYPE
 from tests.mms.conftest import WIDE_TYPE, base_config, eventually, readings, stored_values
 
 DEV = DEFAULT_DEVICE_ID

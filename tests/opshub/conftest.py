@@ -20,9 +20,9 @@ from gatewayd.dispatch import Dispatcher
 from gatewayd.metrics import Metrics
 from gatewayd.queue import Queue, QueueConfig
 from gatewayd.schema import Builder
-from gatewayd.sim.opshub import OpsHubSimulator
 from gatewayd.uplinks.base import DeviceInfo, UplinkContext, UplinkState
 from gatewayd.uplinks.opshub import OpsHubConfig, OpsHubUplink
+from gatewayd_sim.opshub import OpsHubSimulator
 
 ACCOUNT = "REST_DEMO"
 PASSWORD = "s3cret-pw"

@@ -11,7 +11,7 @@ import pytest
 
 from drivers.base import Reading
 from gatewayd.queue import Queue, QueueConfig
-from gatewayd.sim.opshub import OpsHubSimulator
+from gatewayd_sim.opshub import OpsHubSimulator
 from gatewayd.uplinks.base import UplinkContext
 from gatewayd.uplinks.opshub import OpsHubUplink
 

@@ -10,8 +10,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from drivers.base import Reading
-from gatewayd.sim.opshub import OpsHubSimulator
 from gatewayd.uplinks.base import UplinkState
+from gatewayd_sim.opshub import OpsHubSimulator
 
 from .conftest import (
     ACCOUNT,

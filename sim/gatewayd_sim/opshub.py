@@ -47,7 +47,7 @@ from typing import Any, Literal, Self
 import structlog
 from aiohttp import web
 
-log = structlog.get_logger("gatewayd.sim.opshub")
+log = structlog.get_logger("gatewayd_sim.opshub")
 
 REST_PREFIX = "/app/iqp/rest"
 STAGES = ("login", "publish", "subscribe")

@@ -44,7 +44,7 @@ from typing import Any
 import structlog
 from aiohttp import WSMsgType, web
 
-log = structlog.get_logger("gatewayd.sim.mms")
+log = structlog.get_logger("gatewayd_sim.mms")
 
 API_BASE = "/com.sap.iotservices.mms/v1/api"
 
