@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from drivers.base import Reading
-from gatewayd_sim.mms import MmsSimulator
 from gatewayd.uplinks.mms import MessageMap
+from gatewayd_sim.mms import MmsSimulator
 from tests.mms.conftest import WIDE_TYPE, base_config, readings, wide_type
 
 N = 300

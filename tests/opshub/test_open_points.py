@@ -11,9 +11,9 @@ import pytest
 
 from drivers.base import Reading
 from gatewayd.queue import Queue, QueueConfig
-from gatewayd_sim.opshub import OpsHubSimulator
 from gatewayd.uplinks.base import UplinkContext
 from gatewayd.uplinks.opshub import OpsHubUplink
+from gatewayd_sim.opshub import OpsHubSimulator
 
 from .conftest import ACCOUNT, PASSWORD, T0_MS, Rig, base_table, build_config, wait_until
 
