@@ -437,11 +437,14 @@ class EnosUplink(DeliveryUplink):
             prefix = (f'","version":"1.0","method":"thing.measurepoint.{kind}.batch",'
                       f'"allowOfflineSubDevice":{"true" if msg.allow_offline else "false"},'
                       f'"skipInvalidMeasurepoints":false,"params":').encode()
-            body = msg.params_json() + b"}"
+            rest = prefix + msg.params_json() + b"}"
+
+            def build(msg_id: str, rest: bytes = rest) -> bytes:
+                return b'{"id":"' + msg_id.encode() + rest
+
             for attempt in range(_MAX_RESENDS + 1):
                 try:
-                    env = await wire.request_raw(
-                        topic, lambda msg_id, p=prefix, b=body: b'{"id":"' + msg_id.encode() + p + b)
+                    env = await wire.request_raw(topic, build)
                     break
                 except TimeoutError:
                     self.log.warning("enos_batch_timeout", kind=kind, attempt=attempt + 1,
