@@ -166,6 +166,12 @@ class Actuator(ABC):
         self.config = config
         self.buses = buses
 
+    @classmethod
+    def known_actions(cls, config: Any) -> frozenset[str] | None:
+        """The action names `apply` accepts with this config (checked by `gatewayd check`);
+        None when any name goes."""
+        return None
+
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Prepare the actuator, apply its initial state. Raises DriverError."""
 

@@ -465,6 +465,10 @@ class ModbusWriter(_ModbusBase, Actuator):
 
     config: ModbusWriterConfig
 
+    @classmethod
+    def known_actions(cls, config: ModbusWriterConfig) -> frozenset[str]:
+        return frozenset({"write", *config.points})
+
     async def apply(self, action: str, params: Mapping[str, Any]) -> dict[str, Any]:
         point_name = params.get("point") if action == "write" else action
         p = self.config.points.get(point_name) if isinstance(point_name, str) else None

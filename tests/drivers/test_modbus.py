@@ -21,7 +21,7 @@ from drivers.modbus import (
     encode_value,
     plan_reads,
 )
-from drivers.sim.serial import ModbusSlaveSim
+from gatewayd_sim.hw.serial import ModbusSlaveSim
 from tests.drivers.conftest import wait_for
 
 

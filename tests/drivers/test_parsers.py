@@ -13,7 +13,7 @@ from drivers.base import DriverError
 from drivers.line import LineField, parse_line
 from drivers.modbus import ModbusLine, ModbusPoint, decode_value
 from drivers.nmea import parse_sentence
-from drivers.sim.serial import nmea_sentence
+from gatewayd_sim.hw.serial import nmea_sentence
 
 GGA = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
 RMC = b"$GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W*6A\r\n"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 
 from drivers.base import Reading
-from gatewayd.sim.enos import EnosSimulator
 from gatewayd.uplinks.base import Item
 from gatewayd.uplinks.enos.packing import Message, Target, build_entries, pack
 from gatewayd.uplinks.enos.protocol import MAX_PAYLOAD_BYTES
+from gatewayd_sim.enos import EnosSimulator
 from tests.enos.conftest import Rig
 
 _TARGETS = {"m1": Target("SUBPK01", "meter-001", "temp", False),
