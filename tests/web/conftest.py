@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from drivers.sim.bench import BenchEmulation
+from gatewayd_sim.hw.bench import BenchEmulation
 from tests.conftest import Daemon, free_port
 
 
