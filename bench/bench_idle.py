@@ -84,7 +84,8 @@ def measure(devices: int, seconds: float, warmup: float) -> dict[str, float]:
                 p.terminate()
             for p in (gw, bare):
                 p.wait(30)
-    out["ratio"] = round(out["gatewayd_cpu_pct"] / out["bare_cpu_pct"], 2) if out["bare_cpu_pct"] else float("inf")
+    bare_pct = out["bare_cpu_pct"]
+    out["ratio"] = round(out["gatewayd_cpu_pct"] / bare_pct, 2) if bare_pct else float("inf")
     return out
 
 
