@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, TextIO
 
 import structlog
@@ -23,7 +23,7 @@ PRIORITIES = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4
               "debug": 7, "notset": 7}
 
 
-def add_priority(logger: Any, method: str, event: dict[str, Any]) -> dict[str, Any]:
+def add_priority(logger: Any, method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: `PRIORITY` from the event's level (the method name)."""
     level = str(event.get("level", method)).lower()
     event["PRIORITY"] = PRIORITIES.get(level, 6)
@@ -49,9 +49,11 @@ class _PriorityPrefix:
     def __init__(self, renderer: structlog.typing.Processor) -> None:
         self._renderer = renderer
 
-    def __call__(self, logger: Any, method: str, event: dict[str, Any]) -> str:
+    def __call__(self, logger: Any, method: str, event: MutableMapping[str, Any]) -> str:
         prio = event.get("PRIORITY", PRIORITIES.get(method, 6))
-        return f"<{prio}>{self._renderer(logger, method, event)}"
+        line = self._renderer(logger, method, event)
+        text = line.decode() if isinstance(line, bytes | bytearray) else str(line)
+        return f"<{prio}>{text}"
 
 
 def setup(level: str = "info", fmt: str = "auto") -> None:
