@@ -9,13 +9,16 @@ import json
 import os
 import signal
 import sys
+from importlib.metadata import entry_points
 from typing import Any
 
 from gatewayd import __version__
 from gatewayd.errors import ConfigError
-from gatewayd.sim import SIMULATORS
 
 EX_OK, EX_SOFTWARE, EX_CANTCREAT, EX_CONFIG = 0, 70, 73, 78
+EX_USAGE = 2
+SIM_INSTALL_HINT = ("gatewayd: the simulators are not installed; they are a separate bench "
+                    "package: pip install gatewayd-sim (from a gatewayd checkout: pip install ./sim)")
 DEFAULT_CONFIG = os.environ.get("GATEWAYD_CONFIG", "/etc/gatewayd/gatewayd.toml")
 
 
@@ -65,8 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("sim", help="run a local cloud simulator (bench and tests)",
                          description="Run a strict local stand-in for a cloud.")
-    sims = sim.add_subparsers(dest="simulator", required=True, metavar="CLOUD")
-    for name, module_name in SIMULATORS.items():
+    simulators = {ep.name: ep.value for ep in entry_points(group="gatewayd.simulators")}
+    if not simulators:  # the gatewayd-sim distribution is not installed: main() says so
+        sim.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        sim.set_defaults(plugin=None)
+    else:
+        sims = sim.add_subparsers(dest="simulator", required=True, metavar="CLOUD")
+    for name, module_name in sorted(simulators.items()):
         module = _optional_module(module_name)
         if module is None:
             continue
@@ -148,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check(args)
     if args.command == "run":
         return cmd_run(args)
+    if args.plugin is None:
+        print(SIM_INSTALL_HINT, file=sys.stderr)
+        return EX_USAGE
     return int(args.plugin.run(args))
 
 
