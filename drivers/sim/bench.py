@@ -20,12 +20,29 @@ from typing import Any
 
 from drivers.sim.serial import METER_MAP, EchoActuatorSim, ModbusSlaveSim, NMEASim, SerialSim
 
+BENCH_I2C_BUS = "bench"
+# the chips the bench config puts on its emulated bus (address -> chip model)
+BENCH_I2C_CHIPS: dict[int, str] = {0x76: "bme280", 0x44: "sht3x", 0x48: "ads1115", 0x20: "pcf8574"}
+
+
+def populate_bench_bus(name: str = BENCH_I2C_BUS) -> None:
+    """Create the bench's chips on the emulated bus `name` (addresses already populated stay).
+
+    The daemon creates them from the config on first use; `gatewayd probe i2c --bus sim:bench`
+    calls this so a scan from a shell shows what `make run` would see.
+    """
+    from drivers.sim.i2c import sim_bus
+
+    bus = sim_bus(name)
+    for addr, model in BENCH_I2C_CHIPS.items():
+        bus.ensure(addr, model)
+
 
 class BenchEmulation:
     """The serial simulators of the bench: a Modbus line with two energy meters (units 1 and 2),
     a GPS receiver and an ASCII relay box."""
 
-    def __init__(self, i2c_bus: str = "bench") -> None:
+    def __init__(self, i2c_bus: str = BENCH_I2C_BUS) -> None:
         self.i2c_bus = i2c_bus
         self.modbus = ModbusSlaveSim(units=(1, 2), animate=True)
         self.gps = NMEASim(rate_hz=1.0)
