@@ -9,13 +9,16 @@ import json
 import os
 import signal
 import sys
+from importlib.metadata import entry_points
 from typing import Any
 
 from gatewayd import __version__
 from gatewayd.errors import ConfigError
-from gatewayd.sim import SIMULATORS
 
 EX_OK, EX_SOFTWARE, EX_CANTCREAT, EX_CONFIG = 0, 70, 73, 78
+EX_USAGE = 2
+SIM_INSTALL_HINT = ("gatewayd: the simulators are not installed; they are a separate bench "
+                    "package: pip install gatewayd-sim (from a gatewayd checkout: pip install ./sim)")
 DEFAULT_CONFIG = os.environ.get("GATEWAYD_CONFIG", "/etc/gatewayd/gatewayd.toml")
 
 
@@ -51,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                                        "in and secrets masked. Exit 0 if valid, 78 if not.")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file")
     check.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    check.add_argument("--no-secrets", action="store_true",
+                       help="check everything but the secrets: secret files and environment "
+                            "variables are not read (on a workstation, before the credentials "
+                            "are installed)")
 
     probe = _optional_module("gatewayd.probe")
     if probe is not None:
@@ -61,8 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sim = sub.add_parser("sim", help="run a local cloud simulator (bench and tests)",
                          description="Run a strict local stand-in for a cloud.")
-    sims = sim.add_subparsers(dest="simulator", required=True, metavar="CLOUD")
-    for name, module_name in SIMULATORS.items():
+    simulators = {ep.name: ep.value for ep in entry_points(group="gatewayd.simulators")}
+    if not simulators:  # the gatewayd-sim distribution is not installed: main() says so
+        sim.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        sim.set_defaults(plugin=None)
+    else:
+        sims = sim.add_subparsers(dest="simulator", required=True, metavar="CLOUD")
+    for name, module_name in sorted(simulators.items()):
         module = _optional_module(module_name)
         if module is None:
             continue
@@ -73,23 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_config(path: str) -> Any:
+def _load_config(path: str, read_secrets: bool = True) -> Any:
     from gatewayd.config import load
 
     try:
-        return load(path)
+        return load(path, read_secrets=read_secrets)
     except ConfigError as exc:
         print(f"gatewayd: invalid config ({len(exc.problems)} problem"
               f"{'s' if len(exc.problems) != 1 else ''}):", file=sys.stderr)
         for p in exc.problems:
             print(f"  {p}", file=sys.stderr)
+        if read_secrets and any("secret file" in p or "environment variable" in p
+                                for p in exc.problems):
+            print("gatewayd: `gatewayd check --no-secrets` checks everything but the secrets",
+                  file=sys.stderr)
         return None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from gatewayd.schema import to_plain
 
-    cfg = _load_config(args.config)
+    cfg = _load_config(args.config, read_secrets=not args.no_secrets)
     if cfg is None:
         return EX_CONFIG
     if not args.quiet:
@@ -98,7 +114,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps(plain, indent=2, default=str))
     print(f"gatewayd: {args.config}: config OK ({len(cfg.devices)} devices, "
           f"{len(cfg.actuators)} actuators, {len(cfg.uplinks)} uplinks, "
-          f"{len(cfg.commands)} command mappings)", file=sys.stderr)
+          f"{len(cfg.commands)} command mappings"
+          f"{'; secrets not read' if args.no_secrets else ''})", file=sys.stderr)
     return EX_OK
 
 
@@ -139,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_check(args)
     if args.command == "run":
         return cmd_run(args)
+    if args.plugin is None:
+        print(SIM_INSTALL_HINT, file=sys.stderr)
+        return EX_USAGE
     return int(args.plugin.run(args))
 
 

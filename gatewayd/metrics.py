@@ -26,6 +26,10 @@ class Metrics:
                                       ["reason"], registry=r)
         self.device_failures = Counter("gatewayd_device_read_failures", "Failed device reads",
                                        ["device"], registry=r)
+        self.device_missed_polls = Counter(
+            "gatewayd_device_missed_polls",
+            "Poll slots that passed without a poll (the device or its shared port was busy)",
+            ["device"], registry=r)
         self.commands = Counter("gatewayd_commands", "Commands by outcome",
                                 ["uplink", "outcome"], registry=r)
         self.command_latency = Histogram("gatewayd_command_latency_seconds",

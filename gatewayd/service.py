@@ -25,7 +25,7 @@ from gatewayd.health import HealthServer
 from gatewayd.metrics import Metrics
 from gatewayd.notify import Notifier
 from gatewayd.queue import Queue
-from gatewayd.sampler import Sampler
+from gatewayd.sampler import PortLoads, Sampler
 from gatewayd.uplinks import load_uplink
 from gatewayd.uplinks.base import DeviceInfo, Uplink, UplinkContext
 
@@ -46,6 +46,7 @@ class Gateway:
         self.stopping = False
         self.queue: Queue | None = None
         self.samplers: list[Sampler] = []
+        self.port_loads = PortLoads()  # polls asked of and made on each shared serial port
         self.actuators: dict[str, Actuator] = {}
         self.actuator_errors: dict[str, str] = {}
         self.uplinks: dict[str, Uplink] = {}
@@ -67,7 +68,8 @@ class Gateway:
             cls = drivers.load(drivers.DRIVERS, d.driver)
             driver: Driver = cls(d.name, d.options, self.buses)
             self.samplers.append(Sampler(driver, d.interval, d.timeout, d.jitter, d.backoff_max,
-                                         self.queue, self.metrics, on_state=self._device_state))
+                                         self.queue, self.metrics, on_state=self._device_state,
+                                         ports=self.port_loads))
         timeouts = {}
         for a in cfg.actuators:
             if not a.enabled:
@@ -235,6 +237,7 @@ class Gateway:
                 "corrupt_file_moved_to": str(q.renamed_corrupt) if q.renamed_corrupt else None,
             },
             "devices": {s.driver.name: s.status.as_dict(s.driver.stats()) for s in self.samplers},
+            "ports": self.port_loads.status(),
             "uplinks": {n: {**u.status(), "backlog": backlog.get(n, {})}
                         for n, u in self.uplinks.items()},
             "actuators": {n: {"driver": type(a).__name__, "error": self.actuator_errors.get(n, ""),

@@ -9,8 +9,8 @@ import pytest
 from drivers import ads1115 as ads
 from drivers.base import DeviceNotFoundError, DriverError, Quality
 from drivers.bus import BusManager
-from drivers.sim.chips import ADS1115Chip
-from drivers.sim.i2c import SimI2CBus
+from gatewayd_sim.hw.chips import ADS1115Chip
+from gatewayd_sim.hw.i2c import SimI2CBus
 
 LOOP = ads.ADCPoint(channel="0", gain_v=6.144, shunt_ohms=250.0, in_min=4.0, in_max=20.0,
                     out_min=0.0, out_max=10.0, valid_min=3.8, valid_max=20.5)

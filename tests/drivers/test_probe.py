@@ -8,10 +8,10 @@ import io
 import textwrap
 from pathlib import Path
 
-from drivers.sim.chips import ADS1115Chip, BME280Chip, PCF8574Chip, SHTChip
-from drivers.sim.i2c import SimI2CBus
-from drivers.sim.serial import LineInstrumentSim, ModbusSlaveSim
 from gatewayd import probe
+from gatewayd_sim.hw.chips import ADS1115Chip, BME280Chip, PCF8574Chip, SHTChip
+from gatewayd_sim.hw.i2c import SimI2CBus
+from gatewayd_sim.hw.serial import LineInstrumentSim, ModbusSlaveSim
 
 
 def run(*argv: str) -> tuple[int, str]:

@@ -1,6 +1,6 @@
 """Emulated hardware for the bench (`make run`) and for trying gatewayd without hardware.
 
-    from drivers.sim.bench import BenchEmulation
+    from gatewayd_sim.hw.bench import BenchEmulation
     with BenchEmulation() as emu:           # starts the pty simulators in background threads
         config_text = BASE_TOML + emu.toml()  # devices, actuators and commands for them
         ...run gatewayd on it (in-process or as a subprocess)...
@@ -9,7 +9,7 @@ The I2C chips need no process of their own: the daemon's BusManager creates them
 emulated bus `sim:bench` from the config alone. The serial simulators run in the calling
 process, on pseudo-terminals the daemon opens by path.
 
-`python -m drivers.sim` runs the same emulation in the foreground and prints the TOML snippet.
+`python -m gatewayd_sim.hw` runs the same emulation in the foreground and prints the TOML snippet.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import contextlib
 import json
 from typing import Any
 
-from drivers.sim.serial import METER_MAP, EchoActuatorSim, ModbusSlaveSim, NMEASim, SerialSim
+from gatewayd_sim.hw.serial import METER_MAP, EchoActuatorSim, ModbusSlaveSim, NMEASim, SerialSim
 
 BENCH_I2C_BUS = "bench"
 # the chips the bench config puts on its emulated bus (address -> chip model)

@@ -8,8 +8,10 @@ M2M_data rows that tests read back.
 
 Where the vendor page is silent the simulator picks a default and makes it switchable:
 - unauthorized answers use HTTP 200 (`unauthorized_status=401` switches);
-- a second login leaves the first token valid;
-- a publish of several channels is answered with a JSON array, one object per channel in order;
+- a second login leaves the first token valid (`login_ends_earlier=True` ends them);
+- a publish of several channels is answered with a JSON array, one object per channel in order
+  (`multi_answer="first"|"last"|"none"`: one object naming the first channel, the last, or none;
+  with `multi_stores="named"` only the named channel is processed);
 - subscribe consumes the commands it returns (`consume_on_read=False` keeps them).
 
 Control routes (JSON), for the CLI, the bench and tests in other processes:
@@ -45,7 +47,7 @@ from typing import Any, Literal, Self
 import structlog
 from aiohttp import web
 
-log = structlog.get_logger("gatewayd.sim.opshub")
+log = structlog.get_logger("gatewayd_sim.opshub")
 
 REST_PREFIX = "/app/iqp/rest"
 STAGES = ("login", "publish", "subscribe")
@@ -159,8 +161,15 @@ class OpsHubSimulator:
         ssl_context: ssl.SSLContext | None = None,
         clock: Callable[[], float] = time.monotonic,
         token_factory: Callable[[], str] | None = None,
+        multi_answer: str = "array",
+        multi_stores: str = "all",
+        login_ends_earlier: bool = False,
     ) -> None:
         self.users = dict(users if users is not None else {"demo": "demo"})
+        self.multi_answer = multi_answer
+        self.multi_stores = multi_stores
+        self.login_ends_earlier = login_ends_earlier
+        _check_switches(multi_answer, multi_stores)
         self.host = host
         self.port = port
         self.idle_timeout_s = idle_timeout_s
@@ -346,7 +355,7 @@ class OpsHubSimulator:
     def _parse(self, raw: bytes, stage: str) -> dict[str, Any]:
         try:
             body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise _BadRequest(f"not JSON: {exc}") from None
         if not isinstance(body, dict):
             raise _BadRequest("not a JSON object")
@@ -385,6 +394,11 @@ class OpsHubSimulator:
             log.info("opshub_sim_login_refused", user=user)
             return 200, {"handshake": {"stage": "login", "code": "0"}}
         token = self.token_factory()
+        if self.login_ends_earlier:
+            ended = [t for t, sess in self._sessions.items() if sess.user == user]
+            for t in ended:
+                del self._sessions[t]
+            self.stats["tokens_ended_by_login"] += len(ended)
         self._sessions[token] = _Session(user, self.clock())
         self.stats["logins"] += 1
         return 200, {"handshake": {"stage": "login", "code": "1"}, "token": token}
@@ -400,9 +414,13 @@ class OpsHubSimulator:
             raise _BadRequest("every message needs a dc string")
         answers = []
         now_ms = time.time_ns() // 1_000_000
-        for message in messages:
+        single = len(messages) > 1 and self.multi_answer != "array"
+        named = {"first": 0, "last": len(messages) - 1}.get(self.multi_answer, -1)
+        for i, message in enumerate(messages):
             dc = message["dc"]
             problem = self._check_message(message, user)
+            if single and self.multi_stores == "named" and i != named:
+                continue  # the reading where only the channel answered is processed
             if problem is None:
                 self._store(message, now_ms)
                 self.stats["channels_accepted"] += 1
@@ -411,7 +429,13 @@ class OpsHubSimulator:
                 log.info("opshub_sim_publish_rejected", dc=dc, reason=problem)
             answers.append({"handshake": {"stage": "publish", "code": "0" if problem else "1",
                                           "dc": dc}})
-        return 200, answers[0] if len(answers) == 1 else answers
+        if not single:
+            return 200, answers[0] if len(answers) == 1 else answers
+        if named >= 0:
+            return 200, answers[0] if self.multi_stores == "named" else answers[named]
+        # one object for the whole publish, naming no channel: code 1 only if all were taken
+        code = "1" if all(a["handshake"]["code"] == "1" for a in answers) else "0"
+        return 200, {"handshake": {"stage": "publish", "code": code}}
 
     def _check_message(self, message: Mapping[str, Any], user: str) -> str | None:
         """Why this channel's message is refused (code 0), or None if it is valid."""
@@ -542,6 +566,16 @@ class OpsHubSimulator:
             self.idle_timeout_s = float(body["idle_timeout_s"])
         if "reject_vals" in body:
             self.reject_vals = {str(v) for v in body["reject_vals"]}
+        if "login_ends_earlier" in body:
+            self.login_ends_earlier = bool(body["login_ends_earlier"])
+        if "multi_answer" in body or "multi_stores" in body:
+            answer = body.get("multi_answer", self.multi_answer)
+            stores = body.get("multi_stores", self.multi_stores)
+            try:
+                _check_switches(answer, stores)
+            except ValueError as exc:
+                raise web.HTTPBadRequest(text=str(exc)) from None
+            self.multi_answer, self.multi_stores = answer, stores
         return web.json_response(self.settings())
 
     async def _h_expire(self, request: web.Request) -> web.Response:
@@ -556,7 +590,19 @@ class OpsHubSimulator:
     def settings(self) -> dict[str, Any]:
         return {"unauthorized_status": self.unauthorized_status,
                 "consume_on_read": self.consume_on_read, "idle_timeout_s": self.idle_timeout_s,
-                "reject_vals": sorted(self.reject_vals)}
+                "reject_vals": sorted(self.reject_vals), "multi_answer": self.multi_answer,
+                "multi_stores": self.multi_stores, "login_ends_earlier": self.login_ends_earlier}
+
+
+MULTI_ANSWERS = ("array", "first", "last", "none")
+MULTI_STORES = ("all", "named")
+
+
+def _check_switches(multi_answer: str, multi_stores: str) -> None:
+    if multi_answer not in MULTI_ANSWERS:
+        raise ValueError(f"multi_answer must be one of {', '.join(MULTI_ANSWERS)}")
+    if multi_stores not in MULTI_STORES:
+        raise ValueError(f"multi_stores must be one of {', '.join(MULTI_STORES)}")
 
 
 def _json_response(answer: Any, status: int = 200) -> web.Response:
@@ -591,6 +637,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="return commands on every poll instead of consuming them")
     parser.add_argument("--max-rows", type=int, default=1_000_000,
                         help="rows kept for read-back (older ones are forgotten, still counted)")
+    parser.add_argument("--multi-answer", choices=MULTI_ANSWERS, default="array",
+                        help="[open] answer to a publish of several channels: an array (default),"
+                             " or one object naming the first channel, the last, or none")
+    parser.add_argument("--multi-stores", choices=MULTI_STORES, default="all",
+                        help="with --multi-answer first/last: store every channel (default) or"
+                             " only the one the answer names")
+    parser.add_argument("--login-ends-earlier", action="store_true",
+                        help="[open] a new login ends the user's earlier tokens")
     parser.add_argument("--tls-cert", help="PEM certificate chain: serve HTTPS")
     parser.add_argument("--tls-key", help="PEM private key for --tls-cert")
 
@@ -636,7 +690,9 @@ def run(args: argparse.Namespace) -> int:
                               idle_timeout_s=args.idle_timeout,
                               unauthorized_status=args.unauthorized_status,
                               consume_on_read=not args.keep_commands, max_rows=args.max_rows,
-                              ssl_context=ctx)
+                              ssl_context=ctx, multi_answer=args.multi_answer,
+                              multi_stores=args.multi_stores,
+                              login_ends_earlier=args.login_ends_earlier)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

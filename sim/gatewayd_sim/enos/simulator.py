@@ -12,12 +12,12 @@ from typing import Any, Self
 import structlog
 from aiohttp import web
 
-from gatewayd.sim.enos.hub import Accepted, CommandRecord, Hub, HubOptions
-from gatewayd.sim.enos.mqtt import MqttServer
-from gatewayd.sim.enos.registry import Key, Registry
 from gatewayd.uplinks.enos import protocol as P
+from gatewayd_sim.enos.hub import Accepted, CommandRecord, Hub, HubOptions
+from gatewayd_sim.enos.mqtt import MqttServer
+from gatewayd_sim.enos.registry import Key, Registry
 
-log = structlog.get_logger("gatewayd.sim.enos")
+log = structlog.get_logger("gatewayd_sim.enos")
 
 
 @dataclass(frozen=True, slots=True)

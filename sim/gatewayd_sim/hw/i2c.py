@@ -108,7 +108,7 @@ class SimI2CBus:
 
     def ensure(self, addr: int, model: str) -> SimChip:
         """The chip at `addr`, creating a `model` chip there if the address was never populated."""
-        from drivers.sim.chips import CHIP_MODELS  # late: chips import this module
+        from gatewayd_sim.hw.chips import CHIP_MODELS  # late: chips import this module
 
         with self._lock:
             chip = self.chips.get(addr)

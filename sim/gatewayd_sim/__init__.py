@@ -5,7 +5,7 @@ an importable simulator class for tests.
 """
 
 SIMULATORS: dict[str, str] = {
-    "enos": "gatewayd.sim.enos",
-    "mms": "gatewayd.sim.mms",
-    "opshub": "gatewayd.sim.opshub",
+    "enos": "gatewayd_sim.enos",
+    "mms": "gatewayd_sim.mms",
+    "opshub": "gatewayd_sim.opshub",
 }

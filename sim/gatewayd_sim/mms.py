@@ -44,7 +44,7 @@ from typing import Any
 import structlog
 from aiohttp import WSMsgType, web
 
-log = structlog.get_logger("gatewayd.sim.mms")
+log = structlog.get_logger("gatewayd_sim.mms")
 
 API_BASE = "/com.sap.iotservices.mms/v1/api"
 
@@ -57,8 +57,16 @@ DEFAULT_TO_TYPE = "m0t0y0p0e3"
 # gatewayd's own types: results of commands (fromDevice) and addressed commands (toDevice).
 RESULT_TYPE = "g0a0t0e0w0a0y0r0e0s1"
 COMMAND_TYPE = "g0a0t0e0w0a0y0c0m0d1"
-DEFAULT_PUSH_USER = ("p1234567", "push-secret")
-DEFAULT_APP_TOKEN = "app-token-0123456789"
+# [open] the real server's answer texts for async sends and most refusals. "other" wording
+# answers with these instead of the texts the protocol notes quote, so a client that reads
+# meaning into our own wording fails the tests.
+OTHER_WORDING = {
+    200: "OK",
+    202: "Accepted",
+    400: "Bad Request: invalid payload",
+    500: "Internal Server Error",
+}
+WORDINGS = ("notes", "other")
 
 FIELD_TYPES = ("string", "integer", "long", "float", "double", "boolean", "date", "binary")
 _INT_RANGES = {"integer": (-(2**31), 2**31 - 1), "long": (-(2**63), 2**63 - 1)}
@@ -329,11 +337,17 @@ class MmsSimulator:
         ws_async_answer: bool = True,
         max_messages: int = 100_000,
         seed_defaults: bool = True,
+        ws_answer_code: bool = True,
+        wording: str = "notes",
+        push_users: dict[str, str] | None = None,
+        app_tokens: Iterable[str] = (),
     ) -> None:
         if ws_push_offline not in ("drop", "store"):
             raise ValueError("ws_push_offline must be 'drop' or 'store'")
         if empty_get not in ("[]", "empty", "204"):
             raise ValueError("empty_get must be '[]', 'empty' or '204'")
+        if wording not in WORDINGS:
+            raise ValueError(f"wording must be one of {', '.join(WORDINGS)}")
         self.host = host
         self.port = port
         self.max_rows = max_rows
@@ -344,8 +358,12 @@ class MmsSimulator:
         self.message_types: dict[str, MessageType] = {}
         self.device_types: dict[str, set[str]] = {}
         self.devices: dict[str, tuple[str, str]] = {}  # id -> (token, device type)
-        self.push_users: dict[str, str] = {DEFAULT_PUSH_USER[0]: DEFAULT_PUSH_USER[1]}
-        self.app_tokens: set[str] = {DEFAULT_APP_TOKEN}
+        self.ws_answer_code = ws_answer_code
+        self.wording = wording
+        # Platform users (Basic auth) and application tokens (Bearer) allowed to push; none
+        # by default: the registry file or the flags name them.
+        self.push_users: dict[str, str] = dict(push_users or {})
+        self.app_tokens: set[str] = set(app_tokens)
         self.tables: dict[str, Table] = {}
         self.push_queues: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.pushes_dropped = 0
@@ -618,7 +636,7 @@ class MmsSimulator:
         raw = await request.read()
         try:
             return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise Rejected(400, MSG_PARSE_TYPE) from exc
 
     async def _send_answer(
@@ -626,7 +644,13 @@ class MmsSimulator:
     ) -> web.Response:
         if slow is not None:
             await asyncio.sleep(float(slow.options.get("delay_s", 5.0)))
-        return self._answer(route, status, **body)
+        return self._answer(route, status, **self._worded(status, body))
+
+    def _worded(self, status: int, body: dict[str, Any]) -> dict[str, Any]:
+        """An answer body of a data route in the configured wording (the 202 ack URL stays)."""
+        if self.wording == "notes" or "retryAfterHeaderValue" in body:
+            return body
+        return {**body, "msg": OTHER_WORDING.get(status, body["msg"])}
 
     # -- device routes ---------------------------------------------------------------------------
 
@@ -642,7 +666,7 @@ class MmsSimulator:
             envelope = await self._json_body(request)
             status, body, slow = self._ingest(request.match_info["device"], envelope)
         except Rejected as exc:
-            return self._answer(route, exc.status, exc.msg)
+            return self._answer(route, exc.status, **self._worded(exc.status, {"msg": exc.msg}))
         return await self._send_answer(route, status, body, slow)
 
     async def _post_params(self, request: web.Request) -> web.StreamResponse:
@@ -852,7 +876,7 @@ class MmsSimulator:
         close = self._take("ws_close")
         try:
             envelope = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             envelope = None
         if close is not None:
             if close.options.get("stored", True) and isinstance(envelope, dict):
@@ -863,20 +887,24 @@ class MmsSimulator:
         try:
             status, body, slow = self._ingest(device, envelope)
         except Rejected as exc:
-            await self._ws_reply(ws, exc.status, exc.msg)
+            await self._ws_reply(ws, exc.status, **self._worded(exc.status, {"msg": exc.msg}))
             return True
         if slow is not None:
             await asyncio.sleep(float(slow.options.get("delay_s", 5.0)))
         if status == 202 and "retryAfterHeaderValue" not in body and not self.ws_async_answer:
             return True
-        await self._ws_reply(ws, status, **body)
+        await self._ws_reply(ws, status, **self._worded(status, body))
         return True
 
     async def _ws_reply(self, ws: web.WebSocketResponse, code: int, msg: str, **extra: Any) -> None:
-        """One answer frame: `{"msg", "code": <HTTP-like status>}` ([open]: `code` invented)."""
+        """One answer frame: `{"msg"}`, plus `"code": <HTTP-like status>` if `ws_answer_code`
+        ([open]: the real frame's shape is unknown; the notes expect `{"msg"}`)."""
         self._count("ws_frame", code)
+        frame: dict[str, Any] = {"msg": msg, **extra}
+        if self.ws_answer_code:
+            frame["code"] = code
         if not ws.closed:
-            await ws.send_str(json.dumps({"msg": msg, "code": code, **extra}))
+            await ws.send_str(json.dumps(frame))
 
     # -- control and read-back routes ------------------------------------------------------------
 
@@ -981,8 +1009,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--registry",
         metavar="FILE.json",
-        help='extra message types and devices: {"messageTypes": [{"id", "direction", '
-        '"fields"}], "devices": [{"id", "token"}]}',
+        help='extra message types, devices and push credentials: {"messageTypes": [{"id", '
+        '"direction", "fields"}], "devices": [{"id", "token"}], "pushUsers": [{"user", '
+        '"password"}], "appTokens": ["..."]}',
     )
     parser.add_argument("--max-rows", type=int, default=100_000, help="rows kept per type for read-back")
     parser.add_argument(
@@ -996,6 +1025,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("[]", "empty", "204"),
         default="[]",
         help="answer of a GET http/data with nothing pending",
+    )
+    parser.add_argument(
+        "--push-user",
+        action="append",
+        default=[],
+        metavar="USER:PASSWORD",
+        help="a platform user allowed to push with Basic auth (repeatable; or pushUsers in --registry)",
+    )
+    parser.add_argument(
+        "--app-token",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="an application OAuth token allowed to push (repeatable; or appTokens in --registry)",
+    )
+    parser.add_argument(
+        "--ws-answer-code",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="add an HTTP-like `code` to WebSocket answer frames ([open]; default on)",
+    )
+    parser.add_argument(
+        "--wording",
+        choices=WORDINGS,
+        default="notes",
+        help="answer texts: the ones the protocol notes quote, or other wording ([open])",
     )
     parser.add_argument(
         "--fault",
@@ -1014,7 +1069,15 @@ def build(args: argparse.Namespace) -> MmsSimulator:
         max_rows=args.max_rows,
         ws_push_offline=args.ws_push_offline,
         empty_get=args.empty_get,
+        ws_answer_code=args.ws_answer_code,
+        wording=args.wording,
+        app_tokens=args.app_token,
     )
+    for spec in args.push_user:
+        user, sep, password = spec.partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"--push-user expects USER:PASSWORD, got {spec!r}")
+        sim.push_users[user] = password
     for spec in args.device:
         device_id, sep, token = spec.partition(":")
         if not sep or not device_id or not token:
@@ -1028,6 +1091,9 @@ def build(args: argparse.Namespace) -> MmsSimulator:
             sim.add_message_type(MessageType.from_json(obj), types)
         for dev in registry.get("devices", []):
             sim.add_device(str(dev["id"]), str(dev["token"]), dev.get("deviceType", DEFAULT_DEVICE_TYPE))
+        for user in registry.get("pushUsers", []):
+            sim.push_users[str(user["user"])] = str(user["password"])
+        sim.app_tokens.update(str(t) for t in registry.get("appTokens", []))
     for name in args.fault:
         sim.inject(name)
     return sim
@@ -1050,6 +1116,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"MMS simulator: {sim.api_url}", flush=True)
             for device_id, (token, _dt) in sim.devices.items():
                 print(f"  device {device_id} token {token}", flush=True)
+            users = ", ".join(sorted(sim.push_users)) or "none (add --push-user USER:PASSWORD)"
+            print(f"  push users: {users}; app tokens: {len(sim.app_tokens)}", flush=True)
             print(
                 f"  read-back: {sim.url}/sim/rows/<messageType>   faults: {sim.url}/sim/faults",
                 flush=True,

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-log = structlog.get_logger("gatewayd.sim.enos.mqtt")
+log = structlog.get_logger("gatewayd_sim.enos.mqtt")
 
 CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP = 1, 2, 3, 4, 5, 6, 7
 SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 10, 11, 12, 13, 14

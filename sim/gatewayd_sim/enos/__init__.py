@@ -10,9 +10,9 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from gatewayd.sim.enos.hub import Accepted, CommandRecord, Hub, HubOptions
-from gatewayd.sim.enos.registry import Device, Product, Registry, RegistryError
-from gatewayd.sim.enos.simulator import EnosSimulator, TlsFiles
+from gatewayd_sim.enos.hub import Accepted, CommandRecord, Hub, HubOptions
+from gatewayd_sim.enos.registry import Device, Product, Registry, RegistryError
+from gatewayd_sim.enos.simulator import EnosSimulator, TlsFiles
 
 __all__ = ["Accepted", "CommandRecord", "Device", "EnosSimulator", "Hub", "HubOptions",
            "Product", "Registry", "TlsFiles", "add_arguments", "run"]

@@ -17,12 +17,12 @@ from typing import Any
 
 import structlog
 
-from gatewayd.sim.enos import mqtt
-from gatewayd.sim.enos.registry import Device, Key, Product, Registry
 from gatewayd.uplinks.enos import protocol as P
 from gatewayd.uplinks.enos.sign import login_params, parse_client_id, verify
+from gatewayd_sim.enos import mqtt
+from gatewayd_sim.enos.registry import Device, Key, Product, Registry
 
-log = structlog.get_logger("gatewayd.sim.enos")
+log = structlog.get_logger("gatewayd_sim.enos")
 
 MAX_ONLINE_SUBS = 200  # per gateway, 2019 docs
 SUB_LIMIT_CODE = 1257  # OPEN: the code for "too many online sub-devices" is undocumented

@@ -17,7 +17,7 @@ from drivers import ads1115 as ads
 from drivers import bme280 as bme
 from drivers import gpio
 from drivers.sht import crc8
-from drivers.sim.i2c import RegisterChip, SimChip
+from gatewayd_sim.hw.i2c import RegisterChip, SimChip
 
 
 def _busy() -> OSError:
