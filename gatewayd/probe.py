@@ -122,37 +122,22 @@ def _identify_sht(raw: RawI2C, addr: int) -> str:
 _SHT4X_SERIAL_WAIT_S = 0.002  # datasheet: the serial number is ready within 1 ms
 
 
-def _open_i2c(buses: BusManager, spec: str) -> I2CBus | str:
-    """The bus for `spec`, or one sentence saying why it cannot be probed from here."""
-    key = spec.strip()
-    if key.startswith("sim:"):
-        from drivers.sim.bench import BENCH_I2C_BUS, populate_bench_bus
-        from drivers.sim.i2c import sim_bus
-
-        name = key[4:]
-        if name == BENCH_I2C_BUS:
-            populate_bench_bus(name)
-        elif not name or not sim_bus(name).chips:
-            return (f"{key or 'sim:'} is not a bus this command can probe: an emulated bus lives "
-                    f"inside one process, and only sim:{BENCH_I2C_BUS} (the bench's chips) is "
-                    f"populated here")
-    try:
-        return buses.i2c(key)
-    except ValueError as exc:
-        return str(exc)
-
-
 async def probe_i2c(args: argparse.Namespace, out: TextIO) -> int:
     buses = BusManager()
     try:
-        bus = _open_i2c(buses, args.bus)
-        if isinstance(bus, str):
-            print(f"error: {bus}", file=out)
+        try:
+            bus = buses.i2c(args.bus)
+        except ValueError as exc:  # "sim:" without a name, or the simulators not installed
+            print(f"error: {exc}", file=out)
             return 1
         found = []
         for addr in range(0x03, 0x78):
             if await bus.probe(addr):
                 found.append(addr)
+        if not found and bus.sim is not None:
+            print(f"error: {bus.spec} is empty in this process: an emulated bus lives inside one "
+                  f"process, and only sim:bench starts populated (with the bench's chips)", file=out)
+            return 1
         print(f"i2c bus {bus.spec}: {len(found)} device(s)", file=out)
         for addr in found:
             name = await _identify(bus, addr)

@@ -112,13 +112,14 @@ def test_i2c_sht4x_with_bad_crc_is_not_identified(sim: SimI2CBus) -> None:
 def test_i2c_sim_without_name_is_one_sentence() -> None:
     rc, text = run("i2c", "--bus", "sim:")
     assert rc == 1
-    assert text.count("\n") == 1 and text.startswith("error: sim: is not a bus")
+    assert text.count("\n") == 1 and text.startswith("error: emulated bus needs a name")
     assert "Traceback" not in text
 
 
 def test_i2c_unpopulated_sim_bus_is_refused(sim: SimI2CBus) -> None:
     rc, text = run("i2c", "--bus", f"sim:{sim.name}")  # empty in this process
-    assert rc == 1 and "only sim:bench" in text and "wiring" not in text
+    assert rc == 1 and text.count("\n") == 1
+    assert "only sim:bench starts populated" in text and "wiring" not in text
 
 
 def test_i2c_sim_bench_from_a_shell_shows_the_bench_chips(tmp_path: Path) -> None:
@@ -137,7 +138,8 @@ def test_i2c_sim_bench_from_a_shell_shows_the_bench_chips(tmp_path: Path) -> Non
 def test_bench_chip_table_matches_the_bench_config() -> None:
     import tomllib
 
-    from drivers.sim.bench import BENCH_I2C_CHIPS, BenchEmulation
+    from gatewayd_sim.hw.bench import BenchEmulation
+    from gatewayd_sim.hw.i2c import BENCH_I2C_CHIPS
 
     cfg = tomllib.loads(BenchEmulation().toml())
     i2c = {e["address"]: e["driver"] for e in cfg["devices"] + cfg["actuators"]

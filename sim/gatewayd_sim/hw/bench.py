@@ -18,24 +18,8 @@ import contextlib
 import json
 from typing import Any
 
+from gatewayd_sim.hw.i2c import BENCH_I2C_BUS
 from gatewayd_sim.hw.serial import METER_MAP, EchoActuatorSim, ModbusSlaveSim, NMEASim, SerialSim
-
-BENCH_I2C_BUS = "bench"
-# the chips the bench config puts on its emulated bus (address -> chip model)
-BENCH_I2C_CHIPS: dict[int, str] = {0x76: "bme280", 0x44: "sht3x", 0x48: "ads1115", 0x20: "pcf8574"}
-
-
-def populate_bench_bus(name: str = BENCH_I2C_BUS) -> None:
-    """Create the bench's chips on the emulated bus `name` (addresses already populated stay).
-
-    The daemon creates them from the config on first use; `gatewayd probe i2c --bus sim:bench`
-    calls this so a scan from a shell shows what `make run` would see.
-    """
-    from drivers.sim.i2c import sim_bus
-
-    bus = sim_bus(name)
-    for addr, model in BENCH_I2C_CHIPS.items():
-        bus.ensure(addr, model)
 
 
 class BenchEmulation:
