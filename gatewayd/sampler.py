@@ -51,7 +51,8 @@ class DeviceState:
     def as_dict(self, stats: dict[str, int] | None = None) -> dict[str, Any]:
         return {"driver": self.driver, "state": self.state, "since": round(self.since, 3),
                 "last_error": self.last_error, "reads": self.reads, "failures": self.failures,
-                "last_read_ms": self.last_read_ms, "missed_polls": self.missed_polls,
+                "last_read": round(self.last_read_ms / 1000, 3) if self.last_read_ms else None,
+                "missed_polls": self.missed_polls,
                 "polls_per_s": {"configured": round(self.configured_hz, 3),
                                 "achieved": None if self.achieved_hz is None
                                 else round(self.achieved_hz, 3)},
