@@ -6,10 +6,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install run test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sim/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]' -e ./sim
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,11 +21,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gatewayd drivers tests bench
-	$(VENV)/bin/mypy gatewayd drivers
+	$(VENV)/bin/ruff check gatewayd drivers sim tests bench
+	$(VENV)/bin/mypy gatewayd drivers sim/gatewayd_sim
 
 bench: $(STAMP)
 	$(PY) bench/bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info sim/build sim/*.egg-info

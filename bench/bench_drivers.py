@@ -32,8 +32,8 @@ from drivers.bme280 import BME280, BME280Config
 from drivers.bus import BusManager
 from drivers.modbus import ModbusConfig, ModbusDriver, ModbusPoint
 from drivers.sht import SHT, SHTConfig
-from drivers.sim.i2c import sim_bus
 from gatewayd.sampler import Sampler
+from gatewayd_sim.hw.i2c import sim_bus
 
 RATE_HZ = 10.0
 
@@ -123,7 +123,7 @@ async def i2c_scenario(seconds: float) -> dict[str, Any]:
 
 _CHILD = """
 import sys, time
-from drivers.sim.serial import ModbusSlaveSim
+from gatewayd_sim.hw.serial import ModbusSlaveSim
 sims = [ModbusSlaveSim(units=tuple(range(1, 11))).start() for _ in range(int(sys.argv[1]))]
 print(" ".join(s.path for s in sims), flush=True)
 sys.stdin.read()

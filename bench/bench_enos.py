@@ -106,7 +106,7 @@ async def main(args: argparse.Namespace) -> int:
     port, http_port = free_port(), free_port()
     with (tmp / "sim.log").open("wb") as sim_log:
         sim = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gatewayd.sim.enos", "--registry", str(reg), "--port",
+            sys.executable, "-m", "gatewayd_sim.enos", "--registry", str(reg), "--port",
             str(port), "--http-port", str(http_port), "--no-throttle", "--no-record", cwd=ROOT,
             stdout=sim_log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 20

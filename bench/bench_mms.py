@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 from drivers.base import Reading  # noqa: E402
 from gatewayd.queue import Queue, QueueConfig  # noqa: E402
 from gatewayd.schema import Secret  # noqa: E402
-from gatewayd.sim.mms import DEFAULT_DEVICE_ID, DEFAULT_TOKEN, RESULT_TYPE  # noqa: E402
 from gatewayd.uplinks.base import UplinkContext  # noqa: E402
 from gatewayd.uplinks.mms import MessageMap, MmsConfig, MmsUplink  # noqa: E402
+from gatewayd_sim.mms import DEFAULT_DEVICE_ID, DEFAULT_TOKEN, RESULT_TYPE  # noqa: E402
 
 TYPE = "m0t0y0p0e1"
 _TICKS = os.sysconf("SC_CLK_TCK")

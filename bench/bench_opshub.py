@@ -43,7 +43,7 @@ TARGET = 20_000  # readings/s the issue asks for
 
 async def start_simulator() -> tuple[asyncio.subprocess.Process, str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gatewayd.sim.opshub", "--port", "0", "--user",
+        sys.executable, "-m", "gatewayd_sim.opshub", "--port", "0", "--user",
         f"{USER}:{PASSWORD}", "--max-rows", "200000", stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
     async with asyncio.timeout(30):

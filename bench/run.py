@@ -53,7 +53,7 @@ class Part:
 
 def start_hardware() -> Part:
     """Serial devices on pseudo-terminals; the I2C chips live in the daemon (bus "sim:bench")."""
-    from drivers.sim.bench import BenchEmulation
+    from gatewayd_sim.hw.bench import BenchEmulation
 
     emu = BenchEmulation().start()
     STATE.mkdir(exist_ok=True)
@@ -69,7 +69,7 @@ def start_hardware() -> Part:
 
 
 async def start_opshub() -> Part:
-    from gatewayd.sim.opshub import OpsHubSimulator
+    from gatewayd_sim.opshub import OpsHubSimulator
 
     sim = OpsHubSimulator({OPSHUB_USER: OPSHUB_PASSWORD}, port=OPSHUB_PORT)
     await sim.start()
@@ -91,7 +91,7 @@ async def start_opshub() -> Part:
 
 
 async def start_enos() -> Part:
-    from gatewayd.sim.enos import Device, EnosSimulator, Product, Registry
+    from gatewayd_sim.enos import Device, EnosSimulator, Product, Registry
 
     reg = Registry()
     reg.add_product(Product("BENCHGW", "bench-gw-product-secret"))
@@ -121,7 +121,7 @@ async def start_enos() -> Part:
 
 
 async def start_mms() -> Part:
-    from gatewayd.sim.mms import DEFAULT_FROM_TYPE, DEFAULT_TO_TYPE, RESULT_TYPE, MmsSimulator
+    from gatewayd_sim.mms import DEFAULT_FROM_TYPE, DEFAULT_TO_TYPE, RESULT_TYPE, MmsSimulator
 
     sim = MmsSimulator(port=MMS_PORT, max_rows=10_000)
     sim.add_device(MMS_DEVICE, MMS_TOKEN)
@@ -200,7 +200,7 @@ async def main() -> int:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             await wait_healthy(session, proc)
             print(f"""
-[bench] gatewayd is up. Watch the readings flow:
+[bench] gatewayd is up. Status page: {HEALTH}/   Watch the readings flow:
     curl -s {HEALTH}/status | python3 -m json.tool     # devices, uplinks, backlog
     tail -f {STATE / 'archive.jsonl'}          # delivered readings (jsonl uplink)
     curl -s {HEALTH}/metrics | grep gatewayd_           # Prometheus metrics

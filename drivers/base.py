@@ -34,12 +34,14 @@ class Reading:
 
 @dataclass(frozen=True, slots=True)
 class Command:
-    id: str  # the cloud's message id, deduplicated per uplink: content-derived ids must be unique per arrival
+    id: str  # the cloud's message id: a redelivery has the same id and the same content
     uplink: str  # name of the uplink that received it
     device: str  # local device (or actuator) the cloud addressed; "" for the gateway itself
     action: str  # uplink-side action name: an EnOS service id, an MMS action field, ...
     params: Mapping[str, Any] = field(default_factory=dict)
     received_ms: int = 0
+    # Where the result goes, opaque to all but the uplink that set it (a topic, a socket...).
+    reply_to: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +165,12 @@ class Actuator(ABC):
         self.name = name
         self.config = config
         self.buses = buses
+
+    @classmethod
+    def known_actions(cls, config: Any) -> frozenset[str] | None:
+        """The action names `apply` accepts with this config (checked by `gatewayd check`);
+        None when any name goes."""
+        return None
 
     async def open(self) -> None:  # noqa: B027 - optional hook
         """Prepare the actuator, apply its initial state. Raises DriverError."""

@@ -25,7 +25,6 @@ from drivers.base import Buses, DeviceNotFoundError, DriverError, ReadTimeoutErr
 if TYPE_CHECKING:
     from drivers.modbus import ModbusLine
     from drivers.serialport import SerialPort, SerialSettings
-    from drivers.sim.i2c import SimI2CBus
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -42,6 +41,39 @@ class RawI2C(Protocol):
     def transfer(self, addr: int, write: bytes, read_len: int) -> bytes: ...
     def probe(self, addr: int) -> bool: ...
     def close(self) -> None: ...
+
+
+class EmulatedI2C(Protocol):
+    """An emulated adapter behind a "sim:NAME" spec (registered by the gatewayd-sim package)."""
+
+    def connect(self) -> RawI2C: ...
+    def ensure(self, addr: int, model: str) -> object: ...
+
+
+# Emulated buses register themselves: the gatewayd-sim distribution names its factory under this
+# entry-point group (scheme "sim"), or a program calls `register_i2c_emulator`. The shipped bus
+# manager imports no emulator.
+I2C_EMULATOR_GROUP = "gatewayd.i2c_emulators"
+_i2c_emulators: dict[str, Callable[[str], EmulatedI2C]] = {}
+
+
+def register_i2c_emulator(scheme: str, factory: Callable[[str], EmulatedI2C]) -> None:
+    """Make "SCHEME:NAME" bus specs open `factory(NAME)`."""
+    _i2c_emulators[scheme] = factory
+
+
+def _i2c_emulator(scheme: str) -> Callable[[str], EmulatedI2C]:
+    factory = _i2c_emulators.get(scheme)
+    if factory is None:
+        from importlib.metadata import entry_points
+
+        for ep in entry_points(group=I2C_EMULATOR_GROUP, name=scheme):
+            factory = _i2c_emulators[scheme] = ep.load()
+            break
+    if factory is None:
+        raise ValueError(f"emulated bus {scheme}:NAME needs the simulators, which are not installed "
+                         "(pip install gatewayd-sim, or pip install ./sim from a gatewayd checkout)")
+    return factory
 
 
 class Smbus2Adapter:
@@ -130,7 +162,7 @@ def describe_os_error(exc: OSError, target: str) -> str:
 class I2CBus:
     """One I2C adapter shared by all its devices. All calls run in its single worker thread."""
 
-    def __init__(self, spec: str, opener: Callable[[], RawI2C], *, sim: SimI2CBus | None = None,
+    def __init__(self, spec: str, opener: Callable[[], RawI2C], *, sim: EmulatedI2C | None = None,
                  retries: int = 2, retry_delay_s: float = 0.005, op_timeout_s: float = 1.0) -> None:
         self.spec = spec
         self.sim = sim  # the emulated adapter behind a "sim:" spec, else None
@@ -295,9 +327,7 @@ class BusManager:
         bus = self._i2c.get(key)
         if bus is None:
             if key.startswith("sim:"):
-                from drivers.sim.i2c import sim_bus
-
-                sim = sim_bus(key[4:])
+                sim = _i2c_emulator("sim")(key[4:])
                 bus = I2CBus(key, sim.connect, sim=sim, retries=self._i2c_retries)
             else:
                 bus = I2CBus(key, lambda: Smbus2Adapter(key), retries=self._i2c_retries)

@@ -73,6 +73,10 @@ class MCP23017Config(ExpanderConfig):
 class Expander(Actuator):
     """Shared logic of the expander boards; subclasses give the chip's register access."""
 
+    @classmethod
+    def known_actions(cls, config: Any) -> frozenset[str]:
+        return frozenset({"set", "pulse", "get"})
+
     CHANNELS: ClassVar[int] = 8
     SIM_MODEL: ClassVar[str] = ""
 

@@ -74,6 +74,10 @@ class SerialCommand(Actuator):
     def _port(self) -> SerialPort:
         return self.config.shared_port(self.buses)
 
+    @classmethod
+    def known_actions(cls, config: Any) -> frozenset[str]:
+        return frozenset(config.commands)
+
     def render(self, action: str, params: Mapping[str, Any]) -> bytes:
         """The bytes to send for `action`; ActionError for an unknown action or missing param."""
         c = self.config

@@ -1,4 +1,4 @@
-"""Command line: `gatewayd run|check|probe|sim`."""
+"""Command line: `gatewayd run|check|status|probe|sim`."""
 
 from __future__ import annotations
 
@@ -9,13 +9,16 @@ import json
 import os
 import signal
 import sys
+from importlib.metadata import entry_points
 from typing import Any
 
 from gatewayd import __version__
 from gatewayd.errors import ConfigError
-from gatewayd.sim import SIMULATORS
 
 EX_OK, EX_SOFTWARE, EX_CANTCREAT, EX_CONFIG = 0, 70, 73, 78
+EX_USAGE = 2
+SIM_INSTALL_HINT = ("gatewayd: the simulators are not installed; they are a separate bench "
+                    "package: pip install gatewayd-sim (from a gatewayd checkout: pip install ./sim)")
 DEFAULT_CONFIG = os.environ.get("GATEWAYD_CONFIG", "/etc/gatewayd/gatewayd.toml")
 
 
@@ -29,7 +32,10 @@ def _optional_module(name: str) -> Any:
         return None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser. With `command` ("run", "check", ...), only that command's plug-ins
+    are imported: `gatewayd run` must not load the simulators (their HTTP clients, hubs), which
+    cost the daemon half a second of start-up and megabytes of memory it never uses."""
     parser = argparse.ArgumentParser(
         prog="gatewayd",
         description="Edge gateway daemon: reads sensors, keeps every reading in a durable local "
@@ -51,18 +57,40 @@ def build_parser() -> argparse.ArgumentParser:
                                        "in and secrets masked. Exit 0 if valid, 78 if not.")
     check.add_argument("-c", "--config", default=DEFAULT_CONFIG, help="config file")
     check.add_argument("-q", "--quiet", action="store_true", help="print only problems")
+    check.add_argument("--no-secrets", action="store_true",
+                       help="check everything but the secrets: secret files and environment "
+                            "variables are not read (on a workstation, before the credentials "
+                            "are installed)")
 
-    probe = _optional_module("gatewayd.probe")
-    if probe is not None:
+    status = sub.add_parser(
+        "status", help="the status page as a terminal table (devices, uplinks, queue)",
+        description="Show what the running daemon reads and where every reading is. Exit 0 if "
+                    "all is well, 1 if a device, uplink or the queue's storage is failing, 2 if "
+                    "the daemon cannot be reached.")
+    if command in (None, "status"):
+        from gatewayd.web import term
+
+        term.add_arguments(status)
+        status.set_defaults(plugin=term)
+
+    probe = _optional_module("gatewayd.probe") if command in (None, "probe") else None
+    if probe is not None or command not in (None, "probe"):
         p = sub.add_parser("probe", help="commissioning: scan buses, read a device once",
                            description="Commissioning tools for a technician on site.")
-        probe.add_arguments(p)
-        p.set_defaults(plugin=probe)
+        if probe is not None:
+            probe.add_arguments(p)
+            p.set_defaults(plugin=probe)
 
     sim = sub.add_parser("sim", help="run a local cloud simulator (bench and tests)",
                          description="Run a strict local stand-in for a cloud.")
-    sims = sim.add_subparsers(dest="simulator", required=True, metavar="CLOUD")
-    for name, module_name in SIMULATORS.items():
+    simulators = ({ep.name: ep.value for ep in entry_points(group="gatewayd.simulators")}
+                  if command in (None, "sim") else {})
+    if not simulators:  # the gatewayd-sim distribution is not installed: main() says so
+        sim.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        sim.set_defaults(plugin=None)
+    else:
+        sims = sim.add_subparsers(dest="simulator", required=True, metavar="CLOUD")
+    for name, module_name in sorted(simulators.items()):
         module = _optional_module(module_name)
         if module is None:
             continue
@@ -73,23 +101,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_config(path: str) -> Any:
+def _load_config(path: str, read_secrets: bool = True) -> Any:
     from gatewayd.config import load
 
     try:
-        return load(path)
+        return load(path, read_secrets=read_secrets)
     except ConfigError as exc:
         print(f"gatewayd: invalid config ({len(exc.problems)} problem"
               f"{'s' if len(exc.problems) != 1 else ''}):", file=sys.stderr)
         for p in exc.problems:
             print(f"  {p}", file=sys.stderr)
+        if read_secrets and any("secret file" in p or "environment variable" in p
+                                for p in exc.problems):
+            print("gatewayd: `gatewayd check --no-secrets` checks everything but the secrets",
+                  file=sys.stderr)
         return None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     from gatewayd.schema import to_plain
 
-    cfg = _load_config(args.config)
+    cfg = _load_config(args.config, read_secrets=not args.no_secrets)
     if cfg is None:
         return EX_CONFIG
     if not args.quiet:
@@ -98,7 +130,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(json.dumps(plain, indent=2, default=str))
     print(f"gatewayd: {args.config}: config OK ({len(cfg.devices)} devices, "
           f"{len(cfg.actuators)} actuators, {len(cfg.uplinks)} uplinks, "
-          f"{len(cfg.commands)} command mappings)", file=sys.stderr)
+          f"{len(cfg.commands)} command mappings"
+          f"{'; secrets not read' if args.no_secrets else ''})", file=sys.stderr)
     return EX_OK
 
 
@@ -134,11 +167,16 @@ async def _run(cfg: Any) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    command = next((w for w in words if not w.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     if args.command == "check":
         return cmd_check(args)
     if args.command == "run":
         return cmd_run(args)
+    if args.plugin is None:
+        print(SIM_INSTALL_HINT, file=sys.stderr)
+        return EX_USAGE
     return int(args.plugin.run(args))
 
 

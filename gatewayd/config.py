@@ -19,7 +19,7 @@ import drivers
 from drivers.base import Duration, Range
 from gatewayd.errors import ConfigError
 from gatewayd.queue import QueueConfig
-from gatewayd.schema import Builder
+from gatewayd.schema import Builder, Secret, did_you_mean
 from gatewayd.uplinks import UPLINKS, load_uplink
 
 EX_CONFIG = 78
@@ -39,10 +39,17 @@ class GatewaySection:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthAuth:
+    user: str
+    password: Secret  # password_file = "..." (or password_env); HTTP basic auth
+
+
+@dataclass(frozen=True, slots=True)
 class HealthSection:
     enabled: bool = True
     listen: str = "127.0.0.1:9847"
     allow_commands: bool = False  # POST /commands from the local network (bench, commissioning)
+    auth: HealthAuth | None = None  # required when listen is not a loopback address
 
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")
@@ -56,6 +63,10 @@ class HealthSection:
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("localhost", "::1") or self.host.startswith("127.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,8 +187,12 @@ _SECTIONS = {"gateway", "queue", "health", "log", "dispatch", "devices", "actuat
              "commands"}
 
 
-def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
-    """Read and validate the config file. Raises ConfigError listing every problem."""
+def load(path: str | Path, env: Mapping[str, str] | None = None, *, read_secrets: bool = True) -> Config:
+    """Read and validate the config file. Raises ConfigError listing every problem.
+
+    With `read_secrets=False` secret files and variables are not read (their values are
+    empty): everything else is checked, as `gatewayd check --no-secrets` does.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -189,15 +204,17 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"{path}: TOML syntax error: {exc}"]) from None
-    return parse(doc, path, env)
+    return parse(doc, path, env, read_secrets=read_secrets)
 
 
-def parse(doc: dict[str, Any], path: Path, env: Mapping[str, str] | None = None) -> Config:
+def parse(doc: dict[str, Any], path: Path, env: Mapping[str, str] | None = None, *,
+          read_secrets: bool = True) -> Config:
     """Validate an already-parsed TOML document (see `load`)."""
-    b = Builder(base_dir=path.parent, env=env)
+    b = Builder(base_dir=path.parent, env=env, read_secrets=read_secrets)
     for key in doc:
         if key not in _SECTIONS:
-            b.error(key, f"unknown section (expected one of: {', '.join(sorted(_SECTIONS))})")
+            b.error(key, f"unknown section{did_you_mean(key, _SECTIONS)} "
+                         f"(expected one of: {', '.join(sorted(_SECTIONS))})")
     if "gateway" not in doc:
         b.error("gateway", 'missing required section (expected [gateway] with id = "...")')
     gateway = b.build(GatewaySection, doc.get("gateway", {}), "gateway") if "gateway" in doc else None
@@ -210,18 +227,23 @@ def parse(doc: dict[str, Any], path: Path, env: Mapping[str, str] | None = None)
     uplinks = _uplinks(b, doc.get("uplinks", {}))
     commands = b.value(list[CommandMap], doc.get("commands", []), "commands") or []
 
+    if health is not None and health.enabled and not health.loopback and health.auth is None:
+        b.error("health.auth", f"required when listen ({health.listen!r}) is not a loopback address: "
+                               'set auth = { user = "...", password_file = "..." }')
     _check_names(b, devices, actuators)
     # Cross-references use every declared name, so one broken section does not cascade.
     declared_uplinks = set(doc["uplinks"]) if isinstance(doc.get("uplinks"), dict) else set()
     declared_actuators = _declared(doc.get("actuators")) | {a.name for a in actuators}
     declared_devices = _declared(doc.get("devices")) | declared_actuators
     _check_commands(b, commands, declared_actuators, declared_uplinks, declared_devices)
-    device_names = {d.name for d in devices} | {a.name for a in actuators}
+    _check_actions(b, commands, actuators)
     for u in uplinks:
-        check = getattr(u.options, "check_devices", None)
+        check = getattr(u.options, "check", None) or getattr(u.options, "check_devices", None)
         if check is not None:
-            for problem in check(device_names):
-                b.error(f"uplinks.{u.name}", problem)
+            for problem in check(declared_devices):
+                m = re.search(r"named '([^']+)'", problem)
+                b.error(f"uplinks.{u.name}",
+                        problem + (did_you_mean(m.group(1), declared_devices) if m else ""))
 
     if b.errors or gateway is None:
         raise ConfigError([f"{path}: {e}" for e in b.errors])
@@ -256,7 +278,8 @@ def _plugins(b: Builder, raw: object, section: str, common_cls: type[Any],
         if not isinstance(driver, str):
             continue
         if driver not in registry:
-            b.error(f"{p}.driver", f"unknown driver {driver!r} (known: {', '.join(sorted(registry))})")
+            b.error(f"{p}.driver", f"unknown driver {driver!r}{did_you_mean(driver, registry)} "
+                                   f"(known: {', '.join(sorted(registry))})")
             continue
         try:
             cls = drivers.load(registry, driver)
@@ -264,7 +287,7 @@ def _plugins(b: Builder, raw: object, section: str, common_cls: type[Any],
             b.error(f"{p}.driver", f"driver {driver!r} cannot be loaded: {exc}")
             continue
         rest = {k: v for k, v in table.items() if k not in common_keys}
-        options = b.build(cls.Config, rest, p)
+        options = b.build(cls.Config, rest, p, also=frozenset(common_keys))
         if common is None or options is None:
             continue
         fields = {k: getattr(common, k) for k in common_keys}
@@ -291,14 +314,16 @@ def _uplinks(b: Builder, raw: object) -> list[UplinkConfig]:
         if common is None:
             continue
         if common.type not in UPLINKS:
-            b.error(f"{p}.type", f"unknown uplink type {common.type!r} (known: {', '.join(sorted(UPLINKS))})")
+            b.error(f"{p}.type", f"unknown uplink type {common.type!r}{did_you_mean(common.type, UPLINKS)} "
+                                 f"(known: {', '.join(sorted(UPLINKS))})")
             continue
         try:
             cls = load_uplink(common.type)
         except ImportError as exc:
             b.error(f"{p}.type", f"uplink type {common.type!r} cannot be loaded: {exc}")
             continue
-        options = b.build(cls.Config, {k: v for k, v in table.items() if k not in common_keys}, p)
+        options = b.build(cls.Config, {k: v for k, v in table.items() if k not in common_keys}, p,
+                          also=frozenset(common_keys))
         if options is not None:
             out.append(UplinkConfig(name, common.type, common.enabled, common.start, options))
     return out
@@ -325,12 +350,15 @@ def _check_commands(b: Builder, commands: list[CommandMap], actuators: set[str],
         p = f"commands[{i}]"
         if c.actuator not in actuators:
             known = ", ".join(sorted(actuators)) or "none configured"
-            b.error(f"{p}.actuator", f"no actuator named {c.actuator!r} (actuators: {known})")
+            b.error(f"{p}.actuator", f"no actuator named {c.actuator!r}"
+                                     f"{did_you_mean(c.actuator, actuators)} (actuators: {known})")
         if c.uplink not in uplinks | {"*", "local"}:
             known = ", ".join(sorted(uplinks | {"*", "local"}))
-            b.error(f"{p}.uplink", f"no uplink named {c.uplink!r} (expected one of: {known})")
+            b.error(f"{p}.uplink", f"no uplink named {c.uplink!r}{did_you_mean(c.uplink, uplinks)} "
+                                   f"(expected one of: {known})")
         if c.device not in devices | {"*", ""}:
-            b.error(f"{p}.device", f"no device or actuator named {c.device!r}")
+            b.error(f"{p}.device", f"no device or actuator named {c.device!r}"
+                                   f"{did_you_mean(c.device, devices)}")
         key = (c.uplink, c.device, c.action)
         if key in seen:
             b.error(p, f"duplicate mapping for uplink={c.uplink!r} device={c.device!r} "
@@ -343,3 +371,20 @@ def _check_commands(b: Builder, commands: list[CommandMap], actuators: set[str],
                 b.error(f"{p}.params.{name}", f"min ({spec.min}) is above max ({spec.max})")
             if spec.min is not None and spec.type not in ("int", "float"):
                 b.error(f"{p}.params.{name}.min", f"min/max apply to int and float, not {spec.type}")
+
+
+def _check_actions(b: Builder, commands: list[CommandMap], actuators: list[ActuatorConfig]) -> None:
+    """Each mapping's actuator action must be one the actuator carries out (when it says)."""
+    by_name = {a.name: a for a in actuators}
+    for i, c in enumerate(commands):
+        a = by_name.get(c.actuator) if c is not None else None
+        if a is None:
+            continue
+        cls = drivers.load(drivers.ACTUATORS, a.driver)
+        actions = cls.known_actions(a.options)
+        if actions is None or c.target_action in actions:
+            continue
+        key = "actuator_action" if c.actuator_action else "action"
+        b.error(f"commands[{i}].{key}",
+                f"actuator {a.name!r} ({a.driver}) has no action {c.target_action!r}"
+                f"{did_you_mean(c.target_action, actions)} (actions: {', '.join(sorted(actions))})")

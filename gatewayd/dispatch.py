@@ -1,14 +1,18 @@
 """The dispatcher: validates commands against the command map and runs them on actuators.
 
 Anything not in the map is refused (404), never executed. Params are typed and range-checked
-(400). A command id seen again from the same uplink within the dedupe window gets the first
-result without running again. Actions run under a timeout (504), one at a time per actuator;
-an actuator that raises gives a 500. Every result goes back to the uplink that sent it.
+(400). A redelivery (the same uplink, the same id *and* the same content within the dedupe
+window) gets the first result without running again; anything else runs, a deliberate repeat
+under a new id too, and so does a reused id with a different command (an EnOS hub that
+restarted counts from cmd-1 again). Actions run under a timeout (504), one at a time per
+actuator; an actuator that raises gives a 500; a full inbox answers 503 (busy). Every command
+gets a result, and every result goes back to the uplink that sent it (with `reply_to`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections import OrderedDict
@@ -105,10 +109,12 @@ class Dispatcher:
         self.metrics = metrics
         self.repliers: dict[str, Replier] = {}
         self._locks = {name: asyncio.Lock() for name in self.actuators}
-        self._done: OrderedDict[tuple[str, str], tuple[float, CommandResult]] = OrderedDict()
-        self._inflight: dict[tuple[str, str], asyncio.Future[CommandResult]] = {}
+        self._done: OrderedDict[tuple[str, str, str], tuple[float, CommandResult]] = OrderedDict()
+        self._inflight: dict[tuple[str, str, str], asyncio.Future[CommandResult]] = {}
+        self._reply_tasks: set[asyncio.Task[None]] = set()
         self._inbox: asyncio.Queue[Command] = asyncio.Queue(maxsize=1000)
         self.counts: dict[str, int] = {}
+        self.observers: list[Callable[[Command, CommandResult, float], None]] = []  # status page
 
     def find(self, cmd: Command) -> CommandMap | None:
         """The most specific mapping for the command's uplink, device and action."""
@@ -132,6 +138,11 @@ class Dispatcher:
         except asyncio.QueueFull:
             log.warning("command_refused_busy", uplink=cmd.uplink, id=cmd.id, action=cmd.action)
             self._count(cmd.uplink, "busy")
+            busy = CommandResult(cmd.id, False, 503, "busy: too many commands waiting, try again")
+            task = asyncio.get_running_loop().create_task(self._reply(cmd, busy),
+                                                          name=f"command-busy[{cmd.uplink}]")
+            self._reply_tasks.add(task)
+            task.add_done_callback(self._reply_tasks.discard)
 
     async def run(self) -> None:
         """Take submitted commands and run each in its own task. Runs until cancelled."""
@@ -141,7 +152,9 @@ class Dispatcher:
                 tg.create_task(self._handle(cmd), name=f"command[{cmd.uplink}:{cmd.id}]")
 
     async def _handle(self, cmd: Command) -> None:
-        result = await self.execute(cmd)
+        await self._reply(cmd, await self.execute(cmd))
+
+    async def _reply(self, cmd: Command, result: CommandResult) -> None:
         replier = self.repliers.get(cmd.uplink)
         if replier is None:
             return
@@ -153,7 +166,7 @@ class Dispatcher:
 
     async def execute(self, cmd: Command) -> CommandResult:
         """Validate and run one command; never raises (except cancellation)."""
-        key = (cmd.uplink, cmd.id)
+        key = (cmd.uplink, cmd.id, _content(cmd))
         self._expire()
         if key in self._done:
             first = self._done[key][1]
@@ -181,6 +194,8 @@ class Dispatcher:
         if self.metrics is not None:
             self.metrics.command_latency.labels(cmd.uplink).observe(time.perf_counter() - started)
         latency_ms = round((time.perf_counter() - started) * 1000, 2)
+        for observe in self.observers:
+            observe(cmd, result, latency_ms)
         (log.info if result.ok else log.warning)(
             "command_done", uplink=cmd.uplink, id=cmd.id, device=cmd.device, action=cmd.action,
             ok=result.ok, code=result.code, message=result.message, latency_ms=latency_ms)
@@ -226,6 +241,15 @@ class Dispatcher:
         self.counts[outcome] = self.counts.get(outcome, 0) + 1
         if self.metrics is not None:
             self.metrics.commands.labels(uplink, outcome).inc()
+
+
+def _content(cmd: Command) -> str:
+    """What makes two arrivals of one id the same message: target, action and params."""
+    try:
+        params = json.dumps(cmd.params, sort_keys=True, default=repr)
+    except (TypeError, ValueError):
+        params = repr(cmd.params)
+    return f"{cmd.device}\x00{cmd.action}\x00{params}"
 
 
 def local_command(action: str, device: str, params: Mapping[str, Any], cmd_id: str) -> Command:

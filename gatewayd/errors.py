@@ -13,6 +13,7 @@ __all__ = [
     "UplinkError",
     "UplinkRejectedError",
     "UplinkUnavailableError",
+    "UplinkUnreachableError",
 ]
 
 
@@ -34,6 +35,11 @@ class UplinkError(GatewayError):
 
 class UplinkUnavailableError(UplinkError):
     """Transient: the cloud is unreachable, timed out or answered 5xx. Retry with backoff."""
+
+
+class UplinkUnreachableError(UplinkUnavailableError):
+    """Transient, and the cloud never saw the attempt (TCP refused, DNS, no route): connection
+    throttles do not count it."""
 
 
 class UplinkRejectedError(UplinkError):

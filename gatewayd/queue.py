@@ -1119,6 +1119,11 @@ class Queue:
             }
         return out
 
+    def storage_condition(self) -> dict[str, Any]:
+        """The storage condition for the status page: `condition` plus the details."""
+        return {"condition": self.storage.state, **self.storage.as_dict(),
+                "store_failed": self.store_failed}
+
     def status(self) -> dict[str, Any]:
         """The queue's part of /status."""
         return {

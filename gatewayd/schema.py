@@ -12,6 +12,7 @@ reported at its path.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import types
@@ -88,6 +89,17 @@ def parse_size(value: object) -> int:
     raise ValueError
 
 
+def did_you_mean(word: object, candidates: object) -> str:
+    """' (did you mean "x"?)' for the closest candidate to a misspelt `word`, else ''."""
+    if not isinstance(word, str):
+        return ""
+    names = [c for c in candidates if isinstance(c, str)]  # type: ignore[attr-defined]
+    close = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    if not close:
+        close = [c for c in names if c.lower() == word.lower()]
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _show(value: object) -> str:
     if isinstance(value, str):
         return '"' + value + '"'
@@ -112,27 +124,33 @@ def _type_name(tp: Any) -> str:
 class Builder:
     """Converts nested TOML values into typed objects, appending problems to `errors`."""
 
-    def __init__(self, base_dir: Path | None = None, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, base_dir: Path | None = None, env: Mapping[str, str] | None = None,
+                 *, read_secrets: bool = True) -> None:
         self.errors: list[str] = []
-        self.base_dir = base_dir or Path.cwd()
+        self.base_dir = (base_dir or Path.cwd()).absolute()
         self.env = os.environ if env is None else env
+        # False (`gatewayd check --no-secrets`): secret files and variables are named but not read.
+        self.read_secrets = read_secrets
 
     def error(self, path: str, message: str) -> None:
         self.errors.append(f"{path}: {message}" if path else message)
 
     # -- dataclasses --------------------------------------------------------------------------
 
-    def build(self, cls: type[Any], table: object, path: str, *, skip: frozenset[str] = frozenset()) -> Any:
+    def build(self, cls: type[Any], table: object, path: str, *, skip: frozenset[str] = frozenset(),
+              also: frozenset[str] = frozenset()) -> Any:
         """Build dataclass `cls` from `table`; returns None if anything in it was invalid.
 
-        Keys in `skip` are ignored (the caller handles them).
+        Keys in `skip` are ignored (the caller handles them). Keys in `also` are handled by the
+        caller too, but belong to the same table: they are listed (and suggested) when a key
+        is unknown, so `intervall` in a device is answered with `interval`.
         """
         if not isinstance(table, dict):
             self.error(path, f"expected a table, got {_show(table)}")
             return None
         hints = typing.get_type_hints(cls, include_extras=True)
         fields = [f for f in dataclasses.fields(cls) if f.init]
-        known: set[str] = set(skip)
+        known: set[str] = set(skip) | set(also)
         kwargs: dict[str, Any] = {}
         before = len(self.errors)
         for f in fields:
@@ -155,8 +173,9 @@ class Builder:
             kwargs[f.name] = self.value(tp, table[f.name], key_path)
         for key in table:
             if key not in known:
-                allowed = ", ".join(sorted(k for k in known if k not in skip))
-                self.error(f"{path}.{key}" if path else key, f"unknown key (expected one of: {allowed})")
+                listed = sorted(k for k in known if k not in skip)
+                self.error(f"{path}.{key}" if path else key,
+                           f"unknown key{did_you_mean(key, listed)} (expected one of: {', '.join(listed)})")
         if len(self.errors) != before:
             return None
         try:
@@ -181,19 +200,27 @@ class Builder:
         if key == name:
             return Secret(raw, "inline")
         if key.endswith("_env"):
+            if not self.read_secrets:
+                return Secret("", f"env {raw} (not read)")
             value = self.env.get(raw)
             if not value:
                 self.error(f"{prefix}{key}", f"environment variable {raw} is not set or empty")
                 return None
             return Secret(value, f"env {raw}")
         p = Path(raw)
+        where = ""
         if not p.is_absolute():
             creds = self.env.get("CREDENTIALS_DIRECTORY")
             p = (Path(creds) if creds else self.base_dir) / p
+            where = (" (in $CREDENTIALS_DIRECTORY)" if creds else
+                     " (next to the config file; under systemd, in $CREDENTIALS_DIRECTORY)")
+        if not self.read_secrets:
+            return Secret("", f"file {p} (not read)")
         try:
             value = p.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            self.error(f"{prefix}{key}", f"cannot read secret file {p}: {exc.strerror or exc}")
+            self.error(f"{prefix}{key}",
+                       f"cannot read secret file {p}{where}: {exc.strerror or exc}")
             return None
         if not value:
             self.error(f"{prefix}{key}", f"secret file {p} is empty")
@@ -255,7 +282,7 @@ class Builder:
             if len(args) == 1:
                 return self.value(args[0], raw, path)
             for a in args:
-                trial = Builder(self.base_dir, self.env)
+                trial = Builder(self.base_dir, self.env, read_secrets=self.read_secrets)
                 out = trial.value(a, raw, path)
                 if not trial.errors:
                     return out
@@ -265,7 +292,7 @@ class Builder:
             choices = typing.get_args(tp)
             if raw in choices and type(raw) in {type(c) for c in choices}:
                 return raw
-            self.error(path, f"expected {self._expect(tp)}, got {_show(raw)}")
+            self.error(path, f"expected {self._expect(tp)}, got {_show(raw)}{did_you_mean(raw, choices)}")
             return None
         if origin in (list, tuple):
             if not isinstance(raw, list):

@@ -106,7 +106,7 @@ BROKEN = [
         'actuator = "relay"', 'actuator = "boiler"'),
      "actuators[0].name: duplicate name 'boiler'"),
     ("command to missing actuator", GOOD.replace('actuator = "relay"', 'actuator = "relais"'),
-     "commands[0].actuator: no actuator named 'relais' (actuators: relay)"),
+     "commands[0].actuator: no actuator named 'relais' (did you mean 'relay'?) (actuators: relay)"),
     ("command from missing uplink", GOOD.replace('uplink = "archive"', 'uplink = "enos"'),
      "commands[0].uplink: no uplink named 'enos'"),
     ("command min above max", GOOD.replace("min = 0, max = 7", "min = 9, max = 7"),

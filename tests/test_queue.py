@@ -154,7 +154,7 @@ async def test_max_rows_drops_oldest_and_counts_per_uplink(tmp_path: Path) -> No
 
 
 async def test_max_age_drops_old_rows(tmp_path: Path) -> None:
-    now = NOW_MS
+    now = int(time.time() * 1000)  # not the import-time NOW_MS: a long suite makes it old
     cfg = replace(CFG, max_age=60)
     async with opened(tmp_path / "q.db", ["a"], cfg) as q:
         await q.put([Reading("d", "p", 1.0, now - 120_000 + i) for i in range(10)])

@@ -1,5 +1,9 @@
 """The uplink contract: what the core hands an uplink, and what an uplink owes the core.
 
+New uplinks subclass `gatewayd.uplinks.engine.DeliveryUplink`: the engine runs the life cycle
+and the uplink supplies only `connect()` and a `Session` (see that module). `Uplink.run()` below
+is the older contract, kept for uplinks not yet ported:
+
 An uplink owns its cloud's connection, identities and wire format. The core gives it:
 - an `Outbox` over the durable queue: `lease()` the next readings past its cursor, send them,
   `ack()` on the cloud's confirmation, `quarantine()` a poison item, `rewind()` after a

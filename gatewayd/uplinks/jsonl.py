@@ -1,6 +1,7 @@
 """The `jsonl` uplink: appends delivered readings as JSON lines to a file, with rotation.
 
-A local archive for users, and the simplest end-to-end check of the queue. Each line is
+A local archive for users, and the simplest end-to-end check of the queue and the delivery
+engine (`gatewayd.uplinks.engine`). Each line is
 `{"seq", "device", "point", "value", "ts_ms", "quality", "backlog"}`.
 """
 
@@ -13,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-from drivers.base import ByteSize, Command, CommandResult, Duration, Range
-from gatewayd.backoff import Backoff
+from drivers.base import ByteSize, CommandResult, Duration, Range
 from gatewayd.errors import UplinkUnavailableError
-from gatewayd.uplinks.base import Lease, Uplink, UplinkContext, UplinkState
+from gatewayd.uplinks.base import UplinkContext
+from gatewayd.uplinks.engine import ACCEPTED, DeliveryUplink, Packet, Session, Verdict
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,10 +29,13 @@ class JsonlConfig:
     fsync: bool = False  # fsync each batch before acking (survives power loss)
     pause_file: str = ""  # while this file exists, delivery pauses and a backlog builds
     retry_max: Duration = 30.0
-    linger: Duration = 1.0  # wait up to this for a full batch: fewer writes when data trickles
+    linger: Duration = 1.0  # under load, wait up to this for a full batch: fewer writes
+
+    def check(self, devices: set[str]) -> list[str]:
+        return []  # names no devices
 
 
-class JsonlUplink(Uplink):
+class JsonlUplink(DeliveryUplink):
     """Writes each leased batch, then acks it. A write error is retried with backoff."""
 
     Config = JsonlConfig
@@ -41,32 +45,17 @@ class JsonlUplink(Uplink):
         p = Path(config.path)
         self.path = p if p.is_absolute() else ctx.state_dir / p
         self.replies: list[CommandResult] = []
+        self.batch, self.linger_s = config.batch, config.linger
+        self.backoff_base_s, self.backoff_cap_s = 0.2, config.retry_max
 
-    async def run(self) -> None:
-        await self.connection_loop(self._session, Backoff(0.2, self.config.retry_max, floor_s=0.05))
+    async def connect(self) -> Session:
+        await asyncio.to_thread(self._check_pause)
+        await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
+        return _FileSession(self)
 
     def _check_pause(self) -> None:
         if self.config.pause_file and os.path.exists(self.config.pause_file):
             raise UplinkUnavailableError(f"paused: {self.config.pause_file} exists")
-
-    async def _session(self) -> None:
-        await asyncio.to_thread(self._check_pause)
-        await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
-        self.set_state(UplinkState.CONNECTED)
-        await self.pump(self._send, self.config.batch, wait_s=1.0, linger_s=self.config.linger)
-
-    async def _send(self, lease: Lease) -> None:
-        lines = "".join(
-            json.dumps({"seq": it.seq, "device": it.reading.device, "point": it.reading.point,
-                        "value": it.reading.value, "ts_ms": it.reading.ts_ms,
-                        "quality": it.reading.quality, "backlog": it.backlog},
-                       separators=(",", ":")) + "\n"
-            for it in lease.items)
-        try:
-            await asyncio.to_thread(self._write, lines.encode())
-        except OSError as exc:
-            raise UplinkUnavailableError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
-        self.messages += 1
 
     def _write(self, data: bytes) -> None:
         self._check_pause()
@@ -97,9 +86,30 @@ class JsonlUplink(Uplink):
                 os.replace(src, self.path.with_name(f"{self.path.name}.{i + 1}"))
         os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
 
-    async def reply(self, command: Command, result: CommandResult) -> None:
-        self.replies.append(result)
-        del self.replies[:-100]
-
     def status(self) -> dict[str, Any]:
         return {**super().status(), "path": str(self.path)}
+
+
+class _FileSession(Session):
+    def __init__(self, uplink: JsonlUplink) -> None:
+        self._write = uplink._write
+        self._path = uplink.path
+        self._replies = uplink.replies
+
+    async def send(self, packet: Packet) -> Verdict:
+        lines = "".join(
+            json.dumps({"seq": it.seq, "device": it.reading.device, "point": it.reading.point,
+                        "value": it.reading.value, "ts_ms": it.reading.ts_ms,
+                        "quality": it.reading.quality, "backlog": it.backlog},
+                       separators=(",", ":")) + "\n"
+            for it in packet.items)
+        try:
+            await asyncio.to_thread(self._write, lines.encode())
+        except OSError as exc:
+            raise UplinkUnavailableError(f"cannot write {self._path}: {exc.strerror or exc}") \
+                from exc
+        return ACCEPTED
+
+    async def reply(self, reply_to: Any, result: CommandResult) -> None:
+        self._replies.append(result)
+        del self._replies[:-100]

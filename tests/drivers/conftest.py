@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import pytest
 
 from drivers.bus import BusManager
-from drivers.sim.i2c import SimI2CBus, drop_sim_bus, sim_bus
-from drivers.sim.serial import ModbusSlaveSim
+from gatewayd_sim.hw.i2c import SimI2CBus, drop_sim_bus, sim_bus
+from gatewayd_sim.hw.serial import ModbusSlaveSim
 
 _names = itertools.count()
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from drivers import ads1115 as ads
 from drivers.base import DeviceNotFoundError, DriverError, Quality
 from drivers.bus import BusManager
-from drivers.sim.chips import ADS1115Chip
-from drivers.sim.i2c import SimI2CBus
+from gatewayd_sim.hw.chips import ADS1115Chip
+from gatewayd_sim.hw.i2c import SimI2CBus
 
 LOOP = ads.ADCPoint(channel="0", gain_v=6.144, shunt_ohms=250.0, in_min=4.0, in_max=20.0,
                     out_min=0.0, out_max=10.0, valid_min=3.8, valid_max=20.5)
@@ -86,3 +88,13 @@ async def test_open_reports_a_missing_chip(buses: BusManager, sim: SimI2CBus) ->
     sim.ensure(0x4B, "ads1115").vanish()
     with pytest.raises(DeviceNotFoundError, match="no ADS1115 answering at 0x4b"):
         await drv.open()
+
+
+async def test_exactly_4ma_reads_zero_not_negative_zero(buses: BusManager, sim: SimI2CBus) -> None:
+    # 4 mA across 250 ohm is 1.0 V; at +-6.144 V the code is 5333 (0.99994 V, 3.99976 mA), which
+    # scales to -0.00015 on 0..10 and at 2 decimals rounds to -0.0: "minus zero" on a display
+    chip = sim.attach(0x48, ADS1115Chip())
+    chip.volts = [1.0, 0.0, 0.0, 0.0]  # type: ignore[attr-defined]
+    drv = ads.ADS1115("tank", ads.ADS1115Config(bus=f"sim:{sim.name}", points={"level": dataclasses.replace(LOOP, decimals=2)}), buses)
+    [reading] = await drv.read()
+    assert reading.value == 0.0 and str(reading.value) == "0.0"

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from drivers.base import Command, CommandResult
-from drivers.sim.bench import BenchEmulation
-from drivers.sim.i2c import drop_sim_bus, sim_bus
 from gatewayd.config import load
 from gatewayd.dispatch import local_command
 from gatewayd.service import Gateway
+from gatewayd_sim.hw.bench import BenchEmulation
+from gatewayd_sim.hw.i2c import drop_sim_bus, sim_bus
 from tests.drivers.conftest import wait_for
 
 BASE = """

@@ -9,8 +9,8 @@ import pytest
 from drivers import bme280 as bme
 from drivers.base import DeviceNotFoundError
 from drivers.bus import BusManager
-from drivers.sim.chips import REAL_CALIBRATION, BME280Chip, bme280_raw, float_h, float_p, float_t
-from drivers.sim.i2c import SimI2CBus
+from gatewayd_sim.hw.chips import REAL_CALIBRATION, BME280Chip, bme280_raw, float_h, float_p, float_t
+from gatewayd_sim.hw.i2c import SimI2CBus
 
 CAL = REAL_CALIBRATION
 

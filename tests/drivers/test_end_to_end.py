@@ -18,13 +18,13 @@ from drivers.bme280 import BME280, BME280Config
 from drivers.bus import BusManager
 from drivers.nmea import NMEAConfig, NMEADriver
 from drivers.sht import SHT, SHTConfig
-from drivers.sim.chips import PCF8574Chip, SHTChip
-from drivers.sim.i2c import drop_sim_bus, sim_bus
-from drivers.sim.serial import ModbusSlaveSim, NMEASim
 from gatewayd.config import load
 from gatewayd.dispatch import local_command
 from gatewayd.sampler import Sampler
 from gatewayd.service import Gateway
+from gatewayd_sim.hw.chips import PCF8574Chip, SHTChip
+from gatewayd_sim.hw.i2c import drop_sim_bus, sim_bus
+from gatewayd_sim.hw.serial import ModbusSlaveSim, NMEASim
 from tests.drivers.conftest import wait_for
 
 

@@ -9,8 +9,8 @@ import pytest
 from drivers.base import ActionError
 from drivers.bus import BusManager
 from drivers.gpio import MCP23017, PCF8574, MCP23017Config, PCF8574Config
-from drivers.sim.chips import MCP23017Chip, PCF8574Chip
-from drivers.sim.i2c import SimI2CBus
+from gatewayd_sim.hw.chips import MCP23017Chip, PCF8574Chip
+from gatewayd_sim.hw.i2c import SimI2CBus
 
 
 async def test_pcf8574_active_low_set_and_initial_state(buses: BusManager, sim: SimI2CBus) -> None:

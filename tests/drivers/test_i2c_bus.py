@@ -13,8 +13,8 @@ from drivers.base import DeviceNotFoundError, DriverError
 from drivers.bme280 import BME280, BME280Config
 from drivers.bus import BusManager, describe_os_error
 from drivers.sht import SHT, SHTConfig
-from drivers.sim.chips import BME280Chip, SHTChip
-from drivers.sim.i2c import SimChip, SimI2CBus
+from gatewayd_sim.hw.chips import BME280Chip, SHTChip
+from gatewayd_sim.hw.i2c import SimChip, SimI2CBus
 
 
 class FlakyChip(SimChip):

@@ -13,7 +13,7 @@ from drivers.base import DriverError
 from drivers.line import LineField, parse_line
 from drivers.modbus import ModbusLine, ModbusPoint, decode_value
 from drivers.nmea import parse_sentence
-from drivers.sim.serial import nmea_sentence
+from gatewayd_sim.hw.serial import nmea_sentence
 
 GGA = b"$GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,*47\r\n"
 RMC = b"$GPRMC,123519,A,4807.038,N,01131.000,E,022.4,084.4,230394,003.1,W*6A\r\n"
@@ -118,14 +118,16 @@ class _FeedPort:
     """Stands in for the serial port under `ModbusLine._receive`: serves a fixed byte string."""
 
     def __init__(self, data: bytes) -> None:
-        self.data = data
+        self.data = bytearray(data)
 
-    async def read_exactly(self, n: int, timeout_s: float, device: str) -> bytes:
+    async def read_frame(self, ready, timeout_s: float, device: str, what: str = "") -> bytes:  # type: ignore[no-untyped-def]
         from drivers.base import ReadTimeoutError
 
-        if len(self.data) < n:
+        n = ready(self.data)  # may drop leading garbage, as the real port's predicate does
+        if not n:
             raise ReadTimeoutError(device, "no more bytes")
-        out, self.data = self.data[:n], self.data[n:]
+        out = bytes(self.data[:n])
+        del self.data[:n]
         return out
 
 

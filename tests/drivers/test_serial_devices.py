@@ -13,7 +13,7 @@ from drivers.bus import BusManager
 from drivers.line import LineConfig, LineDriver, LineField
 from drivers.nmea import NMEAConfig, NMEADriver
 from drivers.serialcmd import SerialCommand, SerialCommandConfig
-from drivers.sim.serial import EchoActuatorSim, LineInstrumentSim, NMEASim
+from gatewayd_sim.hw.serial import EchoActuatorSim, LineInstrumentSim, NMEASim
 from tests.drivers.conftest import wait_for
 
 

@@ -7,8 +7,8 @@ import pytest
 from drivers.base import DeviceNotFoundError, DriverError
 from drivers.bus import BusManager
 from drivers.sht import SHT, SHTConfig, check_words, convert, crc8
-from drivers.sim.chips import SHTChip
-from drivers.sim.i2c import SimI2CBus
+from gatewayd_sim.hw.chips import SHTChip
+from gatewayd_sim.hw.i2c import SimI2CBus
 
 
 def test_crc_datasheet_vector() -> None:

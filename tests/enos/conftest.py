@@ -19,9 +19,9 @@ from gatewayd.config import CommandMap, DispatchSection, ParamSpec
 from gatewayd.dispatch import Dispatcher
 from gatewayd.queue import Queue, QueueConfig
 from gatewayd.schema import Secret
-from gatewayd.sim.enos import Device, EnosSimulator, HubOptions, Product, Registry, TlsFiles
 from gatewayd.uplinks.base import DeviceInfo, UplinkContext, UplinkState
 from gatewayd.uplinks.enos import DeviceMapping, EnosConfig, EnosUplink
+from gatewayd_sim.enos import Device, EnosSimulator, HubOptions, Product, Registry, TlsFiles
 
 GW = ("GWPK01", "gw-001")
 SUBS = {"meter1": ("SUBPK01", "meter-001"), "meter2": ("SUBPK01", "meter-002"),

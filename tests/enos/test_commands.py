@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from drivers.base import Reading
-from gatewayd.sim.enos import EnosSimulator
+from gatewayd_sim.enos import EnosSimulator
 from tests.enos.conftest import GW, SUBS, Rig
 
 

@@ -6,7 +6,7 @@ import asyncio
 import textwrap
 from pathlib import Path
 
-from gatewayd.sim.enos import EnosSimulator
+from gatewayd_sim.enos import EnosSimulator
 from tests.conftest import Daemon
 from tests.enos.conftest import GW, SECRETS, SUBS
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd.sim import enos as sim_enos
-from gatewayd.sim.enos import Registry, RegistryError
+from gatewayd_sim import enos as sim_enos
+from gatewayd_sim.enos import Registry, RegistryError
 
 REGISTRY = """
 [products.GWPK]

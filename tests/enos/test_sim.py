@@ -12,8 +12,8 @@ import aiohttp
 import aiomqtt
 import pytest
 
-from gatewayd.sim.enos import EnosSimulator, HubOptions
 from gatewayd.uplinks.enos.sign import device_sign, mqtt_credentials
+from gatewayd_sim.enos import EnosSimulator, HubOptions
 from tests.enos.conftest import GW, SECRETS, SUBS, make_registry
 
 GW_SECRET = SECRETS["gw-001"]

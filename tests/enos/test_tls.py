@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gatewayd.sim.enos import EnosSimulator, TlsFiles
+from gatewayd_sim.enos import EnosSimulator, TlsFiles
 from tests.enos.conftest import GW, Pki, Rig, make_config, make_registry
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from drivers.base import Reading
-from gatewayd.sim.enos import EnosSimulator
+from gatewayd_sim.enos import EnosSimulator
 from tests.enos.conftest import GW, SUBS, Rig
 
 
@@ -62,7 +62,7 @@ async def test_dynamic_activation_persists_the_secret_0600_and_reconnects_with_i
 
 
 async def test_topology_is_reconciled_and_optionally_pruned(rig: Rig, sim: EnosSimulator) -> None:
-    from gatewayd.sim.enos import Device
+    from gatewayd_sim.enos import Device
     extra = sim.registry.add_device(Device("SUBPK01", "meter-old", "x", "sub"))
     sim.registry.devices[GW].topology.add(extra.key)
     rig.start_uplink(prune_topology=True)

@@ -17,7 +17,9 @@ from gatewayd.config import CommandMap, DispatchSection, ParamSpec
 from gatewayd.dispatch import Dispatcher
 from gatewayd.queue import Queue, QueueConfig
 from gatewayd.schema import Secret
-from gatewayd.sim.mms import (
+from gatewayd.uplinks.base import UplinkContext
+from gatewayd.uplinks.mms import MmsConfig, MmsUplink
+from gatewayd_sim.mms import (
     DEFAULT_DEVICE_ID,
     DEFAULT_TOKEN,
     RESULT_TYPE,
@@ -25,10 +27,10 @@ from gatewayd.sim.mms import (
     MessageType,
     MmsSimulator,
 )
-from gatewayd.uplinks.base import UplinkContext
-from gatewayd.uplinks.mms import MmsConfig, MmsUplink
 
 UPLINK = "mms"
+PUSH_USER = ("ops-pusher", "push-pw-7f3a")  # the simulator has none unless given
+APP_TOKEN = "app-token-test-5c1d"
 WIDE_TYPE = "a1b2c3d4e5f60718293a"  # fromDevice: device, temperature (double), humidity, timestamp
 
 
@@ -65,7 +67,7 @@ def readings(
 
 @pytest.fixture
 async def sim() -> AsyncIterator[MmsSimulator]:
-    async with MmsSimulator(port=0) as s:
+    async with MmsSimulator(port=0, push_users=dict([PUSH_USER]), app_tokens=[APP_TOKEN]) as s:
         s.add_message_type(wide_type())
         yield s
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import pytest
 
-from gatewayd.sim.mms import DEFAULT_PUSH_USER, RESULT_TYPE
+from gatewayd_sim.mms import RESULT_TYPE
 from tests.conftest import ROOT, Daemon, free_port
+from tests.mms.conftest import PUSH_USER as DEFAULT_PUSH_USER
 
 TOKEN = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 
@@ -26,7 +27,8 @@ TOKEN = "0f1e2d3c4b5a69788796a5b4c3d2e1f0"
 def sim_proc() -> Iterator[str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gatewayd", "sim", "mms", "--port", str(port), "--device", f"gw-dev:{TOKEN}"],
+        [sys.executable, "-m", "gatewayd", "sim", "mms", "--port", str(port), "--device", f"gw-dev:{TOKEN}",
+         "--push-user", ":".join(DEFAULT_PUSH_USER)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.DEVNULL,

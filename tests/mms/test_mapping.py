@@ -25,6 +25,7 @@ from gatewayd.uplinks.mms import (
 def _doc(**mms: object) -> dict:
     return {
         "gateway": {"id": "gw", "state_dir": "/tmp/x"},
+        "devices": [{"name": "boiler", "driver": "sim", "points": {"t": {"shape": "sine"}}}],
         "uplinks": {"cloud": {"type": "mms", "device_id": "dev-1", "token_env": "MMS_TOKEN", **mms}},
     }
 
@@ -157,7 +158,10 @@ def test_mapper_routes_groups_and_reports_unmapped() -> None:
         (200, "", "sync", Kind.TRANSIENT),
         (202, "<html/>", "async", Kind.TRANSIENT),
         (400, '{"msg":"The message doesn\'t conform to the given message type"}', "sync", Kind.REJECTED),
-        (413, "too big", "sync", Kind.REJECTED),
+        (400, "<html>Bad Request</html>", "sync", Kind.TRANSIENT),  # a proxy's page, not MMS
+        (400, '{"error":"x"}', "sync", Kind.TRANSIENT),  # not the documented shape
+        (413, "too big", "sync", Kind.TRANSIENT),  # not documented: retried, never dropped
+        (404, '{"msg":"Device [d] not found"}', "sync", Kind.TRANSIENT),
         (401, "Access to the requested resource is not authorized (HTTP 401)", "sync", Kind.AUTH),
         (403, "<html/>", "sync", Kind.AUTH),
         (500, '{"msg":"Processing 1 message(s) received from device [d] failed"}', "sync", Kind.TRANSIENT),
@@ -185,10 +189,38 @@ def test_classify_202_details() -> None:
         ({"msg": "https://h/http/ack/d/1", "retryAfterHeaderValue": "60"}, Kind.PENDING),
         ({"msg": "whatever", "code": 200}, Kind.OK),
         ({"msg": "nope", "code": 401}, Kind.AUTH),
+        ({"msg": "nope", "code": "400"}, Kind.REJECTED),
+        ({"msg": "Parse error. Expected [messageType] of type [string]"}, Kind.REJECTED),
+        ({"msg": "OK"}, Kind.UNKNOWN),  # other wording: never a refusal
+        ({"msg": "Bad message"}, Kind.UNKNOWN),
+        ({"msg": "accepted", "code": 299}, Kind.UNKNOWN),
+        ({"msg": "busy", "code": 503}, Kind.TRANSIENT),
+        ({"msg": 7}, Kind.UNKNOWN),
     ],
 )
 def test_classify_frame_with_and_without_code(frame: dict, kind: Kind) -> None:
     assert classify_frame(frame, "sync").kind is kind
+
+
+def test_unrecognised_async_answer_is_not_a_rejection() -> None:
+    assert classify_frame({"msg": "OK"}, "async").kind is Kind.UNKNOWN
+
+
+def test_check_devices_names_the_key_path() -> None:
+    with pytest.raises(ConfigError) as err:
+        parse(
+            _doc(
+                host="http://127.0.0.1:1",
+                command_device="relya",
+                messages=[{"message_type": "m0t0y0p0e1"}, {"message_type": "x", "devices": ["boiler", "boilr"]}],
+            ),
+            Path("c.toml"),
+            env={"MMS_TOKEN": "t"},
+        )
+    text = str(err.value)
+    assert "uplinks.cloud: messages[1].devices[1]: no device or actuator named 'boilr'" in text
+    assert "command_device: no device or actuator named 'relya'" in text
+    assert "messages[1].devices[0]" not in text
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gatewayd.sim import mms as simmod
-from gatewayd.sim.mms import (
-    DEFAULT_APP_TOKEN,
+from gatewayd_sim import mms as simmod
+from gatewayd_sim.mms import (
     DEFAULT_DEVICE_ID,
-    DEFAULT_PUSH_USER,
     DEFAULT_TOKEN,
     MSG_NOT_CONFORM,
     MSG_PARSE_TYPE,
@@ -24,6 +22,8 @@ from gatewayd.sim.mms import (
     MessageType,
     MmsSimulator,
 )
+from tests.mms.conftest import APP_TOKEN as DEFAULT_APP_TOKEN
+from tests.mms.conftest import PUSH_USER as DEFAULT_PUSH_USER
 from tests.mms.conftest import WIDE_TYPE
 
 DEV = DEFAULT_DEVICE_ID

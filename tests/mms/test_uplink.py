@@ -9,9 +9,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from drivers.base import Reading
-from gatewayd.sim.mms import DEFAULT_DEVICE_ID, DEFAULT_TOKEN, RESULT_TYPE
 from gatewayd.uplinks.base import UplinkState
 from gatewayd.uplinks.mms import MessageMap
+from gatewayd_sim.mms import DEFAULT_DEVICE_ID, DEFAULT_TOKEN, RESULT_TYPE
 from tests.mms.conftest import WIDE_TYPE, base_config, eventually, readings, stored_values
 
 DEV = DEFAULT_DEVICE_ID
@@ -96,9 +96,10 @@ async def test_poison_reading_is_quarantined_and_the_rest_delivered(sim, make_ha
     assert stored == [r.value for i, r in enumerate(batch) if i != 13]
     assert h.uplink.rejected == 1
     assert h.queue.outbox("mms").quarantined == {"rejected": 1}
-    dropped = [e for e in logs if e["event"] == "reading_dropped"]
+    dropped = [e for e in logs if e["event"] == "reading_quarantined"]
     assert len(dropped) == 1 and dropped[0]["seq"] == 14
     assert dropped[0]["detail"] == "The message doesn't conform to the given message type"
+    assert not [e for e in logs if e["event"] == "reading_dropped"]  # the outbox logs it, once
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

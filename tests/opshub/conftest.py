@@ -20,9 +20,9 @@ from gatewayd.dispatch import Dispatcher
 from gatewayd.metrics import Metrics
 from gatewayd.queue import Queue, QueueConfig
 from gatewayd.schema import Builder
-from gatewayd.sim.opshub import OpsHubSimulator
 from gatewayd.uplinks.base import DeviceInfo, UplinkContext, UplinkState
 from gatewayd.uplinks.opshub import OpsHubConfig, OpsHubUplink
+from gatewayd_sim.opshub import OpsHubSimulator
 
 ACCOUNT = "REST_DEMO"
 PASSWORD = "s3cret-pw"
@@ -53,7 +53,7 @@ def base_table(sim: OpsHubSimulator, **overrides: Any) -> dict[str, Any]:
     table: dict[str, Any] = {
         "url": sim.url, "allow_http": True, "username": ACCOUNT, "password_env": "OPSHUB_PW",
         "gateway_id": GATEWAY, "poll_interval": "50ms", "request_timeout": "2s",
-        "backoff_base": "20ms", "backoff_cap": "200ms",
+        "backoff_base": "20ms", "backoff_cap": "200ms", "min_login_interval": "20ms",
     }
     table.update(overrides)
     return table

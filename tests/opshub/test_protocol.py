@@ -134,17 +134,27 @@ def test_metrics_map_points_gps_and_quality() -> None:
     ]
 
 
-@pytest.mark.parametrize(("answer", "verdicts"), [
-    ({"handshake": {"stage": "publish", "code": "1", "dc": "a"}}, {"a": True}),
-    ({"handshake": {"stage": "publish", "code": 0, "dc": "a"}}, {"a": False}),
+@pytest.mark.parametrize(("answer", "channels", "verdicts", "single"), [
+    ({"handshake": {"stage": "publish", "code": "1", "dc": "a"}}, ["a"], {"a": True}, False),
+    ({"handshake": {"stage": "publish", "code": 0, "dc": "a"}}, ["a"], {"a": False}, False),
     ([{"handshake": {"stage": "publish", "code": 1, "dc": "a"}},
       {"handshake": {"stage": "publish", "code": "0", "dc": "b"}}, "junk", {"handshake": 3}],
-     {"a": True, "b": False}),
-    ({"handshake": {"stage": "publish", "code": "1"}}, {}),
-    ("nonsense", {}),
+     ["a", "b", "c"], {"a": True, "b": False}, False),
+    # one channel published, the answer names none: it can only answer that channel
+    ({"handshake": {"stage": "publish", "code": "1"}}, ["a"], {"a": True}, False),
+    # several published, one object: sure only of the channel it names
+    ({"handshake": {"stage": "publish", "code": "1", "dc": "a"}}, ["a", "b"], {"a": True}, True),
+    ({"handshake": {"stage": "publish", "code": "1", "dc": "b"}}, ["a", "b"], {"b": True}, True),
+    ({"handshake": {"stage": "publish", "code": "1"}}, ["a", "b"], {}, True),
+    # a channel we did not publish, a code that is neither 0 nor 1: no verdict
+    ({"handshake": {"stage": "publish", "code": "1", "dc": "z"}}, ["a"], {}, False),
+    ({"handshake": {"stage": "publish", "code": "7", "dc": "a"}}, ["a"], {}, False),
+    ({"handshake": {"stage": "publish", "dc": "a"}}, ["a"], {}, False),
+    ("nonsense", ["a"], {}, False),
 ])
-def test_publish_verdicts(answer: Any, verdicts: dict[str, bool]) -> None:
-    assert publish_verdicts(answer) == verdicts
+def test_publish_verdicts(answer: Any, channels: list[str], verdicts: dict[str, bool],
+                          single: bool) -> None:
+    assert publish_verdicts(answer, channels) == (verdicts, single)
 
 
 @pytest.mark.parametrize(("text", "commands", "problems"), [

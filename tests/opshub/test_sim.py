@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from gatewayd.sim.opshub import OpsHubSimulator
+from gatewayd_sim.opshub import OpsHubSimulator
 
 ACCOUNT, PASSWORD = "REST_DEMO", "pw"
 GW = f"{ACCOUNT}/01-23-45-67-89-ab"
@@ -105,7 +105,8 @@ async def test_unknown_token_is_unauthorized_200_then_401(client: Client, sim) -
     assert (status, answer) == (200, {"handshake": {"stage": "error", "code": "2"}})
     assert await client.post("/sim/config", {"unauthorized_status": 401}) == (200, json.dumps(
         {"unauthorized_status": 401, "consume_on_read": True, "idle_timeout_s": 1200.0,
-         "reject_vals": []}))
+         "reject_vals": [], "multi_answer": "array", "multi_stores": "all",
+         "login_ends_earlier": False}))
     status, answer = await client.subscribe("nope", GW)
     assert (status, answer) == (401, {"handshake": {"stage": "error", "code": "2"}})
 
@@ -336,7 +337,7 @@ async def test_cli_serves_until_sigterm() -> None:
 
 
 def test_users_from_arguments_and_file(tmp_path) -> None:
-    from gatewayd.sim.opshub import parse_users
+    from gatewayd_sim.opshub import parse_users
     f = tmp_path / "users.toml"
     f.write_text('[users]\nREST_DEMO = "pw1"\n"Operations Hub_Testing" = "pw2"\n')
     assert parse_users(["a:b:c"], str(f)) == {"REST_DEMO": "pw1",
@@ -347,3 +348,16 @@ def test_users_from_arguments_and_file(tmp_path) -> None:
     f.write_text("[users]\nx = 1\n")
     with pytest.raises(ValueError, match="expected"):
         parse_users([], str(f))
+
+
+async def test_login_ends_earlier_tokens_when_switched_on(client: Client, sim) -> None:
+    first = await client.login()
+    second = await client.login()
+    assert (await client.publish(first, [message()]))[1]["handshake"]["code"] == "1"  # default
+    assert await client.post("/sim/config", {"login_ends_earlier": True}) == (200, json.dumps(
+        {**sim.settings(), "login_ends_earlier": True}))
+    third = await client.login()
+    for ended in (first, second):
+        assert (await client.publish(ended, [message()]))[1] == {"handshake": {"stage": "error",
+                                                                              "code": "2"}}
+    assert (await client.publish(third, [message()]))[1]["handshake"]["code"] == "1"

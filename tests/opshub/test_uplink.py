@@ -10,8 +10,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from drivers.base import Reading
-from gatewayd.sim.opshub import OpsHubSimulator
 from gatewayd.uplinks.base import UplinkState
+from gatewayd_sim.opshub import OpsHubSimulator
 
 from .conftest import (
     ACCOUNT,
@@ -109,10 +109,10 @@ async def test_other_token_invalid_signs_relogin_once(sim, rig: Rig, sign: str) 
 async def test_token_refused_again_after_relogin_is_an_error_not_a_loop(sim, rig: Rig) -> None:
     uplink = rig.start(build_config(base_table(sim, poll_interval=0)))
     await rig.wait_state(UplinkState.CONNECTED)
-    sim.inject("unauthorized", "publish", count=2)
+    sim.inject("unauthorized", "publish", count=5)  # refused after every re-login of one call
     await rig.put(readings("boiler", "t", [1]))
     await rig.wait_state(UplinkState.BACKING_OFF)
-    assert "token refused right after a new login" in uplink.last_error
+    assert "token refused right after each new login" in uplink.last_error
     await rig.wait_acked()  # the next session delivers it
     assert len(stored_keys(sim)) == 1
 

@@ -1,9 +1,0 @@
-"""`python -m gatewayd.sim.enos`: the simulator without the gatewayd CLI."""
-
-import argparse
-
-from gatewayd.sim.enos import add_arguments, run
-
-parser = argparse.ArgumentParser(prog="python -m gatewayd.sim.enos")
-add_arguments(parser)
-raise SystemExit(run(parser.parse_args()))

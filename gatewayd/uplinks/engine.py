@@ -1,0 +1,525 @@
+"""The delivery engine: one life cycle for every uplink; a plug-in supplies only the wire.
+
+zigpy's shape: the radio implements `send_packet`, the core keeps concurrency and dispatch.
+Here the core (`DeliveryUplink.run`) keeps the connection state machine, the session runner,
+lease/ack and pacing, the in-flight window, bisect and quarantine, the command stream, reply
+routing, the result buffer and the metrics. A plug-in subclasses `DeliveryUplink` and writes:
+
+    @dataclass(frozen=True, slots=True)
+    class MyConfig:
+        devices: dict[str, str] = field(default_factory=dict)   # whatever the cloud needs
+        def check(self, devices: set[str]) -> list[str]:         # part of the contract:
+            return [f"devices.{d}: no device or actuator named {d!r}"  # every mapping names a
+                    for d in self.devices if d not in devices]       # real device, else
+                                                                  # `gatewayd check` fails
+    class MyUplink(DeliveryUplink):
+        Config = MyConfig
+        batch = 1000        # items per lease           (class attributes, or set in __init__)
+        window = 1          # packets in flight; >1 only if the wire keeps their order
+        linger_s = 0.0      # wait for a full lease, only while the last lease was full
+
+        async def connect(self) -> MySession:
+            # Connect and log in. Raise UplinkAuthError for refused credentials (the engine
+            # waits the backoff cap), UplinkUnreachableError when the cloud never saw the
+            # attempt (TCP refused, DNS: not counted by `throttle`), UplinkUnavailableError
+            # (or OSError/TimeoutError) for anything else transient.
+
+    class MySession(Session):
+        async def send(self, packet: Packet) -> Verdict | Sequence[Verdict]:
+            # Deliver `packet.items`; return ACCEPTED, RETRY or rejected(reason), either one
+            # for the whole packet or one per item. Anything the cloud said that you do not
+            # recognise is RETRY; only an explicit, documented permanent refusal is
+            # `rejected`. A single `rejected` for several items makes the engine bisect.
+            # Raise UplinkError (or OSError/TimeoutError) when the connection is gone.
+        def pack(self, items) -> list[Packet]:        # optional: split a lease into messages,
+            ...                                       # in item order (default: one packet)
+        async def commands(self) -> AsyncIterator[tuple[Command | Malformed, Any]]:
+            ...                                       # optional: (command, reply_to) pairs
+        async def reply(self, reply_to: Any, result: CommandResult) -> None:
+            ...                                       # optional: answer in the cloud's format;
+                                                      # raise UplinkError if it could not go out
+        async def run(self) -> None: ...              # optional: a reader; returning or raising
+                                                      # ends the session
+        async def close(self) -> None: ...            # always called when the session ends
+
+Transports never reach back into the uplink: a session gets what it needs when it is built.
+
+Rules the engine keeps for every uplink:
+- Backoff is capped exponential with full jitter; an auth failure waits the cap; the first
+  failure after a success is logged at warning, repeats at debug. `throttle = (n, window_s)`
+  limits attempts the cloud saw (an unreachable cloud did not see one).
+- A session is a set of tasks (pump, commands, replies, the session's own `run`); the first to
+  fail ends the session, and the outbox rewinds to its durable cursor.
+- The pump leases as soon as data is committed; `linger_s` applies only after a full lease.
+  Packets go out in order with up to `window` in flight, and acks advance in order. A RETRY
+  verdict backs off and resends from the first unconfirmed item (go-back-N), so a series never
+  reaches the cloud out of order. `rejected(reason)` quarantines (counted by reason, logged
+  once per cause, rate-limited); a whole-packet refusal is bisected to find the poison.
+- Commands: each `(Command, reply_to)` goes to the dispatcher with `reply_to` attached
+  (`Command.reply_to`); the result comes back through a bounded buffer that survives
+  disconnects (what it drops is counted), and is answered by the next session that is up.
+- Every metric series of the uplink exists from the start, at 0.
+- `on_batch_sent` callbacks get a `BatchSent` for each confirmed packet (status page, tests).
+
+A lane is one ordered stream of leases (`_Lane`); today each uplink has one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from drivers.base import Command, CommandResult
+from gatewayd.backoff import Backoff, Throttle
+from gatewayd.errors import UplinkAuthError, UplinkError, UplinkUnreachableError
+from gatewayd.uplinks.base import Item, Uplink, UplinkContext, UplinkState
+
+__all__ = [
+    "ACCEPTED", "RETRY", "BatchSent", "DeliveryUplink", "Malformed", "Packet", "Session",
+    "Verdict", "rejected",
+]
+
+
+# -- verdicts ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the cloud said about an item: accepted, retry, or rejected for `reason`."""
+
+    kind: str  # "accepted" | "retry" | "rejected"
+    reason: str = ""
+    detail: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.kind == "accepted"
+
+    @property
+    def rejected(self) -> bool:
+        return self.kind == "rejected"
+
+
+ACCEPTED = Verdict("accepted")
+RETRY = Verdict("retry")
+
+
+def rejected(reason: str, detail: str = "") -> Verdict:
+    """An explicit, documented permanent refusal: the item is quarantined."""
+    return Verdict("rejected", reason, detail)
+
+
+@dataclass(slots=True)
+class Packet:
+    """A run of items sent as one cloud message; `payload` is the plug-in's own (encoded) form."""
+
+    items: list[Item]
+    payload: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    """A cloud message that is no valid command: answered with a 400 result, never run."""
+
+    id: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSent:
+    uplink: str
+    count: int  # items accepted
+    first_seq: int
+    last_seq: int
+    latency_s: float
+
+
+# -- the session a plug-in implements ---------------------------------------------------------
+
+
+class Session:
+    """One connection to the cloud. Override `send`; the rest is optional."""
+
+    def pack(self, items: list[Item]) -> list[Packet]:
+        return [Packet(items)]
+
+    async def send(self, packet: Packet) -> Verdict | Sequence[Verdict]:
+        raise NotImplementedError
+
+    async def commands(self) -> AsyncIterator[tuple[Command | Malformed, Any]]:
+        await asyncio.Event().wait()  # no commands: wait for the session to end
+        yield  # type: ignore[misc]  # pragma: no cover
+
+    async def reply(self, reply_to: Any, result: CommandResult) -> None:
+        return None
+
+    async def run(self) -> None:
+        await asyncio.Event().wait()
+
+    async def close(self) -> None:
+        return None
+
+
+class _Retry(Exception):
+    """A packet came back RETRY: go back to the first unconfirmed item."""
+
+
+# -- the engine -------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Lane:
+    """One ordered stream of leases with its own in-flight window."""
+
+    name: str
+    last_full: bool = False
+    leased_upto: int = 0  # last seq leased, and last seq acked, by this session
+    acked_upto: int = 0
+    inflight: deque[tuple[int, asyncio.Task[int] | None]] = field(default_factory=deque)
+
+
+class DeliveryUplink(Uplink):
+    """An uplink whose life cycle the engine runs. Subclasses implement `connect()`."""
+
+    batch: int = 1000
+    max_bytes: int = 0
+    window: int = 1
+    linger_s: float = 0.0
+    backoff_base_s: float = 1.0
+    backoff_cap_s: float = 60.0
+    throttle: tuple[int, float] | None = None
+    stable_s: float = 30.0  # a session up this long resets the backoff
+    results_max: int = 1000  # command results kept while disconnected
+    reply_timeout_s: float = 30.0
+
+    def __init__(self, name: str, config: Any, ctx: UplinkContext) -> None:
+        super().__init__(name, config, ctx)
+        self.session: Session | None = None
+        self.quarantined: dict[str, int] = {}
+        self.results_dropped = 0
+        self.on_batch_sent: list[Callable[[BatchSent], None]] = []
+        self._results: deque[tuple[Any, CommandResult]] = deque()
+        self._results_wanted = asyncio.Event()
+        self._lanes = [_Lane("default")]
+        self._failures = 0  # consecutive failed attempts (for the warning/debug rule)
+        self._backoff: Backoff | None = None
+        self._state_changed = asyncio.Event()
+        self._init_metrics()
+
+    # -- what plug-ins implement --------------------------------------------------------
+
+    async def connect(self) -> Session:
+        raise NotImplementedError
+
+    # -- the old contract, implemented once -------------------------------------------------
+
+    async def reply(self, command: Command, result: CommandResult) -> None:
+        """The dispatcher's replier: buffer the result for `command.reply_to`."""
+        if len(self._results) >= self.results_max:
+            self._results.popleft()
+            self.results_dropped += 1
+            self._metric_commands("result_dropped")
+            self.log.warning("command_result_dropped", id=command.id,
+                             buffered=self.results_max)
+        self._results.append((command.reply_to, result))
+        self._results_wanted.set()
+
+    async def run(self) -> None:
+        backoff = self._backoff = Backoff(self.backoff_base_s, self.backoff_cap_s,
+                                          floor_s=min(0.05, self.backoff_base_s))
+        throttle = Throttle(*self.throttle) if self.throttle else None
+        try:
+            while True:
+                if throttle is not None and (wait := throttle.wait_s()) > 0:
+                    self.set_state(UplinkState.BACKING_OFF)
+                    self.log.info("uplink_throttled", wait_s=round(wait, 2))
+                    await asyncio.sleep(wait)
+                delay = await self._connect_once(backoff, throttle)
+                self.log.debug("uplink_retry", delay_s=round(delay, 2), attempt=backoff.attempt)
+                await asyncio.sleep(delay)
+        finally:
+            self.set_state(UplinkState.STOPPED)
+
+    async def _connect_once(self, backoff: Backoff, throttle: Throttle | None) -> float:
+        """One connect and session; returns the delay before the next attempt."""
+        self.set_state(UplinkState.CONNECTING)
+        started = time.monotonic()
+        seen = True
+        try:
+            session = await self.connect()
+        except BaseException as exc:
+            seen = not isinstance(exc, UplinkUnreachableError)
+            if throttle is not None and seen:
+                throttle.record()
+            if isinstance(exc, UplinkAuthError):
+                return self._note_failure(exc, "auth", backoff.cap_delay(), UplinkState.AUTH_FAILED)
+            if isinstance(exc, UplinkError | OSError | TimeoutError):
+                return self._note_failure(exc, _kind(exc), backoff.next_delay())
+            raise
+        if throttle is not None:
+            throttle.record()
+        try:
+            await self._run_session_tasks(session)
+            exc2: BaseException = UplinkError("session ended")
+        except* UplinkAuthError as eg:
+            exc2 = _first(eg)
+        except* (UplinkError, OSError, TimeoutError) as eg:
+            exc2 = _first(eg)
+        finally:
+            self.session = None
+            self.ctx.outbox.rewind()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await session.close()
+        if time.monotonic() - started >= self.stable_s:
+            backoff.reset()
+        if isinstance(exc2, UplinkAuthError):
+            return self._note_failure(exc2, "auth", backoff.cap_delay(), UplinkState.AUTH_FAILED)
+        return self._note_failure(exc2, _kind(exc2), backoff.next_delay())
+
+    def _note_failure(self, exc: BaseException, kind: str, delay: float,
+                state: UplinkState = UplinkState.BACKING_OFF) -> float:
+        self.count_error(kind)
+        text = str(exc) if isinstance(exc, UplinkError) else f"{type(exc).__name__}: {exc}"
+        self._failures += 1
+        (self.log.warning if self._failures == 1 else self.log.debug)(
+            "uplink_failed", error=text, kind=kind, retry_in_s=round(delay, 2),
+            failures=self._failures)
+        self.set_state(state, text)
+        return delay
+
+    async def _run_session_tasks(self, session: Session) -> None:
+        self.session = session
+        self.set_state(UplinkState.CONNECTED)
+        if self._failures:
+            self.log.info("uplink_recovered", after_failures=self._failures)
+        self._failures = 0
+        async with asyncio.TaskGroup() as tg:
+            # The first task that fails ends the session: the group cancels the others.
+            tg.create_task(self._end_when_done(session.run()), name=f"session[{self.name}]")
+            for lane in self._lanes:
+                tg.create_task(self._pump_lane(session, lane), name=f"pump[{self.name}:{lane.name}]")
+            tg.create_task(self._command_stream(session), name=f"commands[{self.name}]")
+            tg.create_task(self._result_flush(session), name=f"replies[{self.name}]")
+
+    @staticmethod
+    async def _end_when_done(coro: Any) -> None:
+        await coro
+        raise UplinkError("session ended")
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    async def _pump_lane(self, session: Session, lane: _Lane) -> None:
+        outbox = self.ctx.outbox
+        retry = Backoff(self.backoff_base_s, self.backoff_cap_s,
+                        floor_s=min(0.05, self.backoff_base_s))
+        try:
+            while True:
+                try:
+                    await self._pump_lane_once(session, lane, retry)
+                except _Retry as exc:
+                    # Go back to the first unconfirmed item, once the window is cleared.
+                    await self._drain_lane(lane)
+                    outbox.rewind()
+                    delay = retry.next_delay()
+                    self.count_error("retry")
+                    (self.log.warning if retry.attempt == 1 else self.log.debug)(
+                        "uplink_batch_retry", reason=str(exc), retry_in_s=round(delay, 2))
+                    await asyncio.sleep(delay)
+        finally:
+            await self._drain_lane(lane)
+
+    async def _pump_lane_once(self, session: Session, lane: _Lane, retry: Backoff) -> None:
+        outbox = self.ctx.outbox
+        while True:
+            if lane.inflight:
+                head = lane.inflight[0][1]
+                if len(lane.inflight) >= self.window or head is None or head.done() or \
+                        outbox.pending() - (lane.leased_upto - lane.acked_upto) < self.batch:
+                    # A full window, a confirmed head, or less than a full lease waiting: settle
+                    # first (under a trickle this gathers data into fewer, fuller messages).
+                    await self._settle_lane(lane, retry)
+                    continue
+                lease = await outbox.lease(self.batch, self.max_bytes, 0.0, 0.0)
+                if not lease.items:
+                    await self._settle_lane(lane, retry)
+                    continue
+            else:
+                # Lease as soon as a commit lands; linger only while the load fills leases.
+                lease = await outbox.lease(self.batch, self.max_bytes, None,
+                                           self.linger_s if lane.last_full else 0.0)
+                if not lease.items:
+                    continue
+                lane.acked_upto = lease.items[0].seq - 1
+            lane.leased_upto = lease.last_seq
+            lane.last_full = len(lease.items) >= self.batch
+            packets = session.pack(lease.items)
+            for i, packet in enumerate(packets):
+                upto = lease.last_seq if i == len(packets) - 1 else packet.items[-1].seq
+                while len(lane.inflight) >= self.window:
+                    await self._settle_lane(lane, retry)
+                task = asyncio.get_running_loop().create_task(
+                    self._deliver_packet(session, packet), name=f"send[{self.name}:{lane.name}]")
+                lane.inflight.append((upto, task))
+            if not packets:  # nothing to send (all skipped): ack in turn
+                lane.inflight.append((lease.last_seq, None))
+
+    async def _settle_lane(self, lane: _Lane, retry: Backoff) -> None:
+        """Wait for the oldest packet in flight; ack up to the last confirmed one, in order."""
+        upto: int | None = None
+        try:
+            while lane.inflight:
+                seq, task = lane.inflight[0]
+                if task is not None:
+                    if not task.done():
+                        if upto is not None:
+                            break
+                        await asyncio.wait({task})
+                    task.result()  # the send's error ends the session; _Retry goes back
+                lane.inflight.popleft()
+                upto = lane.acked_upto = seq
+        finally:
+            if upto is not None:
+                await self.ctx.outbox.ack(upto)
+                retry.reset()
+
+    @staticmethod
+    async def _drain_lane(lane: _Lane) -> None:
+        tasks = [t for _, t in lane.inflight if t is not None]
+        lane.inflight.clear()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _deliver_packet(self, session: Session, packet: Packet) -> int:
+        """Send one packet until every item is accepted or quarantined; returns the count sent."""
+        started = time.perf_counter()
+        verdicts = await session.send(packet)
+        items = packet.items
+        if isinstance(verdicts, Verdict):
+            if verdicts.accepted:
+                return self._count_sent(packet, len(items), started)
+            if verdicts.kind == "retry":
+                raise _Retry(verdicts.detail or verdicts.reason or "the cloud asked to retry")
+            if len(items) == 1:
+                self.quarantine(items[0], verdicts)
+                return 0
+            # One refusal for several items: bisect to isolate the poison.
+            mid = len(items) // 2
+            n = 0
+            for half in (items[:mid], items[mid:]):
+                for sub in session.pack(half):
+                    n += await self._deliver_packet(session, sub)
+            return n
+        if len(verdicts) != len(items):
+            raise _Retry(f"{len(verdicts)} verdicts for {len(items)} items")
+        if any(v.kind == "retry" for v in verdicts):
+            # Keep what was refused for good; the rest goes again (in order) after a backoff.
+            raise _Retry(next(v.detail or v.reason for v in verdicts if v.kind == "retry")
+                         or "the cloud asked to retry")
+        ok = 0
+        for it, v in zip(items, verdicts, strict=True):
+            if v.accepted:
+                ok += 1
+            else:
+                self.quarantine(it, v)
+        return self._count_sent(packet, ok, started)
+
+    def _count_sent(self, packet: Packet, count: int, started: float) -> int:
+        self.messages += 1
+        self.sent += count
+        if self.ctx.metrics is not None and count:
+            self.ctx.metrics.readings_sent.labels(self.name).inc(count)
+        ev = BatchSent(self.name, count, packet.items[0].seq, packet.items[-1].seq,
+                       time.perf_counter() - started)
+        for cb in self.on_batch_sent:
+            cb(ev)
+        return count
+
+    def quarantine(self, item: Item, v: Verdict) -> None:
+        """Drop `item` for good (counted by reason; the outbox logs once per cause)."""
+        reason = v.reason or "rejected"
+        self.quarantined[reason] = self.quarantined.get(reason, 0) + 1
+        self.ctx.outbox.quarantine(item, reason, v.detail)  # counts and logs (rate-limited)
+
+    # -- commands ---------------------------------------------------------------------------
+
+    async def _command_stream(self, session: Session) -> None:
+        async for cmd, reply_to in session.commands():
+            if isinstance(cmd, Malformed):
+                self._metric_commands("malformed")
+                self.log.warning("command_malformed", id=cmd.id, error=cmd.message)
+                await self.reply(Command(cmd.id, self.name, "", "", {}, reply_to=reply_to),
+                                 CommandResult(cmd.id, False, 400, f"malformed command: "
+                                                                   f"{cmd.message}"))
+                continue
+            self.ctx.submit_command(dataclasses.replace(cmd, reply_to=reply_to))
+
+    async def _result_flush(self, session: Session) -> None:
+        while True:
+            while self._results:
+                reply_to, result = self._results[0]
+                try:
+                    async with asyncio.timeout(self.reply_timeout_s):
+                        await session.reply(reply_to, result)
+                except (UplinkError, OSError, TimeoutError):
+                    raise  # keep it buffered; the session ends and the next one answers
+                self._results.popleft()
+            self._results_wanted.clear()
+            await self._results_wanted.wait()
+
+    # -- metrics and status -------------------------------------------------------------------
+
+    def _init_metrics(self) -> None:
+        m = self.ctx.metrics
+        if m is None:
+            return
+        m.readings_sent.labels(self.name)
+        m.readings_acked.labels(self.name)
+        m.readings_dropped.labels(self.name, "rejected")
+        for kind in ("auth", "unavailable", "unreachable", "retry"):
+            m.uplink_errors.labels(self.name, kind)
+        for outcome in ("ok", "duplicate", "busy", "malformed", "result_dropped"):
+            m.commands.labels(self.name, outcome)
+        m.backlog_rows.labels(self.name)
+        m.uplink_state(self.name, str(self.state))
+
+    def _metric_commands(self, outcome: str) -> None:
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.commands.labels(self.name, outcome).inc()
+
+    def set_state(self, state: UplinkState, error: str = "") -> None:
+        super().set_state(state, error)
+        self._state_changed.set()
+        self._state_changed = asyncio.Event()
+
+    async def wait_for_state(self, *states: UplinkState, timeout_s: float = 10.0) -> None:
+        """Wait until the uplink is in one of `states` (benches and tests). Raises TimeoutError."""
+        async with asyncio.timeout(timeout_s):
+            while self.state not in states:
+                await self._state_changed.wait()
+
+    def status(self) -> dict[str, Any]:
+        return {**super().status(), "quarantined": sum(self.quarantined.values()),
+                "quarantined_by_reason": dict(self.quarantined),
+                "results_buffered": len(self._results), "results_dropped": self.results_dropped}
+
+
+def _kind(exc: BaseException) -> str:
+    if isinstance(exc, UplinkUnreachableError):
+        return "unreachable"
+    return "unavailable"
+
+
+def _first(eg: BaseExceptionGroup[Any]) -> BaseException:
+    """The first leaf exception of a (nested) exception group."""
+    exc: BaseException = eg
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

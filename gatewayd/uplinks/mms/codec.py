@@ -1,0 +1,222 @@
+"""MMS wire codec: readings to messages, envelopes, and what an answer means.
+
+Pure functions and small types, no I/O: the uplink and the transports share them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from drivers.base import Reading
+from gatewayd.uplinks.base import Item
+from gatewayd.uplinks.mms.config import MessageMap
+
+# The answer texts the protocol notes quote (mms.md, A.2), as the server words them.
+_SUCCESS_RE = re.compile(r"^\d+ message\(s\) (received|accepted)", re.IGNORECASE)
+_REFUSED_RE = re.compile(r"^Parse error\. Expected|doesn't conform to the given message type")
+_FAILED_RE = re.compile(r"^Processing \d+ message\(s\) .*failed$")
+
+
+@dataclass(slots=True)
+class Message:
+    """One MMS message and what it carries: queue items (readings) or a result's command id."""
+
+    body: dict[str, Any]
+    items: list[Item] = field(default_factory=list)
+    result_of: str = ""
+
+
+def encode_ts(ts_ms: int, fmt: str) -> int | str:
+    """A sampling time as epoch seconds (default), epoch ms, or ISO 8601 UTC with ms."""
+    if fmt == "ms":
+        return ts_ms
+    if fmt == "iso":
+        dt = datetime.fromtimestamp(ts_ms / 1000, UTC)
+        return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts_ms % 1000:03d}Z"
+    return ts_ms // 1000
+
+
+def encode_value(value: Any) -> Any:
+    """Numbers, bools and strings go as they are; a struct becomes its JSON text."""
+    if isinstance(value, dict | list):
+        return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return value
+
+
+def _source(reading: Reading, source: str) -> Any:
+    if source == "value":
+        return encode_value(reading.value)
+    if source == "sensor":
+        return f"{reading.device}.{reading.point}"
+    if source == "quality":
+        return int(reading.quality)
+    return getattr(reading, source)
+
+
+class Mapper:
+    """Turns leased items into messages grouped by message type, per the configured maps."""
+
+    def __init__(self, maps: Iterable[MessageMap]) -> None:
+        self.maps = list(maps)
+        self._routes: dict[tuple[str, str], MessageMap | None] = {}
+
+    def route(self, reading: Reading) -> MessageMap | None:
+        """The first map that takes this reading, or None (cached per device and point)."""
+        key = (reading.device, reading.point)
+        if key not in self._routes:
+            self._routes[key] = next((m for m in self.maps if m.matches(reading)), None)
+        return self._routes[key]
+
+    def build(self, items: Iterable[Item]) -> tuple[dict[str, list[Message]], list[Item]]:
+        """Messages per message type in seq order, and the items no map takes."""
+        out: dict[str, list[Message]] = {}
+        unmapped: list[Item] = []
+        wide: dict[tuple[int, str, int], Message] = {}
+        for it in items:
+            r = it.reading
+            m = self.route(r)
+            if m is None:
+                unmapped.append(it)
+                continue
+            messages = out.setdefault(m.message_type, [])
+            if m.point_fields:
+                key = (id(m), r.device, r.ts_ms)
+                target = m.point_fields[r.point]
+                msg = wide.get(key)
+                if msg is None or target in msg.body:
+                    msg = wide[key] = Message(self._base(m, r))
+                    messages.append(msg)
+                msg.body[target] = encode_value(r.value)
+                msg.items.append(it)
+            else:
+                body = self._base(m, r)
+                messages.append(Message(body, [it]))
+        return out, unmapped
+
+    @staticmethod
+    def _base(m: MessageMap, r: Reading) -> dict[str, Any]:
+        body = {name: _source(r, src) for name, src in m.field_sources().items()}
+        if m.timestamp_field:
+            body[m.timestamp_field] = encode_ts(r.ts_ms, m.timestamp_format)
+        return body
+
+
+# -- answers --------------------------------------------------------------------------------------
+
+
+class Kind(Enum):
+    OK = "ok"
+    PENDING = "pending"  # 202 on a sync send: not confirmed
+    REJECTED = "rejected"  # 400 with a JSON `msg`: the documented refusal of a payload
+    AUTH = "auth"  # 401/403
+    TRANSIENT = "transient"  # 5xx, timeouts, pages that are not JSON, other statuses: retry
+    UNKNOWN = "unknown"  # a WebSocket answer frame whose meaning is not recognised
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    kind: Kind
+    status: int
+    msg: str
+    ack_url: str = ""
+    retry_after_s: float = 0.0
+
+
+def parse_json(text: str | bytes) -> Any:
+    """The JSON value of `text`, or None if it is not JSON (or nests too deep to decode)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def classify(status: int, text: str, mode: str) -> Answer:
+    """One HTTP answer as an `Answer`; only a documented refusal (400 with a JSON `msg`) rejects."""
+    body = parse_json(text) if text else None
+    msg = body.get("msg") if isinstance(body, dict) else None
+    msg = msg if isinstance(msg, str) else text[:200]
+    if status in (401, 403):
+        return Answer(Kind.AUTH, status, msg or f"HTTP {status}")
+    if not isinstance(body, dict):
+        return Answer(Kind.TRANSIENT, status, f"HTTP {status} with a non-JSON body (a login page?)")
+    if status == 200 or (status == 202 and mode == "async"):
+        return Answer(Kind.OK, status, msg)
+    if status == 202:
+        retry = body.get("retryAfterHeaderValue")
+        try:
+            retry_s = min(max(float(retry), 0.0), 3600.0) if retry is not None else 0.0
+        except (TypeError, ValueError, OverflowError):
+            retry_s = 0.0
+        retry_s = 0.0 if retry_s != retry_s else retry_s  # NaN
+        url = msg if msg.startswith(("http://", "https://")) else ""
+        return Answer(Kind.PENDING, status, msg, url, retry_s)
+    if status == 400 and isinstance(body.get("msg"), str):
+        return Answer(Kind.REJECTED, status, msg)
+    return Answer(Kind.TRANSIENT, status, msg or f"HTTP {status}")
+
+
+def frame_code(obj: dict[str, Any]) -> int | None:
+    """The HTTP-like status an answer frame states in `code` ([open]), if it states one."""
+    code = obj.get("code")
+    if isinstance(code, bool):
+        return None
+    if isinstance(code, int):
+        return code
+    if isinstance(code, str) and code.strip().isdigit() and len(code.strip()) == 3:
+        return int(code)
+    return None
+
+
+def classify_frame(obj: dict[str, Any], mode: str) -> Answer:
+    """A WebSocket answer frame. [open]: its shape. With a `code`, that status decides; without
+    one, only the documented texts do (success, "Parse error" / "doesn't conform" refusals,
+    "Processing ... failed", the 202 ack URL). Anything else is UNKNOWN, never a refusal."""
+    raw = obj.get("msg")
+    msg = raw if isinstance(raw, str) else ""
+    code = frame_code(obj)
+    if code is None:
+        if _SUCCESS_RE.match(msg):
+            code = 200
+        elif _REFUSED_RE.search(msg):
+            code = 400
+        elif _FAILED_RE.match(msg):
+            code = 500
+        elif "retryAfterHeaderValue" in obj:
+            code = 202
+        else:
+            return Answer(Kind.UNKNOWN, 0, msg[:200] or json.dumps(obj)[:200])
+    answer = classify(code, json.dumps(obj), mode)
+    if answer.kind is Kind.TRANSIENT and code < 500 and code not in (408, 429):
+        return Answer(Kind.UNKNOWN, code, answer.msg)
+    return answer
+
+
+def ack_confirms(body: Any, sequence: str) -> bool:
+    """Whether an ack answer reports success for `sequence` ([open]: accepts several shapes)."""
+    entries = body if isinstance(body, list) else [body]
+    for e in entries:
+        if not isinstance(e, dict):
+            continue
+        if e.get("sequence") not in (None, sequence):
+            continue
+        status = e.get("status")
+        if status in (200, "200") or str(status).upper() in (
+            "SUCCESS",
+            "OK",
+            "PROCESSED",
+            "DELIVERED",
+        ):
+            return True
+    return False
+
+
+def envelope(mode: str, message_type: str, messages: list[dict[str, Any]]) -> str:
+    return json.dumps(
+        {"mode": mode, "messageType": message_type, "messages": messages}, separators=(",", ":")
+    )
