@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean docker-wheels docker-run docker-down docker-test dist
+.PHONY: install run test lint bench soak clean docker-wheels docker-run docker-down docker-test dist
 
 $(STAMP): pyproject.toml sim/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,10 @@ docker-test: docker-wheels
 
 bench: $(STAMP)
 	$(PY) bench/bench.py
+
+# The long fault campaign (root: tmpfs and FUSE): SIGKILLs, ENOSPC, 50 power cuts per fsync policy.
+soak: $(STAMP)
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info sim/build sim/*.egg-info

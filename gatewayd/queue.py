@@ -1146,6 +1146,10 @@ class Queue:
             self.metrics.backlog_bytes.labels(name).set(int(ob.pending() * avg))
 
 
+class _Deferred(Exception):
+    """The ack waits in memory: the disk is known to refuse writes."""
+
+
 class Outbox:
     """One uplink's cursor over the queue. See `gatewayd.uplinks.base.Outbox` for the contract.
 
@@ -1194,22 +1198,26 @@ class Outbox:
             if seq <= self.acked:
                 return
             q = self.queue
-            if q.metrics is not None:
-                q.metrics.readings_acked.labels(self.name).inc(q._count(self.acked + 1, seq))
-            self.acked = seq
-            if not (q.storage.ok and q._opened):
+            newly = q._count(self.acked + 1, seq)
+            try:
+                if not (q.storage.ok and q._opened):
+                    raise _Deferred
+                await q._on_writer(q._write_cursors_sync, {self.name: seq})
+            except _Deferred:
                 q._dirty[self.name] = seq  # written with the first write the disk takes
                 q.storage.acks_pending = len(q._dirty)
-                return
-            try:
-                await q._on_writer(q._write_cursors_sync, {self.name: seq})
             except (sqlite3.Error, OSError) as exc:
                 if classify(exc, q.path) is None:
                     raise
                 q._dirty[self.name] = max(seq, q._dirty.get(self.name, 0))
                 q._fault(exc, "ack")
-                return
-            q._write_ok()
+            else:
+                q._write_ok()
+            # Confirmed deliveries count at once even if only memory holds them yet: the next
+            # lease goes on after them, and they are written once the disk takes writes.
+            self.acked = seq
+            if q.metrics is not None:
+                q.metrics.readings_acked.labels(self.name).inc(newly)
 
     def rewind(self) -> None:
         self.next_seq = self.acked
