@@ -5,7 +5,7 @@ then one clean run that delivers what is left):
 - SIGKILL x 20 with the cloud up, down, and mixed (down in a random half of the runs);
 - ENOSPC: the state dir on a small tmpfs, filled until the queue degrades, then freed;
 - power cuts x 50 on a LazyFS-style FUSE filesystem (data not fsynced is lost), for the
-  default fsync="always" and for "normal".
+  default fsync="always" and for "normal"; the cloud is down in a random half of the runs.
 
 Prints one table: scenario, trials, accepted (readings whose commit was reported), lost (of
 those, never delivered), max duplicates per restart, crashes. Needs root (tmpfs, FUSE).
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.conftest import Daemon  # noqa: E402
-from tests.powercut import Result, campaign  # noqa: E402
+from tests.powercut import Result, campaign, power_cuts  # noqa: E402
 from tests.test_storage import fill  # noqa: E402
 
 
@@ -69,10 +69,8 @@ def main() -> None:
         ("SIGKILL, cloud mixed", lambda t: campaign(t, "SIGKILL, cloud mixed", 20 // k, seed=3,
                                                     cloud_down=lambda i, rng: rng.random() < 0.5)),
         ("ENOSPC", lambda t: _enospc(t, 10 // k)),
-        ("power cut, fsync=always", lambda t: campaign(t, "power cut, fsync=always", 50 // k,
-                                                       fuse=True, seed=8)),
-        ("power cut, fsync=normal", lambda t: campaign(t, "power cut, fsync=normal", 50 // k,
-                                                       "normal", fuse=True, seed=9)),
+        ("power cut, fsync=always", lambda t: power_cuts(t, 50 // k, "always", seed=8)),
+        ("power cut, fsync=normal", lambda t: power_cuts(t, 50 // k, "normal", seed=9)),
     ]
     print("| scenario | trials | accepted | lost | max duplicates per restart | crashes |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |", flush=True)

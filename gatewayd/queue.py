@@ -503,8 +503,9 @@ class Queue:
             log.error("queue_state_lost", lost=lost, reason=reason, db_tail=db_tail,
                       committed_mark=mark, continue_at=max(db_tail, reserved) + 1,
                       path=str(self.path), sidecar=str(self.side_path),
-                      message=f"{lost} committed readings not yet delivered are gone from the "
-                              "queue database; numbering continues above every seq ever used")
+                      message=f"{lost} committed readings (not confirmed delivered when the "
+                              "sidecar was last written) are gone from the queue database; "
+                              "numbering continues above every seq ever used")
             return max(db_tail, reserved)
         if not side.get("clean", False) and self.config.fsync != "always" and db_tail < reserved:
             # With fsync "normal" an unclean stop may have rolled back commits after the mark

@@ -149,8 +149,10 @@ def account(res: Result, events: list[dict[str, Any]], out: Path, segments: list
 
 
 def power_cuts(tmp: Path, cuts: int, fsync: str, seed: int = 7) -> Result:
-    """`cuts` power cuts at random moments under a steady stream, then a clean final run."""
-    return campaign(tmp, f"power cut, fsync={fsync}", cuts, fsync, fuse=True, seed=seed)
+    """`cuts` power cuts at random moments under a steady stream, then a clean final run. The
+    cloud is down in a random half of the runs, so the queue alone holds what was accepted."""
+    return campaign(tmp, f"power cut, fsync={fsync}", cuts, fsync, fuse=True, seed=seed,
+                    cloud_down=lambda i, rng: rng.random() < 0.5)
 
 
 def campaign(tmp: Path, scenario: str, trials: int, fsync: str = "always", *, fuse: bool = False,
