@@ -262,6 +262,7 @@ class DeliveryUplink(Uplink):
             raise
         if throttle is not None:
             throttle.record()
+        cancels = t.cancelling() if (t := asyncio.current_task()) is not None else 0
         try:
             await self._run_session(session)
             exc2: BaseException = UplinkError("session ended")
@@ -275,6 +276,10 @@ class DeliveryUplink(Uplink):
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await session.close()
+        task = asyncio.current_task()
+        if task is not None and task.cancelling() > cancels:
+            # A TaskGroup drops the CancelledError when a child failed while being cancelled.
+            raise asyncio.CancelledError
         if time.monotonic() - started >= self.stable_s:
             backoff.reset()
         if isinstance(exc2, UplinkAuthError):
@@ -298,6 +303,20 @@ class DeliveryUplink(Uplink):
         if self._failures:
             self.log.info("uplink_recovered", after_failures=self._failures)
         self._failures = 0
+        # The group runs in a task of its own: in Python 3.11 a TaskGroup whose child fails
+        # while it waits leaks a cancel request into its parent, and one cancelled from
+        # outside while a child fails drops the CancelledError. Here only a real cancel of
+        # this task shows in `cancelling()` (checked by `_attempt`).
+        inner = asyncio.get_running_loop().create_task(self._session_group(session),
+                                                       name=f"session-group[{self.name}]")
+        try:
+            await inner
+        finally:
+            if not inner.done():
+                inner.cancel()
+                await asyncio.gather(inner, return_exceptions=True)
+
+    async def _session_group(self, session: Session) -> None:
         async with asyncio.TaskGroup() as tg:
             # The first task that fails ends the session: the group cancels the others.
             tg.create_task(self._end_when_done(session.run()), name=f"session[{self.name}]")
