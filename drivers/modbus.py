@@ -10,11 +10,9 @@ request planning are pure functions.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import struct
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -240,7 +238,13 @@ class UnitStats:
 
 
 class ModbusLine:
-    """A Modbus RTU line on one serial port, shared by all its units; one request at a time."""
+    """A Modbus RTU line on one serial port, shared by all its units; one request at a time.
+
+    Waiting on the line costs more than the work: a transaction is the request, the unit's
+    answer, and the silence the spec puts between frames (t3.5). The silence is measured from
+    the last byte seen and only its remainder is waited, precisely (`SerialPort.quiet`); the
+    answer's end is known from its length (function code and byte count), never waited out.
+    """
 
     def __init__(self, port: SerialPort) -> None:
         self.port = port
@@ -251,8 +255,8 @@ class ModbusLine:
     def unit_stats(self, unit: int) -> UnitStats:
         return self.stats.setdefault(unit, UnitStats())
 
-    def _gap_s(self) -> float:
-        # 3.5 character times between frames; the spec fixes 1.75 ms above 19200 baud
+    def silence_s(self) -> float:
+        """t3.5: 3.5 character times between frames; the spec fixes 1.75 ms above 19200 baud."""
         s = self.port.settings
         return 0.00175 if s.baudrate > 19200 else 3.5 * s.char_time_s()
 
@@ -263,78 +267,91 @@ class ModbusLine:
         Timeouts and CRC errors are retried `retries` times. Raises ModbusExceptionError for an
         exception response, ReadTimeoutError when the unit stays silent, DriverError otherwise.
         """
+        async with self.port.lock:
+            return await self.transact(unit, pdu, device=device, timeout_s=timeout_s,
+                                       retries=retries)
+
+    async def transact(self, unit: int, pdu: ModbusPDU, *, device: str, timeout_s: float = 0.5,
+                       retries: int = 1) -> ModbusPDU:
+        """`request` for a caller that already holds `port.lock` (several requests in a row)."""
         stats = self.unit_stats(unit)
         pdu.dev_id = unit
         frame = self._framer.buildFrame(pdu)
-        async with self.port.lock:
-            for attempt in range(retries + 1):
-                stats.requests += 1
-                await self.port.ensure_open(device)
-                idle = time.monotonic() - self.port.last_rx
-                if idle < self._gap_s():
-                    await asyncio.sleep(self._gap_s() - idle)
-                self.port.discard_input()
-                await self.port.write(frame, device)
-                try:
-                    response = await self._receive(unit, pdu.function_code, timeout_s, device)
-                except ReadTimeoutError:
-                    stats.timeouts += 1
-                    if attempt == retries:
-                        raise
-                    continue
-                except _CrcError as exc:
-                    stats.crc_errors += 1
-                    log.warning("modbus_crc_error", device=device, unit=unit, frame=exc.frame.hex())
-                    if attempt == retries:
-                        raise DriverError(device, f"modbus unit {unit}: CRC error in response "
-                                                  f"{exc.frame.hex()}") from None
-                    await asyncio.sleep(self._gap_s())
-                    continue
-                stats.responses += 1
-                if response.isError():
-                    stats.exceptions += 1
-                    raise ModbusExceptionError(device, pdu.function_code, response.exception_code)
-                return response
+        port = self.port
+        silence = self.silence_s()
+        for attempt in range(retries + 1):
+            stats.requests += 1
+            await port.ensure_open(device)
+            await port.quiet(silence, timeout_s)
+            port.discard_input()
+            await port.write(frame, device)
+            try:
+                response = await self._receive(unit, pdu.function_code, timeout_s, device)
+            except ReadTimeoutError:
+                stats.timeouts += 1
+                if attempt == retries:
+                    raise
+                continue
+            except _CrcError as exc:
+                stats.crc_errors += 1
+                log.warning("modbus_crc_error", device=device, unit=unit, frame=exc.frame.hex())
+                if attempt == retries:
+                    raise DriverError(device, f"modbus unit {unit}: CRC error in response "
+                                              f"{exc.frame.hex()}") from None
+                continue  # the retry waits for the line to fall silent first (quiet above)
+            stats.responses += 1
+            if response.isError():
+                stats.exceptions += 1
+                raise ModbusExceptionError(device, pdu.function_code, response.exception_code)
+            return response
         raise AssertionError("unreachable")
 
     async def _receive(self, unit: int, fc: int, timeout_s: float, device: str) -> ModbusPDU:
         """Read one response frame for (unit, fc), skipping leading garbage; check its CRC."""
-        deadline = time.monotonic() + timeout_s
-        port = self.port
+        frame = await self.port.read_frame(_frame_end(unit, fc), timeout_s, device,
+                                           f"response from unit {unit}")
+        crc = int.from_bytes(frame[-2:], "big")
+        if not FramerRTU.check_CRC(frame[:-2], crc):
+            raise _CrcError(frame)
+        try:
+            pdu = self._decoder.decode(frame[1:-2])
+        except Exception as exc:
+            raise DriverError(device, f"modbus unit {unit}: undecodable response "
+                                      f"{frame.hex()}: {exc}") from exc
+        if pdu is None:
+            raise DriverError(device, f"modbus unit {unit}: undecodable response {frame.hex()}")
+        return pdu
 
-        def left() -> float:
-            return max(0.0, deadline - time.monotonic())
 
-        buf = b""
-        while True:
-            if len(buf) < 2:
-                buf += await port.read_exactly(2 - len(buf), left(), device)
-                continue
-            if buf[0] != unit or buf[1] not in (fc, fc | 0x80):
-                buf = buf[1:]  # garbage before the frame: hunt for our unit and function
-                continue
-            if buf[1] & 0x80:
-                size = 5
-            elif fc <= 4:
-                if len(buf) < 3:
-                    buf += await port.read_exactly(1, left(), device)
-                size = 5 + buf[2]
-            else:
-                size = 8
-            if len(buf) < size:
-                buf += await port.read_exactly(size - len(buf), left(), device)
-            frame = buf[:size]
-            crc = int.from_bytes(frame[-2:], "big")
-            if not FramerRTU.check_CRC(frame[:-2], crc):
-                raise _CrcError(frame)
-            try:
-                pdu = self._decoder.decode(frame[1:-2])
-            except Exception as exc:
-                raise DriverError(device, f"modbus unit {unit}: undecodable response "
-                                          f"{frame.hex()}: {exc}") from exc
-            if pdu is None:
-                raise DriverError(device, f"modbus unit {unit}: undecodable response {frame.hex()}")
-            return pdu
+def _frame_end(unit: int, fc: int) -> Callable[[bytearray], int]:
+    """The length of the response frame at the start of the buffer once it is all there, else 0.
+
+    Bytes before the first (unit, fc or fc|0x80) pair are garbage and are dropped. The length
+    follows from the function code: exception 5 bytes; reads (1-4) 5 + byte count; writes 8.
+    """
+    err = fc | 0x80
+
+    def ready(buf: bytearray) -> int:
+        n = len(buf)
+        i = 0
+        while i + 1 < n and (buf[i] != unit or (buf[i + 1] != fc and buf[i + 1] != err)):
+            i += 1
+        if i:
+            del buf[:i]
+            n -= i
+        if n < 2:
+            return 0
+        if buf[1] == err:
+            size = 5
+        elif fc <= 4:
+            if n < 3:
+                return 0
+            size = 5 + buf[2]
+        else:
+            size = 8
+        return size if n >= size else 0
+
+    return ready
 
 
 class _CrcError(DriverError):
@@ -414,12 +431,22 @@ class ModbusDriver(_ModbusBase, Driver):
         self.blocks = plan_reads(config.points, config.max_gap, config.max_registers)
 
     async def read(self) -> list[Reading]:
+        # One turn on the line for the whole poll: the port's lock is FIFO, so when a port is
+        # over-subscribed its devices take turns poll by poll (fair shares), whatever the
+        # number of blocks each has.
+        line = self._line()
+        async with line.port.lock:
+            return await self._read_blocks(line)
+
+    async def _read_blocks(self, line: ModbusLine) -> list[Reading]:
+        c = self.config
         out: list[Reading] = []
         refused: ModbusExceptionError | None = None
         for block in self.blocks:
             pdu = _READ_PDU[block.fc](address=block.address, count=block.count)
             try:
-                response = await self._call(pdu)
+                response = await line.transact(c.unit, pdu, device=self.name,
+                                               timeout_s=c.request_timeout, retries=c.retries)
             except ModbusExceptionError as exc:
                 log.warning("modbus_exception", device=self.name, address=block.address,
                             count=block.count, code=exc.code)

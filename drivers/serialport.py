@@ -89,8 +89,10 @@ class _Protocol(asyncio.Protocol):
         self.changed = asyncio.Event()
         self.lost = False
         self.error: BaseException | None = None
+        self.rx_at = 0.0  # time.monotonic() when the last byte was seen
 
     def data_received(self, data: bytes) -> None:
+        self.rx_at = time.monotonic()
         self.buffer += data
         self.changed.set()
 
@@ -203,6 +205,58 @@ class _ThreadTransport:
             self.serial.close()
 
 
+class _TimerFd:
+    """A CLOCK_MONOTONIC timerfd (Linux) watched by the event loop, for sub-millisecond waits.
+
+    asyncio's selector rounds every timeout up to the next millisecond, so `asyncio.sleep(0.0012)`
+    waits 2 ms or more; the Modbus silence between frames (1.75 ms) would cost 2-3 ms per
+    transaction. A timerfd armed at an absolute time wakes the loop within microseconds of it.
+    `time.monotonic()` is CLOCK_MONOTONIC on Linux, so deadlines are in its terms.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = libc.timerfd_create(1, os.O_NONBLOCK | os.O_CLOEXEC)  # 1: CLOCK_MONOTONIC
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "timerfd_create failed")
+        self._fd = fd
+        self._settime = libc.timerfd_settime
+        self._spec = (ctypes.c_long * 4)()  # struct itimerspec: interval (s, ns), value (s, ns)
+        self._ref = ctypes.byref(self._spec)
+        self.loop = loop
+        self._waiter: asyncio.Future[None] | None = None
+        loop.add_reader(fd, self._fired)
+
+    def _fired(self) -> None:
+        try:
+            os.read(self._fd, 8)
+        except OSError:
+            return
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def sleep_until(self, when: float) -> None:
+        sec, nsec = divmod(int(when * 1e9), 1_000_000_000)
+        self._spec[2], self._spec[3] = sec, nsec
+        if self._settime(self._fd, 1, self._ref, None) != 0:  # 1: TFD_TIMER_ABSTIME
+            await asyncio.sleep(max(0.0, when - time.monotonic()))
+            return
+        self._waiter = fut = self.loop.create_future()
+        try:
+            await fut
+        finally:
+            self._waiter = None
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self._fd)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
 async def _in_thread(fn: Callable[[], T]) -> T:
     """Run a blocking call (opening a port) in a short-lived thread of its own, so that no
     executor thread outlives the port. A result that arrives after cancellation is closed."""
@@ -249,7 +303,45 @@ class SerialPort:
         self._open_lock = asyncio.Lock()
         self.opens = 0
         self.losses = 0
-        self.last_rx = 0.0
+        self._rx_closed = 0.0  # last byte seen on a transport that is gone
+        self._timer: _TimerFd | None = None
+        self._timer_failed = False
+
+    @property
+    def last_rx(self) -> float:
+        """time.monotonic() when the last byte was seen (0 if never)."""
+        p = self._protocol
+        return max(p.rx_at, self._rx_closed) if p is not None else self._rx_closed
+
+    async def sleep_until(self, when: float) -> None:
+        """Sleep until `when` (time.monotonic()), precisely (a timerfd) where the OS allows."""
+        if self._timer is None and not self._timer_failed:
+            try:
+                self._timer = _TimerFd(asyncio.get_running_loop())
+            except (OSError, AttributeError, ImportError):
+                self._timer_failed = True  # not Linux: millisecond rounding, still correct
+        if self._timer is not None and self._timer.loop is not asyncio.get_running_loop():
+            self._timer.close()
+            self._timer = _TimerFd(asyncio.get_running_loop())
+        if self._timer is None:
+            await asyncio.sleep(max(0.0, when - time.monotonic()))
+        else:
+            await self._timer.sleep_until(when)
+
+    async def quiet(self, silence_s: float, limit_s: float) -> None:
+        """Wait until the line has been silent for `silence_s` since the last byte seen.
+
+        Only the part of the silence that has not passed yet is waited (usually none: handling
+        the previous answer took longer). Bytes that arrive meanwhile restart it, for at most
+        `limit_s` in all (a babbling line must not block the port forever).
+        """
+        give_up = time.monotonic() + limit_s
+        while True:
+            due = self.last_rx + silence_s
+            now = time.monotonic()
+            if due <= now or now >= give_up:
+                return
+            await self.sleep_until(min(due, give_up))
 
     @property
     def is_open(self) -> bool:
@@ -347,7 +439,6 @@ class SerialPort:
                     if n:
                         out = bytes(p.buffer[:n])
                         del p.buffer[:n]
-                        self.last_rx = time.monotonic()
                         return out
                     if p.lost:
                         raise self._lost(device)
@@ -356,6 +447,12 @@ class SerialPort:
         except TimeoutError as exc:
             raise ReadTimeoutError(
                 device, f"serial port {self.url}: no {what} within {timeout_s:g}s") from exc
+
+    async def read_frame(self, ready: Callable[[bytearray], int], timeout_s: float, device: str,
+                         what: str = "response") -> bytes:
+        """The first `ready(buffer)` bytes, once it returns non-zero. `ready` may drop leading
+        garbage from the buffer itself, and may raise DriverError for a broken frame."""
+        return await self._wait(device, ready, timeout_s, what)
 
     async def read_exactly(self, n: int, timeout_s: float, device: str) -> bytes:
         return await self._wait(device, lambda b: n if len(b) >= n else 0, timeout_s, f"{n} bytes")
@@ -377,12 +474,17 @@ class SerialPort:
         return await self._wait(device, ready, timeout_s, "line")
 
     async def _drop(self) -> None:
+        if self._protocol is not None:
+            self._rx_closed = max(self._rx_closed, self._protocol.rx_at)
         transport, self._transport, self._protocol = self._transport, None, None
         if transport is not None:
             transport.close()
 
     async def close(self) -> None:
         """Close the port; never raises."""
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
         try:
             await self._drop()
         except (OSError, serial.SerialException):

@@ -32,6 +32,7 @@ class HealthServer:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/status", self.status)
         if self.config.allow_commands:
@@ -55,9 +56,16 @@ class HealthServer:
             await runner.cleanup()
 
     async def healthz(self, request: web.Request) -> web.Response:
-        problems = self.gateway.problems()
-        body = {"ok": not problems, "problems": problems}
-        return web.json_response(body, status=200 if not problems else 503)
+        """Liveness: 200 while the loops run (the body names what is degraded), 503 if one died."""
+        dead = self.gateway.dead_loops()
+        body = {"ok": not dead, "problems": dead, "degraded": self.gateway.degraded()}
+        return web.json_response(body, status=200 if not dead else 503)
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: 503 with the reasons while the gateway cannot do its job."""
+        reasons = self.gateway.not_ready()
+        body = {"ready": not reasons, "reasons": reasons, "degraded": self.gateway.degraded()}
+        return web.json_response(body, status=200 if not reasons else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         await self.gateway.refresh_gauges()

@@ -1,11 +1,74 @@
-"""Prometheus metrics, in a registry per gateway so tests can run several side by side."""
+"""Prometheus metrics, in a registry per gateway so tests can run several side by side.
+
+Conventions (https://prometheus.io/docs/practices/naming/): counters end in `_total` and are
+exported as counters, never as gauges; no `_created` series; units in the name (`_seconds`,
+`_bytes`); `process_*` from the standard collector; `gatewayd_build_info{version,commit}` = 1.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import functools
+import subprocess
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from gatewayd import __version__
+
+# `_created` doubles every counter's series and means nothing to a gateway's dashboards.
+disable_created_metrics()
 
 _STATES = ("starting", "connecting", "authenticating", "connected", "backing_off", "auth_failed",
            "stopped")
+
+DriverEvents = Iterable[tuple[str, str, int]]  # (device, event, cumulative count)
+
+
+@functools.cache
+def build_commit() -> str:
+    """The git commit this code was built from: $GATEWAYD_COMMIT, a checkout's HEAD, or ''."""
+    import os
+
+    if os.environ.get("GATEWAYD_COMMIT"):
+        return os.environ["GATEWAYD_COMMIT"]
+    here = Path(__file__).resolve().parent.parent
+    if not (here / ".git").exists():
+        return ""
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+class _DriverEventsCollector(Collector):
+    """Drivers keep their own cumulative counters (CRC errors, Modbus exceptions, ...): exported
+    as one counter family, read at scrape time."""
+
+    def __init__(self, source: Callable[[], DriverEvents]) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        fam = CounterMetricFamily("gatewayd_driver_events",
+                                  "A driver's own cumulative counters (crc_errors, timeouts, ...)",
+                                  labels=["device", "event"])
+        for device, event, value in self.source():
+            fam.add_metric([device, event], value)
+        yield fam
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("gatewayd_driver_events", "", labels=["device", "event"])
 
 
 class Metrics:
@@ -26,6 +89,10 @@ class Metrics:
                                       ["reason"], registry=r)
         self.device_failures = Counter("gatewayd_device_read_failures", "Failed device reads",
                                        ["device"], registry=r)
+        self.device_missed_polls = Counter(
+            "gatewayd_device_missed_polls",
+            "Poll slots that passed without a poll (the device or its shared port was busy)",
+            ["device"], registry=r)
         self.commands = Counter("gatewayd_commands", "Commands by outcome",
                                 ["uplink", "outcome"], registry=r)
         self.command_latency = Histogram("gatewayd_command_latency_seconds",
@@ -46,11 +113,14 @@ class Metrics:
                                       ["uplink", "state"], registry=r)
         self.uplink_errors = Counter("gatewayd_uplink_errors", "Uplink errors by kind",
                                      ["uplink", "kind"], registry=r)
-        self.driver_stats = Gauge("gatewayd_driver_stat",
-                                  "A driver's own cumulative counter (crc_errors, exceptions, ...)",
-                                  ["device", "stat"], registry=r)
         self.device_ok = Gauge("gatewayd_device_ok", "1 if the device's last read succeeded",
                                ["device"], registry=r)
+        self.build_info = Gauge("gatewayd_build_info", "Always 1: the running version and commit",
+                                ["version", "commit"], registry=r)
+        self.build_info.labels(__version__, build_commit() or "unknown").set(1)
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
+        self.driver_events: Callable[[], DriverEvents] = lambda: ()
+        r.register(_DriverEventsCollector(lambda: self.driver_events()))
 
     def uplink_state(self, uplink: str, state: str) -> None:
         for s in _STATES:

@@ -2,6 +2,13 @@
 
 A device's fault only ever slows its own loop: each loop handles DriverError and timeouts
 itself, so one broken sensor never delays another.
+
+Every device has a slot every interval. A poll that comes due while the previous one is still
+running (a slow read, or a wait for a shared port) is made as soon as that one ends; slots
+that passed entirely are missed, counted (`gatewayd_device_missed_polls_total`) and never
+made up in a burst. Devices on one serial port queue for it in order (its lock is FIFO), so
+an over-subscribed port gives each of them the same share of the polls it can make, and
+`PortLoads` says which port cannot keep up and what rate it sustains.
 """
 
 from __future__ import annotations
@@ -35,12 +42,130 @@ class DeviceState:
     failures: int = 0
     consecutive_failures: int = 0
     last_read_ms: int = 0
+    missed_polls: int = 0  # slots that passed without a poll (the device or its port was busy)
+    configured_hz: float = 0.0  # 1 / interval
+    achieved_hz: float | None = None  # polls per second over the last rate window
+    port: str | None = None  # the serial port it shares, if any
     opened: asyncio.Event | None = None  # set after the first open attempt (ready signal)
 
     def as_dict(self, stats: dict[str, int] | None = None) -> dict[str, Any]:
         return {"driver": self.driver, "state": self.state, "since": round(self.since, 3),
                 "last_error": self.last_error, "reads": self.reads, "failures": self.failures,
-                "last_read_ms": self.last_read_ms, "stats": stats or {}}
+                "last_read": round(self.last_read_ms / 1000, 3) if self.last_read_ms else None,
+                "missed_polls": self.missed_polls,
+                "polls_per_s": {"configured": round(self.configured_hz, 3),
+                                "achieved": None if self.achieved_hz is None
+                                else round(self.achieved_hz, 3)},
+                "port": self.port, "stats": stats or {}}
+
+
+class _Rate:
+    """Events per second over the last completed window (until then, since the start)."""
+
+    __slots__ = ("_n", "_n0", "_t0", "hz", "window_s")
+
+    def __init__(self, window_s: float, now: float) -> None:
+        self.window_s = window_s
+        self._t0 = now
+        self._n0 = self._n = 0
+        self.hz: float | None = None
+
+    def add(self, now: float, n: int = 1) -> bool:
+        """Count `n` events; True when a window just completed (and `hz` was updated)."""
+        self._n += n
+        elapsed = now - self._t0
+        if elapsed >= self.window_s:
+            self.hz = (self._n - self._n0) / elapsed
+            self._t0, self._n0 = now, self._n
+            return True
+        if self._n0 == 0:  # no window completed yet: an estimate since the start
+            self.hz = self._n / max(elapsed, self.window_s / 10)
+        return False
+
+
+class PortLoad:
+    """The polls the devices of one serial port ask for and get."""
+
+    WARN_EVERY_S = 600.0
+
+    def __init__(self, port: str, window_s: float = 10.0) -> None:
+        self.port = port
+        self.devices: dict[str, float] = {}  # device -> configured polls/s
+        self.polls = 0
+        self.missed = 0
+        self._window_s = window_s
+        self._rate: _Rate | None = None
+        self._missed_at_window = 0
+        self._polls_at_window = 0
+        self.over_subscribed = False
+        self.sustained_hz: float | None = None  # the rate it made while over-subscribed
+        self._warned_at = -math.inf
+
+    @property
+    def configured_hz(self) -> float:
+        return sum(self.devices.values())
+
+    def add(self, device: str, interval_s: float) -> None:
+        self.devices[device] = 1.0 / interval_s
+        self._window_s = max(self._window_s, 5 * interval_s)
+
+    def note(self, now: float, polls: int, missed: int) -> None:
+        """`polls` polls made and `missed` slots missed by one of the port's devices."""
+        self.polls += polls
+        self.missed += missed
+        if self._rate is None:
+            self._rate = _Rate(self._window_s, now)
+        if not self._rate.add(now, polls):
+            return
+        polls = self.polls - self._polls_at_window
+        missed_now = self.missed - self._missed_at_window
+        self._polls_at_window, self._missed_at_window = self.polls, self.missed
+        # Over-subscribed: more than 1 % of the slots in the window were missed.
+        self.over_subscribed = missed_now > 0.01 * (polls + missed_now)
+        if not self.over_subscribed:
+            return
+        self.sustained_hz = self._rate.hz
+        if now - self._warned_at >= self.WARN_EVERY_S:
+            self._warned_at = now
+            log.warning("serial_port_oversubscribed", port=self.port,
+                        devices=len(self.devices),
+                        configured_polls_per_s=round(self.configured_hz, 1),
+                        sustained_polls_per_s=round(self._rate.hz or 0.0, 1),
+                        missed_in_window=missed_now,
+                        hint="lengthen the devices' intervals, or move some to another port")
+
+    def as_dict(self) -> dict[str, Any]:
+        hz = self._rate.hz if self._rate is not None else None
+        return {"devices": len(self.devices),
+                "polls_per_s": {"configured": round(self.configured_hz, 3),
+                                "achieved": None if hz is None else round(hz, 3)},
+                "polls": self.polls, "missed_polls": self.missed,
+                "over_subscribed": self.over_subscribed,
+                "sustained_polls_per_s": None if self.sustained_hz is None
+                else round(self.sustained_hz, 1)}
+
+
+class PortLoads:
+    """One `PortLoad` per serial port that sampled devices share (for /status)."""
+
+    def __init__(self, window_s: float = 10.0) -> None:
+        self.ports: dict[str, PortLoad] = {}
+        self.window_s = window_s  # shortest rate window (longer for slow devices)
+
+    def get(self, port: str) -> PortLoad:
+        load = self.ports.get(port)
+        if load is None:
+            load = self.ports[port] = PortLoad(port, self.window_s)
+        return load
+
+    def status(self) -> dict[str, Any]:
+        return {name: p.as_dict() for name, p in self.ports.items()}
+
+
+def device_port(driver: Driver) -> str | None:
+    """The serial port a driver's config names (serial and Modbus drivers), else None."""
+    port = getattr(getattr(driver, "config", None), "port", None)
+    return port if isinstance(port, str) and port else None
 
 
 class Sampler:
@@ -49,7 +174,8 @@ class Sampler:
     def __init__(self, driver: Driver, interval_s: float, timeout_s: float, jitter: float,
                  backoff_max_s: float, queue: Any, metrics: Any = None,
                  rng: random.Random | None = None,
-                 on_state: Callable[[str, bool, str, int], None] | None = None) -> None:
+                 on_state: Callable[[str, bool, str, int], None] | None = None,
+                 ports: PortLoads | None = None) -> None:
         self.driver = driver
         self.interval_s = interval_s
         self.timeout_s = timeout_s
@@ -59,12 +185,21 @@ class Sampler:
         self.rng = rng or random.Random()
         self.backoff = Backoff(base_s=min(1.0, interval_s), cap_s=max(backoff_max_s, interval_s),
                                floor_s=min(0.1, interval_s), rng=self.rng)
+        port = device_port(driver)
         self.status = DeviceState(driver.name, type(driver).__name__, since=time.time(),
+                                  configured_hz=1.0 / interval_s, port=port,
                                   opened=asyncio.Event())
+        self.port_load: PortLoad | None = None
+        if ports is not None and port is not None:
+            self.port_load = ports.get(port)
+            self.port_load.add(driver.name, interval_s)
+        self._rate = _Rate(max(10.0, 5 * interval_s), time.monotonic())
         # Metric children looked up once: a 1 Hz loop should cost microseconds, not a dict walk.
+        # Created here, so every device's counters exist (at 0) from the start.
         self._m_sampled = metrics.readings_sampled.labels(driver.name) if metrics else None
         self._m_failures = metrics.device_failures.labels(driver.name) if metrics else None
         self._m_ok = metrics.device_ok.labels(driver.name) if metrics else None
+        self._m_missed = metrics.device_missed_polls.labels(driver.name) if metrics else None
 
     def _set(self, state: str, error: str = "") -> None:
         st = self.status
@@ -92,10 +227,14 @@ class Sampler:
     async def run(self) -> None:
         """Sample until cancelled."""
         st = self.status
+        interval = self.interval_s
+        spread = interval * self.jitter
         need_open = True
-        # Start at a random offset in the first interval, so devices do not all fire at once.
-        next_at = time.monotonic() + self.rng.uniform(0, self.interval_s * self.jitter * 2)
+        # The first poll is made at once; the slots start at a random offset in the first
+        # interval, so devices do not all fire at once.
+        next_at = time.monotonic() + self.rng.uniform(0, interval * self.jitter * 2)
         while True:
+            # `next_at` is the slot being polled now.
             try:
                 if need_open:
                     try:
@@ -107,6 +246,7 @@ class Sampler:
                 async with asyncio.timeout(self.timeout_s):
                     readings = await self.driver.read()
             except (DriverError, TimeoutError) as exc:
+                self._polled()
                 error = (f"read timed out after {self.timeout_s:g}s" if isinstance(exc, TimeoutError)
                          else str(exc))
                 st.failures += 1
@@ -118,27 +258,49 @@ class Sampler:
                 if st.state == "failing":
                     log.debug("device_read_failed", device=st.name, error=error)
                 self._set("failing", error)
-                delay = self.backoff.next_delay()
-                await asyncio.sleep(delay)
-                next_at = time.monotonic()
-                continue
-            self.backoff.reset()
-            st.reads += 1
-            st.consecutive_failures = 0
-            st.last_read_ms = readings[-1].ts_ms if readings else st.last_read_ms
-            self._set("ok")
-            if readings:
-                committed = self.queue.submit(readings)
-                if self._m_sampled is not None:
-                    self._m_sampled.inc(len(readings))
-                if self.queue.backpressure():
-                    await committed  # the disk is behind: sample slower rather than hoard memory
-            next_at += self.interval_s
+                # Back off: the slots it sleeps through are missed, as any others.
+                await asyncio.sleep(self.backoff.next_delay())
+            else:
+                self._polled()
+                self.backoff.reset()
+                st.reads += 1
+                st.consecutive_failures = 0
+                st.last_read_ms = readings[-1].ts_ms if readings else st.last_read_ms
+                self._set("ok")
+                if readings:
+                    committed = self.queue.submit(readings)
+                    if self._m_sampled is not None:
+                        self._m_sampled.inc(len(readings))
+                    if self.queue.backpressure():
+                        await committed  # the disk is behind: sample slower rather than hoard memory
+            next_at += interval
             now = time.monotonic()
-            if next_at < now:  # fell behind (slow read): skip missed slots, no burst
-                next_at = now + self.interval_s - ((now - next_at) % self.interval_s)
-            spread = self.interval_s * self.jitter
+            if next_at <= now:
+                # Late (a slow read, a wait for the port): the latest slot that came due is
+                # polled at once, the ones before it are missed; never a burst.
+                missed = int((now - next_at) // interval)
+                if missed:
+                    next_at += missed * interval
+                    self._missed(missed, now)
+                await asyncio.sleep(0)
+                continue
             await asyncio.sleep(self._until_tick(next_at + self.rng.uniform(-spread, spread), now))
+
+    def _polled(self) -> None:
+        """Account one poll, made now."""
+        now = time.monotonic()
+        self._rate.add(now)
+        self.status.achieved_hz = self._rate.hz
+        if self.port_load is not None:
+            self.port_load.note(now, 1, 0)
+
+    def _missed(self, missed: int, now: float) -> None:
+        """Account `missed` slots that passed without a poll."""
+        self.status.missed_polls += missed
+        if self._m_missed is not None:
+            self._m_missed.inc(missed)
+        if self.port_load is not None:
+            self.port_load.note(now, 0, missed)
 
     def _until_tick(self, target: float, now: float) -> float:
         """Seconds to sleep until `target` rounded up to the shared tick grid.

@@ -25,7 +25,7 @@ from gatewayd.health import HealthServer
 from gatewayd.metrics import Metrics
 from gatewayd.notify import Notifier
 from gatewayd.queue import Queue
-from gatewayd.sampler import Sampler
+from gatewayd.sampler import PortLoads, Sampler
 from gatewayd.uplinks import load_uplink
 from gatewayd.uplinks.base import DeviceInfo, Uplink, UplinkContext
 
@@ -40,12 +40,14 @@ class Gateway:
         self.config = config
         self.notifier = notifier or Notifier()
         self.metrics = Metrics()
+        self.metrics.driver_events = self._driver_events
         self.buses = buses if buses is not None else BusManager()
         self.started_at = time.time()
         self.ready = asyncio.Event()
         self.stopping = False
         self.queue: Queue | None = None
         self.samplers: list[Sampler] = []
+        self.port_loads = PortLoads()  # polls asked of and made on each shared serial port
         self.actuators: dict[str, Actuator] = {}
         self.actuator_errors: dict[str, str] = {}
         self.uplinks: dict[str, Uplink] = {}
@@ -67,7 +69,8 @@ class Gateway:
             cls = drivers.load(drivers.DRIVERS, d.driver)
             driver: Driver = cls(d.name, d.options, self.buses)
             self.samplers.append(Sampler(driver, d.interval, d.timeout, d.jitter, d.backoff_max,
-                                         self.queue, self.metrics, on_state=self._device_state))
+                                         self.queue, self.metrics, on_state=self._device_state,
+                                         ports=self.port_loads))
         timeouts = {}
         for a in cfg.actuators:
             if not a.enabled:
@@ -196,17 +199,64 @@ class Gateway:
     # -- health -----------------------------------------------------------------------------------
 
     def alive(self) -> bool:
-        return not self.problems()
+        """Liveness (the watchdog, /healthz): every core loop runs. A failing device, an offline
+        cloud or a full disk is degraded, not dead: a restart would not fix it."""
+        return not self.dead_loops()
+
+    def dead_loops(self) -> list[str]:
+        return [f"task {name} is not running" for name, t in self._tasks.items()
+                if t.done() and not self.stopping and name != "watchdog"]
+
+    def _storage_problem(self) -> str:
+        q = self.queue
+        if q is None:
+            return ""
+        condition = getattr(q, "storage_condition", None)  # the queue's own summary, if it has one
+        error = condition() if callable(condition) else (condition or q.store_error)
+        return f"queue cannot store readings: {error}" if error else ""
+
+    def _failing_devices(self) -> list[str]:
+        return [f"device {s.driver.name} is failing: {s.status.last_error}"
+                for s in self.samplers if s.status.state == "failing"]
+
+    def _failing_uplinks(self) -> list[str]:
+        out = []
+        for name, u in self.uplinks.items():
+            state = str(getattr(u, "state", ""))
+            if state in ("backing_off", "auth_failed"):
+                error = getattr(u, "last_error", "")
+                out.append(f"uplink {name} is {state}" + (f": {error}" if error else ""))
+        return out
+
+    def degraded(self) -> list[str]:
+        """What works less than it should: each failing device and uplink, storage, start."""
+        out = [] if self.ready.is_set() else ["starting"]
+        storage = self._storage_problem()
+        return [*out, *([storage] if storage else []), *self._failing_devices(),
+                *self._failing_uplinks()]
+
+    def not_ready(self) -> list[str]:
+        """Why the gateway does not do its job (/readyz 503): starting, a dead loop, storage
+        that refuses writes, every device failing, or every uplink failing."""
+        out = [] if self.ready.is_set() else ["starting"]
+        out += self.dead_loops()
+        storage = self._storage_problem()
+        if storage:
+            out.append(storage)
+        failing = self._failing_devices()
+        if self.samplers and len(failing) == len(self.samplers):
+            out.append(f"every device is failing ({len(failing)})")
+        failing = self._failing_uplinks()
+        if self.uplinks and len(failing) == len(self.uplinks):
+            out.append(f"every uplink is failing ({len(failing)})")
+        return out
 
     def problems(self) -> list[str]:
-        """Why the gateway is not healthy ([] when every loop runs)."""
+        """Why the gateway is not healthy ([] when every loop runs and storage works)."""
         if not self.ready.is_set():
             return ["starting"]
-        out = [f"task {name} is not running" for name, t in self._tasks.items()
-               if t.done() and not self.stopping and name != "watchdog"]
-        if self.queue is not None and self.queue.store_error:
-            out.append(f"queue cannot store readings: {self.queue.store_error}")
-        return out
+        storage = self._storage_problem()
+        return [*self.dead_loops(), *([storage] if storage else [])]
 
     async def refresh_gauges(self) -> None:
         if self.queue is None:
@@ -215,13 +265,18 @@ class Gateway:
         stats = await self.queue.backlog_stats()
         for name, s in stats.items():
             self.metrics.backlog_age.labels(name).set(s["oldest_age_s"])
-        for sampler in self.samplers:
-            for key, value in sampler.driver.stats().items():
-                self.metrics.driver_stats.labels(sampler.driver.name, key).set(value)
+
+    def _driver_events(self) -> list[tuple[str, str, int]]:
+        return [(s.driver.name, key, value) for s in self.samplers
+                for key, value in s.driver.stats().items()]
 
     async def status(self) -> dict[str, Any]:
         q = self.queue
         backlog = await q.backlog_stats() if q is not None else {}
+        cfg = self.config
+        drivers_by_name = {d.name: d.driver for d in cfg.devices}
+        drivers_by_name.update({a.name: a.driver for a in cfg.actuators})
+        types_by_name = {u.name: u.type for u in cfg.uplinks}
         return {
             "gateway": self.config.gateway.id,
             "version": __version__,
@@ -234,10 +289,17 @@ class Gateway:
                 "store_failed": q.store_failed, "dropped": q.dropped_total,
                 "corrupt_file_moved_to": str(q.renamed_corrupt) if q.renamed_corrupt else None,
             },
-            "devices": {s.driver.name: s.status.as_dict(s.driver.stats()) for s in self.samplers},
-            "uplinks": {n: {**u.status(), "backlog": backlog.get(n, {})}
+            # Times are UTC epoch seconds (`since`, `last_read`), durations end in `_s`; `driver`
+            # and `type` are the names the config uses, not class names.
+            "devices": {s.driver.name: {**s.status.as_dict(s.driver.stats()),
+                                        "driver": drivers_by_name.get(s.driver.name, "")}
+                        for s in self.samplers},
+            "ports": self.port_loads.status(),
+            "uplinks": {n: {**u.status(), "type": types_by_name.get(n, ""),
+                            "backlog": backlog.get(n, {})}
                         for n, u in self.uplinks.items()},
-            "actuators": {n: {"driver": type(a).__name__, "error": self.actuator_errors.get(n, ""),
+            "actuators": {n: {"driver": drivers_by_name.get(n, ""),
+                              "error": self.actuator_errors.get(n, ""),
                               **a.state()} for n, a in self.actuators.items()},
             "commands": dict(self.dispatcher.counts),
         }

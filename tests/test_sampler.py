@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from structlog.testing import capture_logs
@@ -120,3 +121,114 @@ def test_wake_ups_share_a_tick_grid() -> None:
     fast = now + s2._until_tick(1000.0123, now)  # 50 ms interval: a 5 ms grid
     assert abs(fast * 200 - round(fast * 200)) < 1e-6 and fast - 1000.0123 < 0.005 + 1e-9
     assert s1._until_tick(999.0, now) == 0.0  # a deadline in the past: no sleep
+
+
+class _PortDevice(Driver):
+    """A device on a shared port: each read holds the port's FIFO lock for `work_s`."""
+
+    @dataclass
+    class Config:
+        port: str
+
+    def __init__(self, name: str, lock: asyncio.Lock, work_s: float) -> None:
+        super().__init__(name, self.Config("/dev/ttyTEST0"), None)  # type: ignore[arg-type]
+        self.lock = lock
+        self.work_s = work_s
+        self.reads = 0
+        self.first = self.last = 0.0  # when the first read started, the last one ended
+
+    async def read(self) -> list[Reading]:
+        self.first = self.first or time.monotonic()
+        async with self.lock:
+            await asyncio.sleep(self.work_s)
+            self.reads += 1
+        self.last = time.monotonic()
+        return [Reading(self.name, "x", 1.0, now_ms())]
+
+
+class _Sink:
+    def submit(self, readings: list[Reading]) -> None:
+        pass
+
+    def backpressure(self) -> bool:
+        return False
+
+
+async def test_overloaded_port_serves_devices_evenly_counts_missed_and_warns_once() -> None:
+    """Five devices at 100 Hz on a port that makes at most ~200 polls/s: each gets the same
+    share, every slot is either polled or counted missed, and one warning names the port."""
+    from prometheus_client import generate_latest
+
+    from gatewayd.metrics import Metrics
+    from gatewayd.sampler import PortLoads
+
+    metrics = Metrics()
+    ports = PortLoads(window_s=0.3)
+    lock = asyncio.Lock()
+    devices = [_PortDevice(f"d{i}", lock, 0.005) for i in range(5)]
+    samplers = [Sampler(d, 0.01, 1.0, 0.0, 1.0, _Sink(), metrics, ports=ports) for d in devices]
+    text = generate_latest(metrics.registry).decode()
+    for d in devices:  # every device's counter exists, at 0, before the first poll
+        assert f'gatewayd_device_missed_polls_total{{device="{d.name}"}} 0.0' in text
+    with capture_logs() as logs:
+        tasks = [asyncio.create_task(s.run()) for s in samplers]
+        try:
+            await until(lambda: sum(d.reads for d in devices) >= 300, 60)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    reads = [d.reads for d in devices]
+    assert max(reads) - min(reads) <= 1, reads  # turns in order: equal shares
+    for d, s in zip(devices, samplers, strict=True):
+        st = s.status
+        # every slot up to its last poll was polled or missed; the one due then is polled next
+        slots = (d.last - d.first) / 0.01
+        assert slots - 1.01 <= st.reads + st.missed_polls <= slots + 1.01, (st.reads, st.missed_polls, slots)
+        assert st.missed_polls > st.reads  # demand 500/s, supply under 200/s
+        counted = metrics.device_missed_polls.labels(st.name)._value.get()
+        assert counted == st.missed_polls
+        rates = st.as_dict()["polls_per_s"]
+        assert rates["configured"] == 100.0 and 0 < rates["achieved"] <= 1 / 0.005 / 5 + 1
+    status = ports.status()["/dev/ttyTEST0"]
+    assert status["devices"] == 5 and status["polls_per_s"]["configured"] == 500.0
+    assert status["over_subscribed"] is True
+    assert 0 < status["sustained_polls_per_s"] <= 1 / 0.005 + 1
+    warnings = [e for e in logs if e["event"] == "serial_port_oversubscribed"]
+    assert len(warnings) == 1  # rate-limited: once per port, however many windows
+    assert warnings[0]["port"] == "/dev/ttyTEST0" and warnings[0]["configured_polls_per_s"] == 500.0
+    assert 0 < warnings[0]["sustained_polls_per_s"] <= 201
+
+
+async def test_a_slow_read_misses_the_slots_it_overran_and_polls_once_after() -> None:
+    """A read that overruns several slots is followed by one poll at once (no burst), and the
+    slots it overran are counted as missed."""
+    gate = asyncio.Event()
+    entered = asyncio.Event()
+    times: list[float] = []
+
+    class Slow(Driver):
+        async def read(self) -> list[Reading]:
+            times.append(time.monotonic())
+            if len(times) == 2:
+                entered.set()
+                await gate.wait()
+                times.append(time.monotonic())
+            return [Reading(self.name, "x", 1.0, now_ms())]
+
+    s = Sampler(Slow("slow", None, None), 0.02, 30.0, 0.0, 1.0, _Sink())  # type: ignore[arg-type]
+    task = asyncio.create_task(s.run())
+    try:
+        await entered.wait()
+        # hold the read until at least five slots passed (measured, not slept for exactly)
+        await until(lambda: time.monotonic() - times[1] >= 0.1)
+        gate.set()
+        await until(lambda: len(times) >= 5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    held = times[2] - times[1]
+    overran = held / 0.02
+    assert overran - 2 <= s.status.missed_polls <= overran + 1, (held, s.status.missed_polls)
+    assert times[3] - times[2] < 0.02  # the due slot is polled at once ...
+    assert times[4] - times[3] > 0.005  # ... and the one after waits for its time: no burst

@@ -179,6 +179,8 @@ class _Lane:
 
     name: str
     last_full: bool = False
+    leased_upto: int = 0  # last seq leased, and last seq acked, by this session
+    acked_upto: int = 0
     inflight: deque[tuple[int, asyncio.Task[int] | None]] = field(default_factory=deque)
 
 
@@ -238,13 +240,13 @@ class DeliveryUplink(Uplink):
                     self.set_state(UplinkState.BACKING_OFF)
                     self.log.info("uplink_throttled", wait_s=round(wait, 2))
                     await asyncio.sleep(wait)
-                delay = await self._attempt(backoff, throttle)
+                delay = await self._connect_once(backoff, throttle)
                 self.log.debug("uplink_retry", delay_s=round(delay, 2), attempt=backoff.attempt)
                 await asyncio.sleep(delay)
         finally:
             self.set_state(UplinkState.STOPPED)
 
-    async def _attempt(self, backoff: Backoff, throttle: Throttle | None) -> float:
+    async def _connect_once(self, backoff: Backoff, throttle: Throttle | None) -> float:
         """One connect and session; returns the delay before the next attempt."""
         self.set_state(UplinkState.CONNECTING)
         started = time.monotonic()
@@ -256,15 +258,15 @@ class DeliveryUplink(Uplink):
             if throttle is not None and seen:
                 throttle.record()
             if isinstance(exc, UplinkAuthError):
-                return self._failed(exc, "auth", backoff.cap_delay(), UplinkState.AUTH_FAILED)
+                return self._note_failure(exc, "auth", backoff.cap_delay(), UplinkState.AUTH_FAILED)
             if isinstance(exc, UplinkError | OSError | TimeoutError):
-                return self._failed(exc, _kind(exc), backoff.next_delay())
+                return self._note_failure(exc, _kind(exc), backoff.next_delay())
             raise
         if throttle is not None:
             throttle.record()
         cancels = t.cancelling() if (t := asyncio.current_task()) is not None else 0
         try:
-            await self._run_session(session)
+            await self._run_session_tasks(session)
             exc2: BaseException = UplinkError("session ended")
         except* UplinkAuthError as eg:
             exc2 = _first(eg)
@@ -283,10 +285,10 @@ class DeliveryUplink(Uplink):
         if time.monotonic() - started >= self.stable_s:
             backoff.reset()
         if isinstance(exc2, UplinkAuthError):
-            return self._failed(exc2, "auth", backoff.cap_delay(), UplinkState.AUTH_FAILED)
-        return self._failed(exc2, _kind(exc2), backoff.next_delay())
+            return self._note_failure(exc2, "auth", backoff.cap_delay(), UplinkState.AUTH_FAILED)
+        return self._note_failure(exc2, _kind(exc2), backoff.next_delay())
 
-    def _failed(self, exc: BaseException, kind: str, delay: float,
+    def _note_failure(self, exc: BaseException, kind: str, delay: float,
                 state: UplinkState = UplinkState.BACKING_OFF) -> float:
         self.count_error(kind)
         text = str(exc) if isinstance(exc, UplinkError) else f"{type(exc).__name__}: {exc}"
@@ -297,7 +299,7 @@ class DeliveryUplink(Uplink):
         self.set_state(state, text)
         return delay
 
-    async def _run_session(self, session: Session) -> None:
+    async def _run_session_tasks(self, session: Session) -> None:
         self.session = session
         self.set_state(UplinkState.CONNECTED)
         if self._failures:
@@ -321,9 +323,9 @@ class DeliveryUplink(Uplink):
             # The first task that fails ends the session: the group cancels the others.
             tg.create_task(self._end_when_done(session.run()), name=f"session[{self.name}]")
             for lane in self._lanes:
-                tg.create_task(self._pump(session, lane), name=f"pump[{self.name}:{lane.name}]")
-            tg.create_task(self._command_loop(session), name=f"commands[{self.name}]")
-            tg.create_task(self._reply_loop(session), name=f"replies[{self.name}]")
+                tg.create_task(self._pump_lane(session, lane), name=f"pump[{self.name}:{lane.name}]")
+            tg.create_task(self._command_stream(session), name=f"commands[{self.name}]")
+            tg.create_task(self._result_flush(session), name=f"replies[{self.name}]")
 
     @staticmethod
     async def _end_when_done(coro: Any) -> None:
@@ -332,17 +334,17 @@ class DeliveryUplink(Uplink):
 
     # -- delivery ---------------------------------------------------------------------------
 
-    async def _pump(self, session: Session, lane: _Lane) -> None:
+    async def _pump_lane(self, session: Session, lane: _Lane) -> None:
         outbox = self.ctx.outbox
         retry = Backoff(self.backoff_base_s, self.backoff_cap_s,
                         floor_s=min(0.05, self.backoff_base_s))
         try:
             while True:
                 try:
-                    await self._pump_once(session, lane, retry)
+                    await self._pump_lane_once(session, lane, retry)
                 except _Retry as exc:
                     # Go back to the first unconfirmed item, once the window is cleared.
-                    await self._drain(lane)
+                    await self._drain_lane(lane)
                     outbox.rewind()
                     delay = retry.next_delay()
                     self.count_error("retry")
@@ -350,20 +352,22 @@ class DeliveryUplink(Uplink):
                         "uplink_batch_retry", reason=str(exc), retry_in_s=round(delay, 2))
                     await asyncio.sleep(delay)
         finally:
-            await self._drain(lane)
+            await self._drain_lane(lane)
 
-    async def _pump_once(self, session: Session, lane: _Lane, retry: Backoff) -> None:
+    async def _pump_lane_once(self, session: Session, lane: _Lane, retry: Backoff) -> None:
         outbox = self.ctx.outbox
         while True:
             if lane.inflight:
-                if len(lane.inflight) >= self.window or lane.inflight[0][1] is None or \
-                        lane.inflight[0][1].done():
-                    await self._settle(lane, retry)
+                head = lane.inflight[0][1]
+                if len(lane.inflight) >= self.window or head is None or head.done() or \
+                        outbox.pending() - (lane.leased_upto - lane.acked_upto) < self.batch:
+                    # A full window, a confirmed head, or less than a full lease waiting: settle
+                    # first (under a trickle this gathers data into fewer, fuller messages).
+                    await self._settle_lane(lane, retry)
                     continue
-                # Room in the window: take what is committed now, else wait for the oldest.
                 lease = await outbox.lease(self.batch, self.max_bytes, 0.0, 0.0)
                 if not lease.items:
-                    await self._settle(lane, retry)
+                    await self._settle_lane(lane, retry)
                     continue
             else:
                 # Lease as soon as a commit lands; linger only while the load fills leases.
@@ -371,19 +375,21 @@ class DeliveryUplink(Uplink):
                                            self.linger_s if lane.last_full else 0.0)
                 if not lease.items:
                     continue
+                lane.acked_upto = lease.items[0].seq - 1
+            lane.leased_upto = lease.last_seq
             lane.last_full = len(lease.items) >= self.batch
             packets = session.pack(lease.items)
             for i, packet in enumerate(packets):
                 upto = lease.last_seq if i == len(packets) - 1 else packet.items[-1].seq
                 while len(lane.inflight) >= self.window:
-                    await self._settle(lane, retry)
+                    await self._settle_lane(lane, retry)
                 task = asyncio.get_running_loop().create_task(
-                    self._deliver(session, packet), name=f"send[{self.name}:{lane.name}]")
+                    self._deliver_packet(session, packet), name=f"send[{self.name}:{lane.name}]")
                 lane.inflight.append((upto, task))
             if not packets:  # nothing to send (all skipped): ack in turn
                 lane.inflight.append((lease.last_seq, None))
 
-    async def _settle(self, lane: _Lane, retry: Backoff) -> None:
+    async def _settle_lane(self, lane: _Lane, retry: Backoff) -> None:
         """Wait for the oldest packet in flight; ack up to the last confirmed one, in order."""
         upto: int | None = None
         try:
@@ -396,39 +402,39 @@ class DeliveryUplink(Uplink):
                         await asyncio.wait({task})
                     task.result()  # the send's error ends the session; _Retry goes back
                 lane.inflight.popleft()
-                upto = seq
+                upto = lane.acked_upto = seq
         finally:
             if upto is not None:
                 await self.ctx.outbox.ack(upto)
                 retry.reset()
 
     @staticmethod
-    async def _drain(lane: _Lane) -> None:
+    async def _drain_lane(lane: _Lane) -> None:
         tasks = [t for _, t in lane.inflight if t is not None]
         lane.inflight.clear()
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _deliver(self, session: Session, packet: Packet) -> int:
+    async def _deliver_packet(self, session: Session, packet: Packet) -> int:
         """Send one packet until every item is accepted or quarantined; returns the count sent."""
         started = time.perf_counter()
         verdicts = await session.send(packet)
         items = packet.items
         if isinstance(verdicts, Verdict):
             if verdicts.accepted:
-                return self._sent(packet, len(items), started)
+                return self._count_sent(packet, len(items), started)
             if verdicts.kind == "retry":
                 raise _Retry(verdicts.detail or verdicts.reason or "the cloud asked to retry")
             if len(items) == 1:
-                self._quarantine(items[0], verdicts)
+                self.quarantine(items[0], verdicts)
                 return 0
             # One refusal for several items: bisect to isolate the poison.
             mid = len(items) // 2
             n = 0
             for half in (items[:mid], items[mid:]):
                 for sub in session.pack(half):
-                    n += await self._deliver(session, sub)
+                    n += await self._deliver_packet(session, sub)
             return n
         if len(verdicts) != len(items):
             raise _Retry(f"{len(verdicts)} verdicts for {len(items)} items")
@@ -441,10 +447,10 @@ class DeliveryUplink(Uplink):
             if v.accepted:
                 ok += 1
             else:
-                self._quarantine(it, v)
-        return self._sent(packet, ok, started)
+                self.quarantine(it, v)
+        return self._count_sent(packet, ok, started)
 
-    def _sent(self, packet: Packet, count: int, started: float) -> int:
+    def _count_sent(self, packet: Packet, count: int, started: float) -> int:
         self.messages += 1
         self.sent += count
         if self.ctx.metrics is not None and count:
@@ -455,14 +461,15 @@ class DeliveryUplink(Uplink):
             cb(ev)
         return count
 
-    def _quarantine(self, item: Item, v: Verdict) -> None:
+    def quarantine(self, item: Item, v: Verdict) -> None:
+        """Drop `item` for good (counted by reason; the outbox logs once per cause)."""
         reason = v.reason or "rejected"
         self.quarantined[reason] = self.quarantined.get(reason, 0) + 1
         self.ctx.outbox.quarantine(item, reason, v.detail)  # counts and logs (rate-limited)
 
     # -- commands ---------------------------------------------------------------------------
 
-    async def _command_loop(self, session: Session) -> None:
+    async def _command_stream(self, session: Session) -> None:
         async for cmd, reply_to in session.commands():
             if isinstance(cmd, Malformed):
                 self._metric_commands("malformed")
@@ -473,7 +480,7 @@ class DeliveryUplink(Uplink):
                 continue
             self.ctx.submit_command(dataclasses.replace(cmd, reply_to=reply_to))
 
-    async def _reply_loop(self, session: Session) -> None:
+    async def _result_flush(self, session: Session) -> None:
         while True:
             while self._results:
                 reply_to, result = self._results[0]
@@ -518,7 +525,8 @@ class DeliveryUplink(Uplink):
                 await self._state_changed.wait()
 
     def status(self) -> dict[str, Any]:
-        return {**super().status(), "quarantined": dict(self.quarantined),
+        return {**super().status(), "quarantined": sum(self.quarantined.values()),
+                "quarantined_by_reason": dict(self.quarantined),
                 "results_buffered": len(self._results), "results_dropped": self.results_dropped}
 
 

@@ -32,8 +32,9 @@ def words(fmt: str, value: object, byte_order: str = "big", word_order: str = "b
 
 
 def cfg(sim: ModbusSlaveSim, points: dict[str, ModbusPoint], unit: int = 1, **kw: object) -> ModbusConfig:
+    kw.setdefault("request_timeout", 0.3)
     return ModbusConfig(port=sim.path, baudrate=19200, unit=unit, points=points,
-                        request_timeout=0.3, **kw)  # type: ignore[arg-type]
+                        **kw)  # type: ignore[arg-type]
 
 
 CASES = [
@@ -201,3 +202,68 @@ def test_point_validation() -> None:
         ModbusConfig(port="/dev/x", unit=0, points={"a": ModbusPoint(address=0)})
     with pytest.raises(ValueError, match="at least one register"):
         ModbusConfig(port="/dev/x", unit=1)
+
+
+async def test_silence_waits_only_what_is_left(modbus_sim: ModbusSlaveSim, buses: BusManager) -> None:
+    """t3.5 is measured from the last byte seen: a port quiet for longer is used at once, and a
+    request right after an answer waits the rest of the silence, never a fixed gap on top."""
+    import time
+
+    modbus_sim.set_values(1, "holding", 0, [7])
+    drv = ModbusDriver("m", cfg(modbus_sim, {"v": ModbusPoint(address=0)}), buses)
+    line = drv._line()
+    port = line.port
+    silence = line.silence_s()
+    assert silence == pytest.approx(3.5 * 10 / 19200)  # 19200 baud, 8N1: 10 bits a character
+    waits: list[float] = []
+    real = port.sleep_until
+
+    async def spy(when: float) -> None:
+        waits.append(when - time.monotonic())
+        await real(when)
+
+    port.sleep_until = spy  # type: ignore[method-assign]
+    assert (await drv.read())[0].value == 7  # first request: the line was never busy
+    assert waits == []
+    seen = port.last_rx
+    assert seen > 0
+    await drv.read()  # right after the answer: waits the remainder, at most the whole silence
+    assert len(waits) == 1 and 0 < waits[0] <= silence
+    gap = port.last_rx - seen  # answer to answer: at least the silence plus a round trip
+    assert gap >= silence
+    port._protocol.rx_at = time.monotonic() - 1.0  # type: ignore[union-attr]  # quiet for a second
+    await drv.read()
+    assert len(waits) == 1  # nothing left to wait
+
+
+async def test_silent_unit_times_out_and_the_line_serves_the_next(
+        modbus_sim: ModbusSlaveSim, buses: BusManager) -> None:
+    """A unit that never answers costs its timeouts (retried, counted) and nothing more: the
+    line answers another unit straight after."""
+    modbus_sim.set_values(2, "holding", 0, [22])
+    gone = ModbusDriver("gone", cfg(modbus_sim, {"v": ModbusPoint(address=0)}, unit=1,
+                                    request_timeout=0.1, retries=2), buses)
+    there = ModbusDriver("there", cfg(modbus_sim, {"v": ModbusPoint(address=0)}, unit=2), buses)
+    modbus_sim.fault = "silence"
+    with pytest.raises(ReadTimeoutError, match=r"no response from unit 1 within 0\.1s"):
+        await gone.read()
+    assert gone.stats() == {"requests": 3, "responses": 0, "exceptions": 0, "crc_errors": 0,
+                            "timeouts": 3}
+    modbus_sim.fault = None
+    assert [r.value for r in await there.read()] == [22]
+
+
+def test_frame_end_from_length() -> None:
+    """The answer's end comes from its function code and byte count; garbage before it goes."""
+    from drivers.modbus import _frame_end
+
+    ready = _frame_end(3, 3)
+    buf = bytearray(b"\x00\xff\x03")  # noise, then unit 3
+    assert ready(buf) == 0 and buf == bytearray(b"\x03")
+    buf += b"\x03\x04\x00\x01\x00\x02"  # fc 3, 4 data bytes: 9 bytes with the CRC
+    assert ready(buf) == 0
+    buf += b"\xaa\xbb\xcc"  # CRC (wrong, checked later) and the start of something else
+    assert ready(buf) == 9
+    assert _frame_end(3, 3)(bytearray(b"\x03\x83\x02\x00\x00")) == 5  # exception: 5 bytes
+    assert _frame_end(3, 6)(bytearray(b"\x03\x06\x00\x01\x00\x02\x00")) == 0  # write echo: 8
+    assert _frame_end(3, 6)(bytearray(b"\x03\x06\x00\x01\x00\x02\x00\x00")) == 8

@@ -118,14 +118,16 @@ class _FeedPort:
     """Stands in for the serial port under `ModbusLine._receive`: serves a fixed byte string."""
 
     def __init__(self, data: bytes) -> None:
-        self.data = data
+        self.data = bytearray(data)
 
-    async def read_exactly(self, n: int, timeout_s: float, device: str) -> bytes:
+    async def read_frame(self, ready, timeout_s: float, device: str, what: str = "") -> bytes:  # type: ignore[no-untyped-def]
         from drivers.base import ReadTimeoutError
 
-        if len(self.data) < n:
+        n = ready(self.data)  # may drop leading garbage, as the real port's predicate does
+        if not n:
             raise ReadTimeoutError(device, "no more bytes")
-        out, self.data = self.data[:n], self.data[n:]
+        out = bytes(self.data[:n])
+        del self.data[:n]
         return out
 
 

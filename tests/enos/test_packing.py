@@ -102,3 +102,16 @@ async def test_512k_packing_end_to_end(rig: Rig, sim: EnosSimulator) -> None:
     batches = [r for r in sim.hub.requests if r.method == "thing.measurepoint.post.batch"]
     assert len(batches) >= 4 and all(r.code == 200 for r in batches)
     assert uplink.status()["quarantined"] == 0
+
+
+def test_messages_come_out_in_queue_order_across_lanes() -> None:
+    """The last, partly filled resume message goes before the live ones (it used to go last,
+    and with 8 in flight backlog landed after newer live readings of the same series)."""
+    backlog = _items(300, value="x" * 40, backlog=True)
+    live = [Item(it.seq + 300, Reading("m1", "temp", "y" * 40, it.reading.ts_ms + 10_000), False)
+            for it in _items(300)]
+    msgs, _ = _pack(backlog + live, 8 * 1024)
+    seqs = [it.seq for m in msgs for it in m.items]
+    assert seqs == sorted(seqs) == list(range(1, 601))
+    kinds = [m.resume for m in msgs]
+    assert kinds == sorted(kinds, reverse=True) and kinds[0] and not kinds[-1]

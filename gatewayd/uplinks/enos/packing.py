@@ -132,21 +132,24 @@ def pack(entries: Sequence[tuple[bool, Entry]], max_bytes: int,
          reject: Callable[[Item, str, str], None]) -> list[Message]:
     """Messages of at most `max_bytes` (and never above 512 KiB), backlog apart from live.
 
+    Messages come out in the entries' order: a message ends when it is full or when the lane
+    changes (backlog to live), so sending them in turn keeps every series in order.
     An entry too large on its own is split by point; a single point too large is rejected.
     """
     limit = min(max_bytes, MAX_PAYLOAD_BYTES)
     out: list[Message] = []
-    current: dict[bool, Message] = {}
+    msg: Message | None = None
     for backlog, entry in entries:
         for e in _fit(entry, limit, reject):
-            msg = current.get(backlog)
-            if msg is not None and msg.size + len(e.encoded) + 1 > limit:
+            if msg is not None and (msg.resume != backlog or
+                                    msg.size + len(e.encoded) + 1 > limit):
                 out.append(msg)
                 msg = None
             if msg is None:
-                msg = current[backlog] = Message(backlog, [])
+                msg = Message(backlog, [])
             msg.add(e)
-    out.extend(m for m in current.values() if m.entries)
+    if msg is not None and msg.entries:
+        out.append(msg)
     return out
 
 

@@ -122,6 +122,9 @@ def parse_envelope(payload: bytes) -> dict[str, Any]:
         obj = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise EnvelopeError(PAYLOAD_FORMAT_ERROR, f"payload format error: {exc}") from None
+    except RecursionError:  # deeply nested JSON: an error reply, never a traceback
+        raise EnvelopeError(PAYLOAD_FORMAT_ERROR, "payload format error: nested too deeply") \
+            from None
     if not isinstance(obj, dict):
         raise EnvelopeError(PAYLOAD_FORMAT_ERROR, "payload format error: not a JSON object")
     return obj

@@ -2,7 +2,8 @@
 
 Requests go out on topic `T` with a fresh string id and are matched to replies on `T_reply`
 by (reply topic, id). Ids count from 1 per connection, so they are never reused while in
-flight. Everything that is not a reply is handed to `on_command`.
+flight. Everything that is not a reply goes to `inbox`, as (topic, payload), for the uplink
+to read: the connection never calls back into the uplink.
 """
 
 from __future__ import annotations
@@ -16,19 +17,23 @@ import aiomqtt
 import structlog
 
 from gatewayd.errors import UplinkUnavailableError
+from gatewayd.uplinks import mqtt_wire
 from gatewayd.uplinks.enos import protocol as P
 
 log = structlog.get_logger("gatewayd.uplink.enos")
+
+_INBOX_MAX = 1000  # hub pushes not yet read; beyond this they are dropped (and counted)
 
 
 class Session:
     """Correlates requests and replies on one connected `aiomqtt.Client`."""
 
     def __init__(self, client: aiomqtt.Client, request_timeout_s: float,
-                 on_command: Callable[[str, bytes], None]) -> None:
+                 drops: mqtt_wire.DropCounter) -> None:
         self.client = client
         self.request_timeout_s = request_timeout_s
-        self._on_command = on_command
+        self.inbox: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(_INBOX_MAX)
+        self._drops = drops
         self._ids = itertools.count(1)
         self._waiting: dict[tuple[str, str], asyncio.Future[dict[str, Any]]] = {}
         self.closed = False
@@ -47,9 +52,9 @@ class Session:
                     self._on_reply(topic, payload)
                     continue
                 try:
-                    self._on_command(topic, payload)
-                except Exception:  # a cloud message must never take the connection down
-                    log.exception("enos_command_handler_failed", topic=topic)
+                    self.inbox.put_nowait((topic, payload))
+                except asyncio.QueueFull:
+                    self._drops.drop("inbox_full", topic=topic)
         except aiomqtt.MqttError as exc:
             raise UplinkUnavailableError(f"connection lost: {exc}") from exc
         finally:
@@ -63,7 +68,7 @@ class Session:
         try:
             env = P.parse_envelope(payload)
         except P.EnvelopeError as exc:
-            log.warning("reply_malformed", topic=topic, error=str(exc))
+            self._drops.drop("malformed_reply", topic=topic, error=str(exc)[:200])
             return
         fut = self._waiting.get((topic, P.envelope_id(env)))
         if fut is None or fut.done():
@@ -71,15 +76,9 @@ class Session:
             return
         fut.set_result(env)
 
-    async def subscribe(self, topics: list[str]) -> None:
-        """Subscribe to reply topics (QoS 1) and wait for the SUBACK."""
-        cancels = _cancels()
-        try:
-            async with asyncio.timeout(self.request_timeout_s):
-                await self.client.subscribe([(t, 1) for t in topics])
-        except aiomqtt.MqttError as exc:
-            raise UplinkUnavailableError(f"subscribe failed: {exc}") from exc
-        _resume_cancellation(cancels)
+    async def subscribe(self, topics: list[str]) -> list[str]:
+        """Subscribe (QoS 1) and wait for the SUBACK; returns the topics the hub refused."""
+        return await mqtt_wire.subscribe(self.client, topics, 1, self.request_timeout_s)
 
     async def request(self, topic: str, method: str, params: Any, **top_level: Any) -> dict[str, Any]:
         """Send a request and return its reply envelope. Raises TimeoutError if none came."""
@@ -103,26 +102,4 @@ class Session:
     async def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
         if self.closed:
             raise UplinkUnavailableError("connection lost")
-        cancels = _cancels()
-        try:
-            await self.client.publish(topic, payload, qos=qos, timeout=self.request_timeout_s)
-        except aiomqtt.MqttError as exc:
-            raise UplinkUnavailableError(f"publish failed: {exc}") from exc
-        _resume_cancellation(cancels)
-
-
-def _cancels() -> int:
-    task = asyncio.current_task()
-    return task.cancelling() if task is not None else 0
-
-
-def _resume_cancellation(before: int) -> None:
-    """Re-raise a cancellation that aiomqtt's `asyncio.wait_for` swallowed.
-
-    On Python 3.11, `wait_for` returns the result instead of raising CancelledError when the
-    awaited PUBACK/SUBACK lands in the same loop turn as the cancel (CPython gh-86296); the
-    task would then run on with its cancel request lost and never stop. A cancel request
-    that arrived during the call and is still pending shows as a higher `cancelling()`.
-    """
-    if _cancels() > before:
-        raise asyncio.CancelledError
+        await mqtt_wire.publish(self.client, topic, payload, qos, self.request_timeout_s)

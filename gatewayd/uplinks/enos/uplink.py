@@ -1,9 +1,11 @@
-"""The EnOS uplink: a gateway device on the EnOS hub over MQTT 3.1.1.
+"""The EnOS uplink: a gateway device on the EnOS hub over MQTT 3.1.1, on the delivery engine.
 
-Per connection: connect with the EnOS sign (or activate dynamically first), subscribe every
-reply topic before the first request, reconcile the sub-device topology, log the sub-devices in
-by batches, then pump the outbox (live data through `post.batch`, backlog through
-`resume.batch`) while commands flow to the dispatcher. See `shared/protocols/enos.md`.
+`connect()`: connect with the EnOS sign (or activate dynamically first, then reconnect),
+subscribe every reply topic before the first request, reconcile the sub-device topology and
+log the sub-devices in by batches. The session (`_Link`) then packs leases into
+`post.batch` (live) and `resume.batch` (backlog) messages, in queue order, which the engine
+sends with up to `max_inflight` in flight on the one connection (so the hub sees them in
+order), and turns the hub's pushes into commands. See `shared/protocols/enos.md`.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ import contextlib
 import os
 import socket
 import ssl
-from collections import OrderedDict
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,20 @@ from typing import Any
 import aiomqtt
 
 from drivers.base import Command, CommandResult, Quality, now_ms
-from gatewayd.backoff import Backoff, Throttle
-from gatewayd.errors import UplinkAuthError, UplinkError, UplinkUnavailableError
-from gatewayd.uplinks.base import Item, Lease, Uplink, UplinkContext, UplinkState
+from gatewayd.backoff import Backoff
+from gatewayd.errors import UplinkError, UplinkUnavailableError, UplinkUnreachableError
+from gatewayd.uplinks import mqtt_wire
+from gatewayd.uplinks.base import Item, UplinkContext, UplinkState
+from gatewayd.uplinks.engine import (
+    ACCEPTED,
+    RETRY,
+    DeliveryUplink,
+    Malformed,
+    Packet,
+    Verdict,
+    rejected,
+)
+from gatewayd.uplinks.engine import Session as EngineSession
 from gatewayd.uplinks.enos import protocol as P
 from gatewayd.uplinks.enos.config import EnosConfig
 from gatewayd.uplinks.enos.packing import Message, Target, build_entries, pack
@@ -33,13 +46,10 @@ from gatewayd.uplinks.enos.sign import device_sign, mqtt_credentials
 
 Key = tuple[str, str]
 
-# CONNACK refusals that mean "your credentials": MQTT 3.1.1 codes 4/5 (paho may report them as
-# the MQTT 5 reason codes 134/135).
-_AUTH_REFUSALS = frozenset({4, 5, 134, 135})
-_HUB_THROTTLE = (4, 120.0)  # the hub blocks a device for 5 min after more tries than this
+_HUB_THROTTLE = (4, 120.0)  # the hub blocks a device for 5 min after more logins than this
 _ACTIVATION_WAIT_S = 30.0
 _MAX_RESENDS = 2  # a batch whose reply times out is resent this often before reconnecting
-_REMEMBERED_COMMANDS = 1000
+_FAULT_EVENTS_MAX = 1000  # fault events kept while they cannot be posted
 
 
 @dataclass(eq=False)
@@ -57,15 +67,17 @@ class SubDevice:
         self.state, self.code, self.error = "failed", code, error
 
 
-class EnosUplink(Uplink):
+class EnosUplink(DeliveryUplink):
     """Delivers readings to EnOS and takes commands from it. See the module docstring."""
 
     Config = EnosConfig
+    throttle = _HUB_THROTTLE
 
     def __init__(self, name: str, config: EnosConfig, ctx: UplinkContext) -> None:
-        self._state_changed = asyncio.Event()
         super().__init__(name, config, ctx)
         self.config: EnosConfig = config
+        self.batch, self.window = config.batch_max_points, config.max_inflight
+        self.backoff_base_s, self.backoff_cap_s = config.backoff_base, config.backoff_cap
         self.gateway: Key = (config.product_key, config.device_key)
         self.subs: dict[str, SubDevice] = {}
         self._targets: dict[tuple[str, str], Target] = {}
@@ -75,19 +87,16 @@ class EnosUplink(Uplink):
                 self.subs[local] = SubDevice(local, (m.product_key, m.device_key),
                                              m.device_secret.reveal())
         self._by_key = {s.key: s for s in self.subs.values()}
-        self._session: Session | None = None
-        self._commands: OrderedDict[str, str] = OrderedDict()  # command id -> its topic
         self._last_values: dict[Key, dict[str, Any]] = {}  # for measurepoint.get
         self._faulty: set[str] = set()  # local devices whose last reading was BAD
-        # Driver failures reported by the samplers, waiting to be posted (kept while offline).
-        self._fault_events: dict[str, tuple[bool, str, int]] = {}
+        # Fault events waiting to be posted, in order (kept while offline).
+        self._fault_events: deque[tuple[str, dict[str, Any], int]] = deque()
         self._fault_wanted = asyncio.Event()
         self._login_wanted = asyncio.Event()
-        self._activation: asyncio.Future[tuple[str, str]] | None = None
-        self._reply_tasks: set[asyncio.Task[None]] = set()
+        self.drops = mqtt_wire.DropCounter(name)
+        self.subscriptions_refused: list[str] = []
         self.points_post = 0
         self.points_resume = 0
-        self.quarantined = 0
         self.skipped = 0  # readings of devices not mapped to EnOS (unmapped = "skip")
         self._skipped_devices: set[str] = set()
 
@@ -137,15 +146,7 @@ class EnosUplink(Uplink):
 
     # -- connection ------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        cfg = self.config
-        backoff = Backoff(cfg.backoff_base, cfg.backoff_cap, floor_s=min(0.1, cfg.backoff_base))
-        try:
-            await self.connection_loop(self._connected_session, backoff, Throttle(*_HUB_THROTTLE))
-        finally:
-            self.set_state(UplinkState.STOPPED)
-
-    async def _connected_session(self) -> None:
+    async def connect(self) -> _Link:
         cfg = self.config
         mode, secret = self._credentials()
         cid, user, password = mqtt_credentials(cfg.product_key, cfg.device_key, secret, mode,
@@ -153,7 +154,7 @@ class EnosUplink(Uplink):
         try:
             tls = self._tls_context()
         except (OSError, ssl.SSLError) as exc:
-            raise UplinkUnavailableError(f"TLS setup failed: {exc}") from exc
+            raise UplinkUnreachableError(f"TLS setup failed: {exc}") from exc
         client = aiomqtt.Client(cfg.host, cfg.port, username=user, password=password,
                                 identifier=cid, protocol=aiomqtt.ProtocolVersion.V311,
                                 keepalive=cfg.keepalive, clean_session=True,
@@ -162,69 +163,65 @@ class EnosUplink(Uplink):
                                 # Replies are small writes right after a PUBACK: without
                                 # NODELAY, Nagle + delayed ACK add ~40 ms to each command.
                                 socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        mqtt_wire.guard_wildcard_topics(client, self.drops)
         self.set_state(UplinkState.AUTHENTICATING)
         try:
-            async with asyncio.timeout(cfg.connect_timeout):
-                await client.__aenter__()
-        except aiomqtt.MqttCodeError as exc:
-            rc = getattr(exc.rc, "value", exc.rc)
-            if rc in _AUTH_REFUSALS:
-                raise UplinkAuthError(f"hub refused the login (CONNACK {rc}): check product "
-                                      "key, device key and secret") from exc
-            raise UplinkUnavailableError(f"connect failed: {exc}") from exc
-        except aiomqtt.MqttError as exc:
-            raise UplinkUnavailableError(f"connect failed: {exc}") from exc
-        except TimeoutError:
-            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):  # drop the half-open client
-                async with asyncio.timeout(2):
-                    await client.__aexit__(None, None, None)
-            raise UplinkUnavailableError(f"no CONNACK within {cfg.connect_timeout:g} s") from None
-        session = self._session = Session(client, cfg.request_timeout, self._on_command)
+            await mqtt_wire.connect(client, cfg.connect_timeout)
+        except UplinkError as exc:
+            if isinstance(exc.__cause__, aiomqtt.MqttCodeError) and \
+                    isinstance(exc, mqtt_wire.UplinkAuthError):
+                raise mqtt_wire.UplinkAuthError(
+                    f"hub refused the login ({exc}): check product key, device key and "
+                    "secret") from exc
+            raise
+        wire = Session(client, cfg.request_timeout, self.drops)
+        reader = asyncio.get_running_loop().create_task(wire.read_loop(),
+                                                        name=f"enos-read[{self.name}]")
         self.log.info("enos_connected", host=cfg.host, port=cfg.port, secure_mode=mode,
                       tls=cfg.tls)
         try:
-            await self._run_session(session, mode)
-        except* UplinkAuthError as eg:
-            raise _first(eg) from None
-        except* (UplinkError, OSError, TimeoutError) as eg:
-            first = _first(eg)
-            if isinstance(first, UplinkError):
-                raise first from None
-            raise UplinkUnavailableError(f"{type(first).__name__}: {first}") from first
-        finally:
-            self._session = None
-            for sub in self.subs.values():
-                if sub.state == "logged_in":
-                    sub.state = "in_topology"  # the hub logs them off with the connection
-            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-                async with asyncio.timeout(2):
-                    await client.__aexit__(None, None, None)
+            await self._handshake(wire, mode, reader)
+        except BaseException:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            self._logged_off()
+            await mqtt_wire.close(client)
+            raise
+        return _Link(self, wire, client, reader)
 
-    async def _run_session(self, session: Session, mode: int) -> None:
-        # Reader and work both run as children: when one fails the group cancels the other.
-        # (The parent only waits; on 3.11 a stale cancel count on the parent task would stop
-        # the group from cancelling a body that ran in the parent itself.)
-        async with asyncio.TaskGroup() as tg:
-            reader = tg.create_task(session.read_loop(), name=f"enos-read[{self.name}]")
-            tg.create_task(self._work(session, mode, tg, reader), name=f"enos-work[{self.name}]")
+    async def _handshake(self, wire: Session, mode: int, reader: asyncio.Task[None]) -> None:
+        """Activation, reply subscriptions, topology and logins, racing the reader."""
+        async def steps() -> None:
+            if mode == 3:
+                await self._activate(wire)
+                raise UplinkUnavailableError("activated: reconnecting with the device secret")
+            # Reply subscriptions first: the hub only answers topics we subscribed (§6.2).
+            self.subscriptions_refused = []
+            self._note_refused(await wire.subscribe(self._reply_topics()))
+            if self.subs:
+                await self._reconcile(wire)
+                await self._login(wire, [s for s in self.subs.values()
+                                         if s.state == "in_topology"])
+        work = asyncio.ensure_future(steps())
+        done, _ = await asyncio.wait({work, reader}, return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            reader.result()  # raises why the connection ended
+            raise UplinkUnavailableError("connection closed during login")
+        work.result()
 
-    async def _work(self, session: Session, mode: int, tg: asyncio.TaskGroup,
-                    reader: asyncio.Task[None]) -> None:
-        if mode == 3:
-            await self._activate(session)
-            reader.cancel()  # the session ends; the next one connects with the new secret
-            return
-        # Reply subscriptions first: the hub only answers topics we subscribed (§6.2).
-        await session.subscribe(self._reply_topics())
-        if self.subs:
-            await self._reconcile(session)
-            await self._login(session, [s for s in self.subs.values()
-                                        if s.state == "in_topology"])
-        self.set_state(UplinkState.CONNECTED)
-        tg.create_task(self._login_retry_loop(session), name=f"enos-relogin[{self.name}]")
-        if self.config.post_device_faults:
-            tg.create_task(self._fault_loop(session), name=f"enos-faults[{self.name}]")
-        await self.pump(self._send_lease, self.config.batch_max_points)
+    def _note_refused(self, topics: list[str]) -> None:
+        """A SUBACK refusal (0x80): shown in /status and logged, since replies will not come."""
+        if topics:
+            self.subscriptions_refused += topics
+            self.count_error("subscribe_refused")
+            self.log.error("enos_subscription_refused", topics=topics[:10], count=len(topics))
+
+    def _logged_off(self) -> None:
+        for sub in self.subs.values():
+            if sub.state == "logged_in":
+                sub.state = "in_topology"  # the hub logs them off with the connection
 
     def _reply_topics(self) -> list[str]:
         pk, dk = self.gateway
@@ -236,25 +233,34 @@ class EnosUplink(Uplink):
         if self.subs:
             topics += [P.session_topic(pk, dk, p) + P.REPLY_SUFFIX
                        for p in ("combine/login/batch", "combine/logout")]
-        if self.config.post_device_faults:
-            topics += [P.sys_topic(*s.key, "thing/event/+/post") + P.REPLY_SUFFIX
-                       for s in self.subs.values()]
         return topics
 
-    async def _activate(self, session: Session) -> None:
+    async def _activate(self, wire: Session) -> None:
         """Secure mode 3: wait for `thing/activate/info`, keep the secret, reconnect with it."""
-        self._activation = asyncio.get_running_loop().create_future()
+        path = P.session_topic(*self.gateway, "thing/activate/info")
         try:
             async with asyncio.timeout(_ACTIVATION_WAIT_S):
-                msg_id, secret = await self._activation
+                while True:
+                    topic, payload = await wire.inbox.get()
+                    if topic != path:
+                        continue
+                    try:
+                        env = P.parse_envelope(payload)
+                    except P.EnvelopeError:
+                        self.log.warning("enos_activation_unexpected")
+                        continue
+                    params = env.get("params")
+                    secret = params.get("deviceSecret") if isinstance(params, dict) else None
+                    if isinstance(secret, str) and secret:
+                        msg_id = P.envelope_id(env)
+                        break
+                    self.log.warning("enos_activation_unexpected")
         except TimeoutError:
             raise UplinkUnavailableError("no activation info from the hub (is dynamic "
                                          "activation enabled and the device inactive?)") from None
-        finally:
-            self._activation = None
         self._store_secret(secret)
-        topic = P.session_topic(*self.gateway, "thing/activate/info") + P.REPLY_SUFFIX
-        await session.publish(topic, P.reply(msg_id, P.OK, None, "device activate success"))
+        await wire.publish(path + P.REPLY_SUFFIX,
+                           P.reply(msg_id, P.OK, None, "device activate success"))
         self.log.info("enos_activated", secret_file=str(self.secret_path))
 
     # -- topology and login ----------------------------------------------------------------
@@ -341,6 +347,13 @@ class EnosUplink(Uplink):
             failed = [s.name for s in chunk if s.state == "failed"]
             self.log.info("enos_sub_devices_login", logged_in=len(chunk) - len(failed),
                           failed=failed, code=code)
+            # The hub may drop a sub-device's subscriptions when its session ends (protocol
+            # notes §7.10): subscribe its reply topics after each login.
+            logged_now = [s for s in chunk if s.state == "logged_in"]
+            if logged_now and self.config.post_device_faults:
+                self._note_refused(await session.subscribe(
+                    [P.sys_topic(*s.key, "thing/event/+/post") + P.REPLY_SUFFIX
+                     for s in logged_now]))
 
     async def _login_retry_loop(self, session: Session) -> None:
         """Retry failed sub-devices with backoff, and log in re-enabled ones at once."""
@@ -364,11 +377,11 @@ class EnosUplink(Uplink):
             if all(s.state == "logged_in" for s in retry):
                 backoff.reset()
 
+
     # -- data ------------------------------------------------------------------------------
 
     def _reject(self, item: Item, reason: str, detail: str) -> None:
-        self.quarantined += 1
-        self.ctx.outbox.quarantine(item, reason, detail)
+        self.quarantine(item, rejected(reason, detail))
 
     def _target(self, item: Item) -> Target | None:
         r = item.reading
@@ -402,139 +415,124 @@ class EnosUplink(Uplink):
             return None
         return target
 
-    async def _send_lease(self, lease: Lease) -> None:
-        """Deliver a lease; returns once every reading was accepted or quarantined."""
+
+    def _pack(self, items: list[Item]) -> list[Packet]:
+        """Messages in queue order: a new one whenever the lane (post/resume) changes."""
         if self.config.post_device_faults:
-            await self._post_faults(lease.items)
-        entries = build_entries(lease.items, self._target, self._reject)
-        messages = pack(entries, self.config.max_message_bytes, self._reject)
-        for msg in messages:
+            self._note_quality_faults(items)
+        entries = build_entries(items, self._target, self._reject)
+        out = []
+        for msg in pack(entries, self.config.max_message_bytes, self._reject):
             msg.allow_offline = any(
                 e.key is not None and self._by_key[e.key].state != "logged_in"
                 for e in msg.entries)
-        limit = asyncio.Semaphore(self.config.max_inflight)
+            out.append(Packet(msg.items, msg))
+        return out
 
-        async def one(msg: Message) -> None:
-            async with limit:
-                await self._deliver(msg)
-
-        async with asyncio.TaskGroup() as tg:
-            for i, msg in enumerate(messages):
-                tg.create_task(one(msg), name=f"enos-batch[{self.name}:{i}]")
-        for msg in messages:
-            for e in msg.entries:
-                if e.key is not None:
-                    self._last_values.setdefault(e.key, {}).update(e.points)
-
-    async def _deliver(self, msg: Message, relogged: bool = False) -> None:
-        session = self._session
-        if session is None:
-            raise UplinkUnavailableError("not connected")
+    async def _deliver(self, wire: Session, msg: Message) -> Verdict:
+        """Send one message; the hub's code becomes the verdict."""
         kind = "resume" if msg.resume else "post"
         topic = P.sys_topic(*self.gateway, f"thing/measurepoint/{kind}/batch")
-        prefix = (f'","version":"1.0","method":"thing.measurepoint.{kind}.batch",'
-                  f'"allowOfflineSubDevice":{"true" if msg.allow_offline else "false"},'
-                  f'"skipInvalidMeasurepoints":false,"params":').encode()
-        body = msg.params_json() + b"}"
-        for attempt in range(_MAX_RESENDS + 1):
-            try:
-                env = await session.request_raw(
-                    topic, lambda msg_id: b'{"id":"' + msg_id.encode() + prefix + body)
-                break
-            except TimeoutError:
-                self.log.warning("enos_batch_timeout", kind=kind, attempt=attempt + 1,
-                                 count=len(msg.items))
-        else:
-            raise UplinkUnavailableError(f"no reply to {kind}.batch after {_MAX_RESENDS + 1} "
-                                         "tries")
-        self.messages += 1
-        code = P.reply_code(env)
-        if code == P.OK:
-            n = sum(len(e.points) for e in msg.entries)
-            if msg.resume:
-                self.points_resume += n
-            else:
-                self.points_post += n
-            return
-        message = str(env.get("message") or "")
-        if code in (P.SUB_DEVICE_NO_PERMISSION, P.NO_PERMISSION) and not relogged:
-            # Our view of who is logged in is stale: log in again, then resend once.
-            await self._relogin_for(session, msg)
-            await self._deliver(msg, relogged=True)
-            return
-        if code in P.PERMANENT_DATA_CODES or code in (P.SUB_DEVICE_NO_PERMISSION,
-                                                       P.NO_PERMISSION):
-            parts = msg.halves()
-            if len(parts) == 1:
-                for it in msg.items:
-                    self._reject(it, f"code_{code}", message)
-                self.log.warning("enos_points_refused", code=code, message=message,
-                                 count=len(msg.items))
-                return
-            for part in parts:  # bisect to isolate the offending item
-                await self._deliver(part, relogged=True)
-            return
-        raise UplinkUnavailableError(f"{kind}.batch refused with code {code}: {message}")
+        for relogged in (False, True):
+            prefix = (f'","version":"1.0","method":"thing.measurepoint.{kind}.batch",'
+                      f'"allowOfflineSubDevice":{"true" if msg.allow_offline else "false"},'
+                      f'"skipInvalidMeasurepoints":false,"params":').encode()
+            rest = prefix + msg.params_json() + b"}"
 
-    async def _relogin_for(self, session: Session, msg: Message) -> None:
+            def build(msg_id: str, rest: bytes = rest) -> bytes:
+                return b'{"id":"' + msg_id.encode() + rest
+
+            for attempt in range(_MAX_RESENDS + 1):
+                try:
+                    env = await wire.request_raw(topic, build)
+                    break
+                except TimeoutError:
+                    self.log.warning("enos_batch_timeout", kind=kind, attempt=attempt + 1,
+                                     count=len(msg.items))
+            else:
+                raise UplinkUnavailableError(f"no reply to {kind}.batch after "
+                                             f"{_MAX_RESENDS + 1} tries")
+            code = P.reply_code(env)
+            if code == P.OK:
+                n = sum(len(e.points) for e in msg.entries)
+                if msg.resume:
+                    self.points_resume += n
+                else:
+                    self.points_post += n
+                for e in msg.entries:
+                    if e.key is not None:
+                        self._last_values.setdefault(e.key, {}).update(e.points)
+                return ACCEPTED
+            message = str(env.get("message") or "")
+            if code in (P.SUB_DEVICE_NO_PERMISSION, P.NO_PERMISSION) and not relogged:
+                # Our view of who is logged in is stale: log in again, then resend once.
+                await self._relogin_for(wire, msg)
+                continue
+            if code in P.PERMANENT_DATA_CODES or code in (P.SUB_DEVICE_NO_PERMISSION,
+                                                           P.NO_PERMISSION):
+                if len(msg.items) == 1:
+                    self.log.warning("enos_points_refused", code=code, message=message)
+                return rejected(f"code_{code}", message)
+            break
+        self.log.warning("enos_batch_unknown_answer", kind=kind, code=code,
+                         message=str(env.get("message") or "")[:200])
+        return RETRY  # a code we do not know is never a reason to drop data
+
+    async def _relogin_for(self, wire: Session, msg: Message) -> None:
         subs = {self._by_key[e.key] for e in msg.entries if e.key is not None}
         subs = {s for s in subs if s.state != "disabled"}
         if subs:
-            await self._login(session, sorted(subs, key=lambda s: s.name))
+            await self._login(wire, sorted(subs, key=lambda s: s.name))
             msg.allow_offline = any(s.state != "logged_in" for s in subs)
 
-    async def _post_faults(self, items: Iterable[Item]) -> None:
-        """`thing.event.{fault_event}.post` when a device's readings turn bad or good again."""
-        changes: dict[str, tuple[bool, Item]] = {}
+    # -- device faults ---------------------------------------------------------------------
+
+    def _note_quality_faults(self, items: Iterable[Item]) -> None:
+        """A device's readings turned bad or good again: queue a fault event."""
         for it in items:
             bad = it.reading.quality == Quality.BAD
             if bad != (it.reading.device in self._faulty):
-                changes[it.reading.device] = (bad, it)
                 (self._faulty.add if bad else self._faulty.discard)(it.reading.device)
-        session = self._session
-        if session is None:
-            return
-        for device, (bad, it) in changes.items():
-            await self._post_fault_event(session, device, {"faulty": bad, "point": it.reading.point},
-                                         it.reading.ts_ms)
+                self._queue_fault(it.reading.device, {"faulty": bad, "point": it.reading.point},
+                                  it.reading.ts_ms)
 
     def device_state(self, device: str, failing: bool, error: str, ts_ms: int) -> None:
         """A driver started or stopped failing: post it as a fault event (after a reconnect too)."""
         if self.config.post_device_faults and device in self.config.devices:
-            self._fault_events[device] = (failing, error, ts_ms)
-            self._fault_wanted.set()
+            self._queue_fault(device, {"faulty": failing, "error": error[:200]}, ts_ms)
 
-    async def _fault_loop(self, session: Session) -> None:
-        if self._fault_events:
-            self._fault_wanted.set()  # changes that happened while offline
+    def _queue_fault(self, device: str, body: dict[str, Any], ts_ms: int) -> None:
+        if device not in self.config.devices:
+            return
+        if len(self._fault_events) >= _FAULT_EVENTS_MAX:
+            self._fault_events.popleft()
+            self.count_error("fault_event_dropped")
+        self._fault_events.append((device, body, ts_ms))
+        self._fault_wanted.set()
+
+    async def _fault_loop(self, wire: Session) -> None:
         while True:
-            await self._fault_wanted.wait()
-            self._fault_wanted.clear()
             while self._fault_events:
-                device, (failing, error, ts_ms) = next(iter(self._fault_events.items()))
-                body = {"faulty": failing, "error": error[:200]}
-                if await self._post_fault_event(session, device, body, ts_ms):
-                    # Only forget it if no newer change arrived while posting.
-                    if self._fault_events.get(device) == (failing, error, ts_ms):
-                        del self._fault_events[device]
-                else:
-                    break  # sub-device not logged in yet, or no answer: retry on the next change
-                           # or the next session
+                device, body, ts_ms = self._fault_events[0]
+                if not await self._post_fault_event(wire, device, body, ts_ms):
+                    break  # sub-device not logged in yet, or no answer: retry on the next
+                           # change or the next session
+                self._fault_events.popleft()
+            self._fault_wanted.clear()
+            await self._fault_wanted.wait()
 
-    async def _post_fault_event(self, session: Session, device: str, body: dict[str, Any],
+    async def _post_fault_event(self, wire: Session, device: str, body: dict[str, Any],
                                 ts_ms: int) -> bool:
         """Post one fault event for a mapped, logged-in device. True once the hub answered."""
-        mapping = self.config.devices.get(device)
-        if mapping is None:
-            return True  # not an EnOS device: nothing to post
+        mapping = self.config.devices[device]
         key = self.gateway if mapping.gateway else (mapping.product_key, mapping.device_key)
         if not mapping.gateway and self.subs[device].state != "logged_in":
             return False
         event = self.config.fault_event
         params = {"events": {"device": device, **body}, "time": ts_ms}
         try:
-            env = await session.request(P.sys_topic(*key, f"thing/event/{event}/post"),
-                                        f"thing.event.{event}.post", params)
+            env = await wire.request(P.sys_topic(*key, f"thing/event/{event}/post"),
+                                     f"thing.event.{event}.post", params)
         except TimeoutError:
             self.log.warning("enos_fault_event_timeout", device=device)
             return False
@@ -544,8 +542,9 @@ class EnosUplink(Uplink):
 
     # -- commands --------------------------------------------------------------------------
 
-    def _on_command(self, topic_name: str, payload: bytes) -> None:
-        """A message the hub pushed: activation, sub-device state, service or set/get."""
+    async def _command(self, wire: Session, topic_name: str,
+                       payload: bytes) -> tuple[Command | Malformed, str] | None:
+        """A message the hub pushed: a command for the dispatcher, or answered here (None)."""
         topic = P.Topic.parse(topic_name)
         msg_id = ""
         try:
@@ -555,37 +554,30 @@ class EnosUplink(Uplink):
                 raise ValueError(f"unexpected topic {topic_name}")
             key = (topic.pk, topic.dk)
             if topic.root == "session" and key == self.gateway:
-                self._on_session_command(topic_name, topic, msg_id, env)
-                return
+                await self._session_command(wire, topic_name, topic, msg_id, env)
+                return None
             if topic.root != "sys" or not topic.path.startswith("thing/service/"):
                 raise ValueError(f"unsupported command topic {topic_name}")
             device = self._local_device(key)
             if device is None:
-                self._answer(topic_name, msg_id, P.DEVICE_CODE_BASE + 404,
-                             f"{topic.pk}&{topic.dk} is not an enabled device of this gateway")
-                return
+                await self._answer(wire, topic_name, msg_id, P.DEVICE_CODE_BASE + 404,
+                                   f"{topic.pk}&{topic.dk} is not an enabled device of this "
+                                   "gateway")
+                return None
             service = topic.path[len("thing/service/"):]
             params = env.get("params")
             if service == "measurepoint/get":
-                self._measurepoint_get(topic_name, msg_id, key, params)
-                return
+                await self._measurepoint_get(wire, topic_name, msg_id, key, params)
+                return None
             action = "measurepoint.set" if service == "measurepoint/set" else service
             if not isinstance(params, dict):
-                self._answer(topic_name, msg_id, P.DEVICE_CODE_BASE + 400,
-                             f"params of {action} must be an object")
-                return
+                return Malformed(msg_id, f"params of {action} must be an object"), topic_name
             if not msg_id:
                 raise ValueError("command without an id")
         except (P.EnvelopeError, ValueError) as exc:
-            self.log.warning("enos_command_malformed", topic=topic_name, error=str(exc))
-            self._answer(topic_name, msg_id, P.DEVICE_CODE_BASE + 400, f"malformed command: {exc}")
-            return
-        self._commands[msg_id] = topic_name
-        while len(self._commands) > _REMEMBERED_COMMANDS:
-            self._commands.popitem(last=False)
-        cmd = Command(msg_id, self.name, device, action, params, now_ms())
+            return Malformed(msg_id, str(exc)), topic_name
         self.log.info("enos_command", id=msg_id, device=device or "(gateway)", action=action)
-        self.ctx.submit_command(cmd)
+        return Command(msg_id, self.name, device, action, params, now_ms()), topic_name
 
     def _local_device(self, key: Key) -> str | None:
         """"" for the gateway, the local name of a configured, enabled sub-device, else None.
@@ -598,29 +590,25 @@ class EnosUplink(Uplink):
         sub = self._by_key.get(key)
         return sub.name if sub is not None and sub.state != "disabled" else None
 
-    def _measurepoint_get(self, topic: str, msg_id: str, key: Key, params: Any) -> None:
+    async def _measurepoint_get(self, wire: Session, topic: str, msg_id: str, key: Key,
+                                params: Any) -> None:
         if not isinstance(params, list) or not all(isinstance(p, str) for p in params):
-            self._answer(topic, msg_id, P.DEVICE_CODE_BASE + 400,
-                         "params of measurepoint.get must be a list of names")
+            await self._answer(wire, topic, msg_id, P.DEVICE_CODE_BASE + 400,
+                               "params of measurepoint.get must be a list of names")
             return
         last = self._last_values.get(key, {})
-        self._answer(topic, msg_id, P.OK, "", {p: last[p] for p in params if p in last})
+        await self._answer(wire, topic, msg_id, P.OK, "", {p: last[p] for p in params if p in last})
 
-    def _on_session_command(self, topic_name: str, topic: P.Topic, msg_id: str,
-                            env: dict[str, Any]) -> None:
+    async def _session_command(self, wire: Session, topic_name: str, topic: P.Topic,
+                               msg_id: str, env: dict[str, Any]) -> None:
         params = env.get("params")
         if topic.path == "thing/activate/info":
-            secret = params.get("deviceSecret") if isinstance(params, dict) else None
-            if self._activation is not None and not self._activation.done() and \
-                    isinstance(secret, str) and secret:
-                self._activation.set_result((msg_id, secret))
-            else:
-                self.log.warning("enos_activation_unexpected")
+            self.log.warning("enos_activation_unexpected")
             return
         action = topic.path.removeprefix("combine/")
         if action not in ("enable", "disable", "delete") or not isinstance(params, list):
-            self._answer(topic_name, msg_id, P.DEVICE_CODE_BASE + 400,
-                         f"unsupported session command {topic.path}")
+            await self._answer(wire, topic_name, msg_id, P.DEVICE_CODE_BASE + 400,
+                               f"unsupported session command {topic.path}")
             return
         for p in params:
             if not isinstance(p, dict):
@@ -634,55 +622,14 @@ class EnosUplink(Uplink):
             else:
                 sub.state, sub.error = "disabled", f"combine.{action} from the cloud"
             self.log.warning("enos_sub_device_" + action + "d", device=sub.name)
-        self._answer(topic_name, msg_id, P.OK, "")
+        await self._answer(wire, topic_name, msg_id, P.OK, "")
 
-    def _answer(self, topic: str, msg_id: str, code: int, message: str,
-                data: Any = None) -> None:
-        """Reply on `<topic>_reply` in the background (never blocks the reader)."""
-        session = self._session
-        if session is None:
-            self.log.warning("enos_reply_lost", topic=topic, id=msg_id, reason="not connected")
-            return
-        task = asyncio.get_running_loop().create_task(
-            self._publish_reply(session, topic, msg_id, code, message, data),
-            name=f"enos-reply[{self.name}:{msg_id}]")
-        self._reply_tasks.add(task)
-        task.add_done_callback(self._reply_tasks.discard)
-
-    async def _publish_reply(self, session: Session, topic: str, msg_id: str, code: int,
-                             message: str, data: Any) -> None:
-        try:
-            await session.publish(topic + P.REPLY_SUFFIX, P.reply(msg_id, code, data, message))
-        except UplinkError as exc:
-            self.log.warning("enos_reply_lost", topic=topic, id=msg_id, error=str(exc))
-
-    async def reply(self, command: Command, result: CommandResult) -> None:
-        """Answer a command on `<topic>_reply`: 200 and data, or 2000 + the dispatcher code."""
-        topic = self._commands.pop(command.id, None)
-        if topic is None:
-            self.log.warning("enos_reply_unknown_command", id=command.id)
-            return
-        session = self._session
-        if session is None:
-            self.log.warning("enos_reply_lost", id=command.id, reason="not connected")
-            return
-        code = P.OK if result.ok else (result.code if result.code >= P.DEVICE_CODE_BASE
-                                       else P.DEVICE_CODE_BASE + result.code)
-        await self._publish_reply(session, topic, command.id, code, result.message,
-                                  dict(result.data) if result.ok else None)
+    async def _answer(self, wire: Session, topic: str, msg_id: str, code: int, message: str,
+                      data: Any = None) -> None:
+        """Reply on `<topic>_reply`."""
+        await wire.publish(topic + P.REPLY_SUFFIX, P.reply(msg_id, code, data, message))
 
     # -- status ----------------------------------------------------------------------------
-
-    def set_state(self, state: UplinkState, error: str = "") -> None:
-        super().set_state(state, error)
-        self._state_changed.set()
-        self._state_changed = asyncio.Event()
-
-    async def wait_for_state(self, *states: UplinkState, timeout_s: float = 10.0) -> None:
-        """Wait until the uplink is in one of `states` (benches and tests). Raises TimeoutError."""
-        async with asyncio.timeout(timeout_s):
-            while self.state not in states:
-                await self._state_changed.wait()
 
     def status(self) -> dict[str, Any]:
         out = super().status()
@@ -693,19 +640,57 @@ class EnosUplink(Uplink):
             "logged_in": sorted(s.name for s in self.subs.values() if s.state == "logged_in"),
             "points_post": self.points_post,
             "points_resume": self.points_resume,
-            "quarantined": self.quarantined,
             "skipped_unmapped": self.skipped,
             "activated_secret": self.secret_path.exists(),
+            "subscriptions_refused": list(self.subscriptions_refused),
+            "dropped_messages": dict(self.drops.counts),
         })
         return out
 
 
-def _first(eg: BaseExceptionGroup[Any]) -> BaseException:
-    """The first leaf exception of a (nested) exception group."""
-    exc: BaseException = eg
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
+class _Link(EngineSession):
+    """One connected session of an EnosUplink, as the engine drives it."""
+
+    def __init__(self, uplink: EnosUplink, wire: Session, client: aiomqtt.Client,
+                 reader: asyncio.Task[None]) -> None:
+        self.up, self.wire, self.client, self.reader = uplink, wire, client, reader
+
+    def pack(self, items: list[Item]) -> list[Packet]:
+        return self.up._pack(items)
+
+    async def send(self, packet: Packet) -> Verdict:
+        msg = packet.payload if packet.payload is not None else self.up._pack(packet.items)
+        assert isinstance(msg, Message)
+        return await self.up._deliver(self.wire, msg)
+
+    async def commands(self) -> AsyncIterator[tuple[Command | Malformed, Any]]:
+        while True:
+            topic, payload = await self.wire.inbox.get()
+            got = await self.up._command(self.wire, topic, payload)
+            if got is not None:
+                yield got
+
+    async def reply(self, reply_to: Any, result: CommandResult) -> None:
+        """Answer on `<topic>_reply`: 200 and data, or 2000 + the dispatcher code."""
+        code = P.OK if result.ok else (result.code if result.code >= P.DEVICE_CODE_BASE
+                                       else P.DEVICE_CODE_BASE + result.code)
+        await self.wire.publish(str(reply_to) + P.REPLY_SUFFIX,
+                                P.reply(result.command_id, code,
+                                        dict(result.data) if result.ok else None,
+                                        result.message))
+
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.up._login_retry_loop(self.wire), name=f"enos-relogin[{self.up.name}]")
+            if self.up.config.post_device_faults:
+                tg.create_task(self.up._fault_loop(self.wire), name=f"enos-faults[{self.up.name}]")
+            await self.reader
+
+    async def close(self) -> None:
+        self.reader.cancel()
+        await asyncio.gather(self.reader, return_exceptions=True)
+        self.up._logged_off()
+        await mqtt_wire.close(self.client)
 
 
 def _point_id(text: str) -> str:

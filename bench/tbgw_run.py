@@ -1,0 +1,205 @@
+"""Run the TB-GW harness (../shared/bench/tbgw) for one gateway and preset, and check gatewayd's
+own account of the run against the harness's.
+
+    .venv/bin/python bench/tbgw_run.py gatewayd stress [--py-spy out.txt] [--harness DIR]
+
+It runs `flock /tmp/gatewayd-bench.lock <harness>/run.sh GATEWAY PRESET` from this checkout and
+echoes the harness's summary line. For gatewayd it also, at the window's start and end (the
+harness prints "window" at its start), scrapes gatewayd's /metrics from inside the harness's
+network namespace (nsenter, when run as root), and then prints per unit:
+- the polls the slave served in the window (the harness's `missed` is expected - served), and
+  their spread (max - min) / mean: the fairness of the port's service;
+- gatewayd_device_missed_polls_total over the window against the harness's missed per unit
+  (expected - served): the largest difference, which should be at most 1 (window edges).
+With --py-spy it records the gateway for the window (`py-spy record --nonblocking`, raw
+collapsed stacks) and prints the top frames by own and by total samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HARNESS = Path(os.environ.get("TBGW_HARNESS", ROOT.parent / "shared" / "bench" / "tbgw"))
+BASE = Path(os.environ.get("TMPDIR", "/tmp")) / "gw-bench"
+
+_SCRAPER = r"""
+import json, re, sys, urllib.request
+url = sys.argv[1]
+rx = re.compile(r'^gatewayd_device_missed_polls_total\{device="([^"]+)"\} ([0-9.e+]+)$', re.M)
+for _ in sys.stdin:
+    try:
+        text = urllib.request.urlopen(url, timeout=5).read().decode()
+        print(json.dumps({d: float(v) for d, v in rx.findall(text)}), flush=True)
+    except Exception as exc:
+        print(json.dumps({"error": str(exc)}), flush=True)
+"""
+
+
+def gateway_pid(run_dir: Path) -> int | None:
+    toml = str(run_dir / "gatewayd.toml")
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if toml.encode() in argv and b"run" in argv:
+            return int(d.name)
+    return None
+
+
+class Scraper:
+    """gatewayd's missed-polls counters, read from inside the gateway's network namespace."""
+
+    def __init__(self, pid: int, port: int) -> None:
+        cmd = [sys.executable, "-u", "-c", _SCRAPER, f"http://127.0.0.1:{port}/metrics"]
+        if os.geteuid() == 0:
+            cmd = ["nsenter", "-t", str(pid), "-n", *cmd]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def scrape(self) -> tuple[float, dict[str, float]]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        t = time.time()
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return t, json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=10)
+
+
+def summarize_pyspy(path: Path, top: int = 25) -> None:
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(n)
+        samples += count
+        frames = stack.split(";")
+        own[frames[-1]] += count
+        for f in set(frames):
+            total[f] += count
+    print(f"# py-spy: {samples} samples")
+    print("# by own samples:")
+    for f, n in own.most_common(top):
+        print(f"  {100 * n / samples:5.1f}%  {f}")
+    print("# by total samples (the frame or its callees):")
+    for f, n in total.most_common(top):
+        print(f"  {100 * n / samples:5.1f}%  {f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("gateway", choices=["gatewayd", "tbgw"])
+    ap.add_argument("preset")
+    ap.add_argument("--py-spy", type=Path, help="record the gateway in the window (raw stacks)")
+    ap.add_argument("--py-spy-bin", default=str(ROOT / ".venv" / "bin" / "py-spy"))
+    ap.add_argument("--no-lock", action="store_true", help="do not take /tmp/gatewayd-bench.lock")
+    ap.add_argument("extra", nargs="*", help="more bench.py options (after --)")
+    args = ap.parse_args()
+    cmd = [str(HARNESS / "run.sh"), args.gateway, args.preset, *args.extra]
+    if not args.no_lock:
+        cmd = ["flock", "/tmp/gatewayd-bench.lock", *cmd]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    run_dir: Path | None = None
+    scraper: Scraper | None = None
+    edges: list[tuple[float, dict[str, float]]] = []
+    spy: subprocess.Popen[bytes] | None = None
+    window_s = 60.0
+    summary = ""
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        m = re.search(r"run \d+/\d+: (\S+)", line)
+        if m:
+            run_dir = BASE / "runs" / m.group(1)
+        if "first reading" in line and args.gateway == "gatewayd" and run_dir is not None:
+            pid = gateway_pid(run_dir)
+            toml = (run_dir / "gatewayd.toml").read_text()
+            port = int(re.search(r'listen = "127\.0\.0\.1:(\d+)"', toml).group(1))  # type: ignore[union-attr]
+            if pid is not None:
+                scraper = Scraper(pid, port)
+        m = re.search(r"window (\d+(?:\.\d+)?)s", line)
+        if m:
+            window_s = float(m.group(1))
+            if scraper is not None:
+                edges.append(scraper.scrape())
+
+                def at_end(s: Scraper = scraper, t0: float = edges[0][0], w: float = window_s) -> None:
+                    time.sleep(max(0.0, t0 + w - time.time()))
+                    edges.append(s.scrape())
+
+                threading.Thread(target=at_end, daemon=True).start()
+            if args.py_spy and run_dir is not None:
+                pid = gateway_pid(run_dir) if args.gateway == "gatewayd" else None
+                if pid is None:  # tbgw: the launched python
+                    out = subprocess.run(["pgrep", "-f", "launch.py"], capture_output=True, text=True)
+                    pid = int(out.stdout.split()[0]) if out.stdout.split() else None
+                if pid is not None:
+                    spy = subprocess.Popen([args.py_spy_bin, "record", "-p", str(pid), "-d",
+                                            str(int(window_s) - 5), "-r", "200", "--nonblocking",
+                                            "-f", "raw", "-o", str(args.py_spy)],
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if " delivered=" in line:
+            summary = line.strip()
+    rc = proc.wait()
+    if spy is not None:
+        spy.wait(timeout=120)
+        if args.py_spy and args.py_spy.exists():
+            summarize_pyspy(args.py_spy)
+    if scraper is not None:
+        scraper.close()
+    if rc or run_dir is None or not summary:
+        return rc or 1
+    slave = json.loads((run_dir / "slave.json").read_text())["served"]
+    rec = [json.loads(x) for x in (BASE / "results.jsonl").read_text().splitlines() if x.strip()][-1]
+    if len(edges) == 2:
+        (t0, m0), (t1, m1) = edges
+    else:
+        print("# no /metrics scrape (not gatewayd, or not root): fairness from the slave only")
+        t0 = time.time()  # unknown: use the slave log's middle 60 s
+        first, last = slave[0][2] / 1000, slave[-1][2] / 1000
+        t0 = first + (last - first - window_s) / 2
+        t1, m0, m1 = t0 + window_s, {}, {}
+    units = rec["units"]
+    per_unit = collections.Counter(u for u, _, ms in slave if t0 * 1000 <= ms < t1 * 1000)
+    counts = [per_unit.get(u, 0) for u in range(1, units + 1)]
+    mean = sum(counts) / len(counts)
+    spread = (max(counts) - min(counts)) / mean * 100 if mean else 0.0
+    print(f"# per-unit polls in the window: min {min(counts)} max {max(counts)} mean {mean:.1f} "
+          f"spread {spread:.1f}% (target <= 5%)")
+    if m0 and m1:
+        expected = round((t1 - t0) * 1000 / rec["period_ms"])
+        diffs = []
+        for u in range(1, units + 1):
+            name = f"unit-{u:03d}"
+            ours = m1.get(name, 0) - m0.get(name, 0)
+            theirs = max(0, expected - per_unit.get(u, 0))
+            diffs.append(ours - theirs)
+        total_ours = sum(m1.values()) - sum(m0.values())
+        print(f"# missed polls in the window: gatewayd_device_missed_polls_total {total_ours:.0f}, "
+              f"harness-style (expected - served per unit) {sum(max(0, expected - c) for c in counts)}; "
+              f"per unit difference min {min(diffs):+.0f} max {max(diffs):+.0f} (target within +-1); "
+              f"harness summary missed={rec['missed_polls']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
