@@ -264,23 +264,31 @@ class DeliveryUplink(Uplink):
             raise
         if throttle is not None:
             throttle.record()
-        cancels = t.cancelling() if (t := asyncio.current_task()) is not None else 0
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
+        # The session's TaskGroup runs in a child task: on 3.11 a TaskGroup whose child fails
+        # leaves a stale cancel count on the task it runs in, which would hide a real cancel.
+        runner = asyncio.get_running_loop().create_task(self._run_session_tasks(session),
+                                                        name=f"session-runner[{self.name}]")
         try:
-            await self._run_session_tasks(session)
+            await runner
             exc2: BaseException = UplinkError("session ended")
         except* UplinkAuthError as eg:
             exc2 = _first(eg)
         except* (UplinkError, OSError, TimeoutError) as eg:
             exc2 = _first(eg)
         finally:
+            if not runner.done():
+                runner.cancel()
+                await asyncio.gather(runner, return_exceptions=True)
             self.session = None
             self.ctx.outbox.rewind()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await session.close()
-        task = asyncio.current_task()
         if task is not None and task.cancelling() > cancels:
-            # A TaskGroup drops the CancelledError when a child failed while being cancelled.
+            # Cancelled while a session task failed: on 3.11 the TaskGroup then raises the
+            # task's error instead of CancelledError. The cancellation still wins.
             raise asyncio.CancelledError
         if time.monotonic() - started >= self.stable_s:
             backoff.reset()
@@ -305,20 +313,6 @@ class DeliveryUplink(Uplink):
         if self._failures:
             self.log.info("uplink_recovered", after_failures=self._failures)
         self._failures = 0
-        # The group runs in a task of its own: in Python 3.11 a TaskGroup whose child fails
-        # while it waits leaks a cancel request into its parent, and one cancelled from
-        # outside while a child fails drops the CancelledError. Here only a real cancel of
-        # this task shows in `cancelling()` (checked by `_attempt`).
-        inner = asyncio.get_running_loop().create_task(self._session_group(session),
-                                                       name=f"session-group[{self.name}]")
-        try:
-            await inner
-        finally:
-            if not inner.done():
-                inner.cancel()
-                await asyncio.gather(inner, return_exceptions=True)
-
-    async def _session_group(self, session: Session) -> None:
         async with asyncio.TaskGroup() as tg:
             # The first task that fails ends the session: the group cancels the others.
             tg.create_task(self._end_when_done(session.run()), name=f"session[{self.name}]")
