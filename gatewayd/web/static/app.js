@@ -183,7 +183,11 @@
     S = JSON.parse(ev.data); series = {};
     Object.keys(S.devices).forEach(function (d) {
       var pts = S.devices[d].points;
-      Object.keys(pts).forEach(function (p) { series[d + "\u0000" + p] = pts[p].series || []; delete pts[p].series; });
+      Object.keys(pts).forEach(function (p) {
+        var sr = pts[p].series, out = [];  // {t0, step, v: "1.5,,2"}: one value per bucket
+        if (sr && sr.v !== "") sr.v.split(",").forEach(function (x, i) { out.push([sr.t0 + i * sr.step, x === "" ? null : +x]); });
+        series[d + "\u0000" + p] = out; delete pts[p].series;
+      });
     });
     setupCommands(); connState(true); render();
   }
