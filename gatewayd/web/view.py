@@ -44,10 +44,10 @@ def storage_condition(q: Any) -> dict[str, Any]:
     Shown from the queue's `storage` (a `Storage` with `as_dict()`: state, since, detail,
     held, dropped, acks_pending) when the queue has it; else derived from `store_error`.
     """
-    storage = getattr(q, "storage", None)
-    if callable(getattr(storage, "as_dict", None)):
+    as_dict = getattr(getattr(q, "storage", None), "as_dict", None)
+    if callable(as_dict):
         with contextlib.suppress(Exception):
-            d = dict(storage.as_dict())
+            d = dict(as_dict())
             return {**d, "condition": str(d.get("state", "unknown"))}
     err = getattr(q, "store_error", "") or ""
     return {"condition": err or "ok", "store_failed": getattr(q, "store_failed", 0)}
