@@ -228,6 +228,7 @@ class Queue:
         self._pending: list[Reading] = []
         self._pending_futs: list[asyncio.Future[bool]] = []
         self._retry: list[Reading] = []  # readings the disk refused, held for the next commit
+        self._inflight = 0  # held readings in a probe commit right now
         self._dirty: dict[str, int] = {}  # cursors confirmed in memory but not yet written
         self._have_pending = asyncio.Event()
         self._full = asyncio.Event()
@@ -667,19 +668,19 @@ class Queue:
 
     def _update_storage_gauges(self) -> None:
         st = self.storage
-        st.held, st.acks_pending = len(self._retry), len(self._dirty)
+        st.held, st.acks_pending = len(self._retry) + self._inflight, len(self._dirty)
         m = self.metrics
         if m is None:
             return
         m.queue_storage_ok.set(1 if st.ok else 0)
         for s in STORAGE_STATES:
             m.queue_storage_state.labels(s).set(1 if s == st.state else 0)
-        m.queue_held.set(len(self._retry))
+        m.queue_held.set(st.held)
 
     def _hold(self, batch: list[Reading]) -> None:
         """Keep readings in the bounded memory buffer; drop (and count) the oldest past it."""
         self._retry.extend(batch)
-        over = len(self._retry) - self.config.memory_buffer
+        over = len(self._retry) + self._inflight - self.config.memory_buffer
         if over > 0:
             del self._retry[:over]
             reason = self.storage.state if not self.storage.ok else "io_error"
@@ -691,7 +692,7 @@ class Queue:
                 self.metrics.store_failures.labels(reason).inc(over)
                 for name in self._outboxes:
                     self.metrics.readings_dropped.labels(name, reason).inc(over)
-        self.storage.held = len(self._retry)
+        self.storage.held = len(self._retry) + self._inflight
 
     # -- appending ------------------------------------------------------------------------------
 
@@ -794,6 +795,17 @@ class Queue:
         self._retry, self._pending, self._pending_futs = rest, [], []
         self._have_pending.clear()
         self._full.clear()
+        degraded = not self.storage.ok
+        if degraded:
+            self._inflight = len(batch)  # still held in memory (and counted) while it is tried
+        try:
+            await self._commit_batch(batch, futs)
+        finally:
+            if degraded:
+                self._inflight = 0
+                self._update_storage_gauges()
+
+    async def _commit_batch(self, batch: list[Reading], futs: list[asyncio.Future[bool]]) -> None:
         if not batch and not self._dirty and self._opened:
             for f in futs:
                 if not f.done():
@@ -813,6 +825,7 @@ class Queue:
             if classify(exc, self.path) is None:
                 raise
             self._retry = batch + self._retry
+            self._inflight = 0  # back in the buffer
             self._fault(exc, "append" if batch else "ack")
             self._hold([])
             for f in futs:
