@@ -12,7 +12,7 @@ import sys
 from importlib.metadata import entry_points
 from typing import Any
 
-from gatewayd.errors import ConfigError
+from gatewayd.errors import ConfigError, QueueSchemaError
 from gatewayd.version import VersionAction
 
 EX_OK, EX_SOFTWARE, EX_CANTCREAT, EX_CONFIG = 0, 70, 73, 78
@@ -40,7 +40,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         prog="gatewayd",
         description="Edge gateway daemon: reads sensors, keeps every reading in a durable local "
                     "queue, and delivers it to EnOS, SAP HCP IoT MMS and GE Operations Hub.",
-        epilog="Exit status: 0 ok, 78 (EX_CONFIG) bad config, 73 cannot create state or bind, "
+        epilog="Exit status: 0 ok, 78 (EX_CONFIG) bad config, 73 cannot create state or bind "
+               "(or the queue was written by a newer gatewayd), "
                "1 internal error (a bug: systemd restarts the daemon).")
     parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -157,6 +158,11 @@ async def _run(cfg: Any) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await Gateway(cfg).run(stop)
+    except QueueSchemaError as exc:  # a newer gatewayd's queue: never touch it
+        log.error("queue_schema_too_new", path=exc.path, found=exc.found, known=exc.known,
+                  error=str(exc))
+        print(f"gatewayd: {exc}", file=sys.stderr)
+        return EX_CANTCREAT
     except OSError as exc:  # state dir not writable, port taken, ...
         log.error("gateway_failed", error=str(exc))
         return EX_CANTCREAT

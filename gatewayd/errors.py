@@ -9,6 +9,7 @@ __all__ = [
     "ConfigError",
     "DriverError",
     "GatewayError",
+    "QueueSchemaError",
     "UplinkAuthError",
     "UplinkError",
     "UplinkRejectedError",
@@ -19,6 +20,17 @@ __all__ = [
 
 class GatewayError(Exception):
     """Root of the daemon's own errors."""
+
+
+class QueueSchemaError(GatewayError):
+    """The queue database was written by a newer gatewayd: refuse to start (exit 73), never
+    rename it aside or touch it."""
+
+    def __init__(self, path: str, found: int, known: int) -> None:
+        super().__init__(f"{path}: queue schema version {found} is newer than this gatewayd "
+                         f"knows ({known}); install the newer gatewayd again, or move the file "
+                         "away to start an empty queue")
+        self.path, self.found, self.known = path, found, known
 
 
 class ConfigError(GatewayError):

@@ -50,7 +50,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import structlog
 
 from drivers.base import ByteSize, Duration, Range, Reading
-from gatewayd.errors import UplinkUnavailableError
+from gatewayd.errors import QueueSchemaError, UplinkUnavailableError
 from gatewayd.uplinks.base import Item, Lease
 
 log = structlog.get_logger("gatewayd.queue")
@@ -206,6 +206,32 @@ def _decode(val: Any, vt: int) -> Any:
     if vt == _VT_JSON:
         return json.loads(val)
     return None
+
+
+def _migrate_1(db: sqlite3.Connection) -> None:
+    """0 -> 1: the original layout (files from before versioning have user_version 0 and
+    these tables already: IF NOT EXISTS leaves them and their rows as they are)."""
+    db.execute("CREATE TABLE IF NOT EXISTS series(sid INTEGER PRIMARY KEY, dev TEXT NOT NULL,"
+               " pt TEXT NOT NULL, UNIQUE(dev, pt))")
+    db.execute("CREATE TABLE IF NOT EXISTS readings(seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL,"
+               " sid INTEGER NOT NULL, val, vt INTEGER NOT NULL, q INTEGER NOT NULL,"
+               " off INTEGER NOT NULL)")
+    db.execute("CREATE TABLE IF NOT EXISTS cursors(name TEXT PRIMARY KEY, bit INTEGER NOT NULL,"
+               " acked INTEGER NOT NULL)")
+    db.execute("CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v)")
+
+
+def _migrate_2(db: sqlite3.Connection) -> None:
+    """1 -> 2: the queue's identity and seq high-water mark live in `meta` (the sidecar compares
+    them): give an older file its `queue_id`, and `last_seq` if it lacks one."""
+    db.execute("INSERT OR IGNORE INTO meta(k, v) VALUES ('queue_id', ?)", (uuid.uuid4().hex,))
+    db.execute("INSERT OR IGNORE INTO meta(k, v)"
+               " SELECT 'last_seq', coalesce(max(seq), 0) FROM readings")
+
+
+# Ordered: _MIGRATIONS[n] takes a database from version n to n + 1. Append, never edit.
+_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_1, _migrate_2]
+SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 class Queue:
@@ -516,20 +542,28 @@ class Queue:
             return reserved
         return db_tail
 
-    @staticmethod
-    def _create_schema(db: sqlite3.Connection) -> None:
-        db.executescript(
-            """
-            CREATE TABLE IF NOT EXISTS series(sid INTEGER PRIMARY KEY, dev TEXT NOT NULL,
-                                              pt TEXT NOT NULL, UNIQUE(dev, pt));
-            CREATE TABLE IF NOT EXISTS readings(seq INTEGER PRIMARY KEY, ts INTEGER NOT NULL,
-                sid INTEGER NOT NULL, val, vt INTEGER NOT NULL, q INTEGER NOT NULL,
-                off INTEGER NOT NULL);
-            CREATE TABLE IF NOT EXISTS cursors(name TEXT PRIMARY KEY, bit INTEGER NOT NULL,
-                                               acked INTEGER NOT NULL);
-            CREATE TABLE IF NOT EXISTS meta(k TEXT PRIMARY KEY, v);
-            """
-        )
+    def _create_schema(self, db: sqlite3.Connection) -> None:
+        """Bring the database to SCHEMA_VERSION (`PRAGMA user_version`) by ordered migrations,
+        in one transaction. A newer version than this code knows raises QueueSchemaError."""
+        found = int(db.execute("PRAGMA user_version").fetchone()[0])
+        if found > SCHEMA_VERSION:
+            raise QueueSchemaError(str(self.path), found, SCHEMA_VERSION)
+        if found == SCHEMA_VERSION:
+            return
+        fresh = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for version in range(found, SCHEMA_VERSION):
+                _MIGRATIONS[version](db)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        if not fresh:
+            log.info("queue_schema_migrated", path=str(self.path), from_version=found,
+                     to_version=SCHEMA_VERSION)
 
     def _bytes_between(self, db: sqlite3.Connection, lo: int, hi: int) -> int:
         if hi < lo:
@@ -594,7 +628,8 @@ class Queue:
         """Commit what is pending, then close the database. Idempotent."""
         if self._closed:
             return
-        await self.flush()
+        if self._opened or self._retry or self._pending:
+            await self.flush()
         self._closed = True
         for ob in self._outboxes.values():
             ob.closed = True
