@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-floor lint bench clean
+.PHONY: install install-system run test test-floor lint bench clean
 
 $(STAMP): pyproject.toml sim/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# System files for a Pi (as root): unit, sysusers, tmpfiles, example config; see systemd/install.sh.
+install-system:
+	sh systemd/install.sh
 
 # The suite again with every runtime dependency at its declared floor, in a second venv.
 FLOOR_VENV ?= .venv-floor
