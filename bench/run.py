@@ -227,7 +227,7 @@ async def main() -> int:
             for p in parts:
                 if p.banner:
                     say(p.banner)
-            say(f"""gatewayd is up. Watch the readings flow:
+            say(f"""gatewayd is up. Status page: {HEALTH}/   Watch the readings flow:
     curl -s {HEALTH}/status | python3 -m json.tool     # devices, uplinks, backlog
     tail -f {STATE / 'archive.jsonl'}          # delivered readings (jsonl uplink)
     curl -s {HEALTH}/metrics | grep gatewayd_           # Prometheus metrics

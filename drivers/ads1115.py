@@ -140,7 +140,8 @@ class ADS1115(Driver):
             ts = now_ms()
             x = point.input_value(code)
             if point.valid(x):
-                out.append(Reading(self.name, name, round(point.scale(x), point.decimals), ts))
+                # + 0.0: a value that rounds to zero from below is 0.0, not -0.0
+                out.append(Reading(self.name, name, round(point.scale(x), point.decimals) + 0.0, ts))
             else:
                 out.append(Reading(self.name, name, None, ts, Quality.BAD))
         return out

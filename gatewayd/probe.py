@@ -16,11 +16,12 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TextIO
 
 import drivers
-from drivers.base import DriverError, Quality
+from drivers.base import DriverError, Quality, ReadTimeoutError
 from drivers.bus import BusManager, I2CBus, RawI2C
 from drivers.modbus import _READ_PDU, EXCEPTION_NAMES, ModbusExceptionError
 from drivers.sht import check_words
@@ -43,7 +44,8 @@ _BOSCH_IDS = {0x60: "BME280", 0x58: "BMP280", 0x56: "BMP280 (sample)", 0x57: "BM
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="probe_command", required=True, metavar="WHAT")
     i2c = sub.add_parser("i2c", help="scan an I2C bus and identify chips")
-    i2c.add_argument("--bus", default="1", help='bus number, /dev/i2c-N, or "sim:NAME"')
+    i2c.add_argument("--bus", default="1",
+                     help='bus number, /dev/i2c-N, or "sim:bench" (the bench\'s emulated chips)')
     ser = sub.add_parser("serial", help="talk to a serial port: one Modbus read, or raw lines")
     ser.add_argument("--port", required=True, help="device path or pyserial URL")
     ser.add_argument("--baud", type=int, default=9600)
@@ -91,10 +93,8 @@ def identify(raw: RawI2C, addr: int) -> str:
             chip_id = raw.transfer(addr, b"\xd0", 1)[0]
             return _BOSCH_IDS.get(chip_id, f"unknown Bosch-like chip (id {chip_id:#04x})") + \
                 f" (chip id {chip_id:#04x})"
-        if addr in (0x44, 0x45):
-            raw.transfer(addr, b"\xf3\x2d", 0)  # SHT3x: read status register
-            check_words(raw.transfer(addr, b"", 3))
-            return "SHT3x (status register with valid CRC)"
+        if addr in (0x44, 0x45, 0x46):
+            return _identify_sht(raw, addr)
         if 0x48 <= addr <= 0x4B:
             cfg = int.from_bytes(raw.transfer(addr, b"\x01", 2), "big")
             return f"ADS1x15 ADC (config {cfg:#06x})"
@@ -103,14 +103,41 @@ def identify(raw: RawI2C, addr: int) -> str:
     return guess
 
 
+def _identify_sht(raw: RawI2C, addr: int) -> str:
+    """SHT3x answers its status command (0xF32D, 0x44/0x45 only); an SHT4x NACKs it and is
+    recognised by its serial-number command (0x89: two words, each with CRC-8)."""
+    if addr != 0x46:
+        try:
+            raw.transfer(addr, b"\xf3\x2d", 0)
+            check_words(raw.transfer(addr, b"", 3))
+            return "SHT3x (status register with valid CRC)"
+        except (OSError, ValueError):
+            pass
+    raw.transfer(addr, b"\x89", 0)
+    time.sleep(_SHT4X_SERIAL_WAIT_S)
+    words = check_words(raw.transfer(addr, b"", 6))
+    return f"SHT4x (serial number {(words[0] << 16) | words[1]:#010x}, valid CRC)"
+
+
+_SHT4X_SERIAL_WAIT_S = 0.002  # datasheet: the serial number is ready within 1 ms
+
+
 async def probe_i2c(args: argparse.Namespace, out: TextIO) -> int:
     buses = BusManager()
     try:
-        bus = buses.i2c(args.bus)
+        try:
+            bus = buses.i2c(args.bus)
+        except ValueError as exc:  # "sim:" without a name, or the simulators not installed
+            print(f"error: {exc}", file=out)
+            return 1
         found = []
         for addr in range(0x03, 0x78):
             if await bus.probe(addr):
                 found.append(addr)
+        if not found and bus.sim is not None:
+            print(f"error: {bus.spec} is empty in this process: an emulated bus lives inside one "
+                  f"process, and only sim:bench starts populated (with the bench's chips)", file=out)
+            return 1
         print(f"i2c bus {bus.spec}: {len(found)} device(s)", file=out)
         for addr in found:
             name = await _identify(bus, addr)
@@ -158,6 +185,11 @@ async def _modbus_read(buses: BusManager, args: argparse.Namespace, settings: di
     fc = {"coil": 1, "discrete": 2, "holding": 3, "input": 4}[args.function]
     pdu = _READ_PDU[fc](address=args.register, count=args.count)
     try:
+        await line.port.ensure_open("probe")
+    except DriverError as exc:
+        print(f"error: {exc.message}", file=out)  # the port itself: no Modbus hint applies
+        return 1
+    try:
         response = await line.request(args.unit, pdu, device="probe", timeout_s=args.timeout,
                                       retries=0)
     except ModbusExceptionError as exc:
@@ -166,8 +198,12 @@ async def _modbus_read(buses: BusManager, args: argparse.Namespace, settings: di
         return 1
     except DriverError as exc:
         stats = line.unit_stats(args.unit)
-        hint = " (CRC error: check baud rate, parity and wiring/termination)" if stats.crc_errors else \
-            " (no answer: check unit id, baud rate, A/B wiring)"
+        if stats.crc_errors:
+            hint = " (CRC error: check baud rate, parity and wiring/termination)"
+        elif isinstance(exc, ReadTimeoutError):
+            hint = " (no answer: check unit id, baud rate, A/B wiring)"
+        else:
+            hint = ""
         print(f"unit {args.unit}: {exc.message}{hint}", file=out)
         return 1
     values = list(response.bits)[:args.count] if fc <= 2 else list(response.registers)

@@ -30,6 +30,7 @@ from gatewayd.queue import Queue
 from gatewayd.sampler import PortLoads, Sampler
 from gatewayd.uplinks import load_uplink
 from gatewayd.uplinks.base import DeviceInfo, Uplink, UplinkContext
+from gatewayd.web.recent import Recent
 
 log = structlog.get_logger("gatewayd.service")
 
@@ -37,6 +38,26 @@ log = structlog.get_logger("gatewayd.service")
 # putting the section back within it loses nothing.
 REMOVED_CURSOR_GRACE_S = 3600.0
 _RESTART_SECTIONS = ("gateway", "queue", "health")  # these apply at the next start only
+
+
+class _Observed:
+    """The queue as samplers see it: each batch is shown to an observer (the status page's
+    recent values) before it is queued. The observer is in-memory and cheap."""
+
+    __slots__ = ("_observe", "_queue")
+
+    def __init__(self, queue: Queue, observe: Any) -> None:
+        self._queue, self._observe = queue, observe
+
+    def submit(self, readings: Any) -> asyncio.Future[bool]:
+        try:
+            self._observe(readings)
+        except Exception:  # the view's bug must never cost a reading
+            log.exception("readings_observer_failed")
+        return self._queue.submit(readings)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queue, name)
 
 
 class Gateway:
@@ -60,6 +81,7 @@ class Gateway:
         self.uplinks: dict[str, Uplink] = {}
         self.dispatcher: Dispatcher = Dispatcher([], {}, config.dispatch)
         self.health: HealthServer | None = None
+        self.recent = Recent()  # last values per point, for the status page (memory only)
         self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._tg: asyncio.TaskGroup | None = None
         self._reload_requested = asyncio.Event()
@@ -93,8 +115,9 @@ class Gateway:
         assert self.queue is not None
         cls = drivers.load(drivers.DRIVERS, d.driver)
         driver: Driver = cls(d.name, d.options, self.buses)
-        return Sampler(driver, d.interval, d.timeout, d.jitter, d.backoff_max, self.queue,
-                       self.metrics, on_state=self._device_state, ports=self.port_loads)
+        return Sampler(driver, d.interval, d.timeout, d.jitter, d.backoff_max,
+                       _Observed(self.queue, self.recent.record), self.metrics,
+                       on_state=self._device_state, ports=self.port_loads)
 
     async def _open_actuator(self, a: ActuatorConfig) -> None:
         cls = drivers.load(drivers.ACTUATORS, a.driver)

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import sysconfig
 import zipfile
-from email.parser import Parser
 from pathlib import Path
 
 import pytest

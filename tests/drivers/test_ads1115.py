@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from drivers import ads1115 as ads
@@ -86,3 +88,13 @@ async def test_open_reports_a_missing_chip(buses: BusManager, sim: SimI2CBus) ->
     sim.ensure(0x4B, "ads1115").vanish()
     with pytest.raises(DeviceNotFoundError, match="no ADS1115 answering at 0x4b"):
         await drv.open()
+
+
+async def test_exactly_4ma_reads_zero_not_negative_zero(buses: BusManager, sim: SimI2CBus) -> None:
+    # 4 mA across 250 ohm is 1.0 V; at +-6.144 V the code is 5333 (0.99994 V, 3.99976 mA), which
+    # scales to -0.00015 on 0..10 and at 2 decimals rounds to -0.0: "minus zero" on a display
+    chip = sim.attach(0x48, ADS1115Chip())
+    chip.volts = [1.0, 0.0, 0.0, 0.0]  # type: ignore[attr-defined]
+    drv = ads.ADS1115("tank", ads.ADS1115Config(bus=f"sim:{sim.name}", points={"level": dataclasses.replace(LOOP, decimals=2)}), buses)
+    [reading] = await drv.read()
+    assert reading.value == 0.0 and str(reading.value) == "0.0"

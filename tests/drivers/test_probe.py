@@ -86,3 +86,78 @@ def test_device_read_from_config(tmp_path: Path, sim: SimI2CBus) -> None:
     cfg.write_text('[gateway]\nid = "x"\n[[devices]]\nname = "a"\ndriver = "bme280"\naddress = 1\n')
     rc, text = run("device", "a", "-c", str(cfg))
     assert rc == 78 and "0x76 or 0x77" in text
+
+
+def test_i2c_identifies_sht4x_by_serial_number(sim: SimI2CBus) -> None:
+    # an SHT4x NACKs the SHT3x status command; its serial-number command 0x89 identifies it
+    sht40 = sim.attach(0x44, SHTChip(variant="sht4x"))
+    sht40.serial = 0x0BEEF123  # type: ignore[attr-defined]
+    sim.attach(0x46, SHTChip(variant="sht4x"))
+    sim.attach(0x45, SHTChip())
+    rc, text = run("i2c", "--bus", f"sim:{sim.name}")
+    assert rc == 0
+    assert "0x44  SHT4x (serial number 0x0beef123, valid CRC)" in text
+    assert "0x46  SHT4x (serial number 0x1a2b3c4d, valid CRC)" in text
+    assert "0x45  SHT3x (status register with valid CRC)" in text
+    assert "did not answer" not in text
+
+
+def test_i2c_sht4x_with_bad_crc_is_not_identified(sim: SimI2CBus) -> None:
+    chip = sim.attach(0x44, SHTChip(variant="sht4x"))
+    chip.corrupt_crc = True  # type: ignore[attr-defined]
+    rc, text = run("i2c", "--bus", f"sim:{sim.name}")
+    assert rc == 0 and "0x44  SHT3x/SHT4x (did not answer the identification read)" in text
+
+
+def test_i2c_sim_without_name_is_one_sentence() -> None:
+    rc, text = run("i2c", "--bus", "sim:")
+    assert rc == 1
+    assert text.count("\n") == 1 and text.startswith("error: emulated bus needs a name")
+    assert "Traceback" not in text
+
+
+def test_i2c_unpopulated_sim_bus_is_refused(sim: SimI2CBus) -> None:
+    rc, text = run("i2c", "--bus", f"sim:{sim.name}")  # empty in this process
+    assert rc == 1 and text.count("\n") == 1
+    assert "only sim:bench starts populated" in text and "wiring" not in text
+
+
+def test_i2c_sim_bench_from_a_shell_shows_the_bench_chips(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "gatewayd", "probe", "i2c", "--bus", "sim:bench"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "i2c bus sim:bench: 4 device(s)" in proc.stdout
+    assert "0x76  BME280 (chip id 0x60)" in proc.stdout
+    assert "0x44  SHT3x (status register with valid CRC)" in proc.stdout
+    assert "0x48  ADS1x15 ADC" in proc.stdout and "0x20  PCF8574" in proc.stdout
+
+
+def test_bench_chip_table_matches_the_bench_config() -> None:
+    import tomllib
+
+    from gatewayd_sim.hw.bench import BenchEmulation
+    from gatewayd_sim.hw.i2c import BENCH_I2C_CHIPS
+
+    cfg = tomllib.loads(BenchEmulation().toml())
+    i2c = {e["address"]: e["driver"] for e in cfg["devices"] + cfg["actuators"]
+           if e.get("bus") == "sim:bench"}
+    driver_of = {"bme280": "bme280", "sht3x": "sht", "ads1115": "ads1115", "pcf8574": "pcf8574"}
+    assert i2c == {a: driver_of[m] for a, m in BENCH_I2C_CHIPS.items()}
+
+
+def test_serial_missing_port_says_missing_not_unit_id() -> None:
+    rc, text = run("serial", "--port", "/dev/ttyGATEWAYD-NOPE", "--modbus", "--timeout", "0.2")
+    assert rc == 1
+    assert "serial port /dev/ttyGATEWAYD-NOPE does not exist" in text
+    assert "unit id" not in text and "A/B wiring" not in text
+
+
+def test_modbus_unit_not_on_the_line_is_no_answer() -> None:
+    with ModbusSlaveSim(units=(1,)) as sim:
+        rc, text = run("serial", "--port", sim.path, "--baud", "19200", "--modbus", "--unit", "7",
+                       "--timeout", "0.3")
+        assert rc == 1 and "unit 7" in text and "no answer: check unit id" in text
+        assert "exception" not in text

@@ -18,6 +18,7 @@ import contextlib
 import json
 from typing import Any
 
+from gatewayd_sim.hw.i2c import BENCH_I2C_BUS
 from gatewayd_sim.hw.serial import METER_MAP, EchoActuatorSim, ModbusSlaveSim, NMEASim, SerialSim
 
 
@@ -25,7 +26,7 @@ class BenchEmulation:
     """The serial simulators of the bench: a Modbus line with two energy meters (units 1 and 2),
     a GPS receiver and an ASCII relay box."""
 
-    def __init__(self, i2c_bus: str = "bench") -> None:
+    def __init__(self, i2c_bus: str = BENCH_I2C_BUS) -> None:
         self.i2c_bus = i2c_bus
         self.modbus = ModbusSlaveSim(units=(1, 2), animate=True)
         self.gps = NMEASim(rate_hz=1.0)

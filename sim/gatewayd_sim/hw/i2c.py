@@ -178,12 +178,24 @@ _REGISTRY: dict[str, SimI2CBus] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
+BENCH_I2C_BUS = "bench"
+# the chips the bench config (`BenchEmulation.toml()`) puts on its bus: address -> chip model
+BENCH_I2C_CHIPS: dict[int, str] = {0x76: "bme280", 0x44: "sht3x", 0x48: "ads1115", 0x20: "pcf8574"}
+
+
 def sim_bus(name: str) -> SimI2CBus:
-    """The process-wide emulated bus called `name`, created empty on first use."""
+    """The process-wide emulated bus called `name`, created on first use.
+
+    Every bus starts empty except `sim:bench`, which starts with the bench's chips: so the
+    daemon and `gatewayd probe i2c --bus sim:bench` run from a shell see the same bench.
+    """
     with _REGISTRY_LOCK:
         bus = _REGISTRY.get(name)
         if bus is None:
             bus = _REGISTRY[name] = SimI2CBus(name)
+            if name == BENCH_I2C_BUS:
+                for addr, model in BENCH_I2C_CHIPS.items():
+                    bus.ensure(addr, model)
         return bus
 
 

@@ -251,6 +251,7 @@ class ModbusSlaveSim(SerialSim):
     pymodbus opens a second, internal terminal; the simulator relays bytes between the two, and
     applies faults to the server's responses through pymodbus' packet trace hook.
     `exception_code`: when set, every request is answered with this Modbus exception.
+    Units not in `units` get no answer at all (a real line is silent for them).
     """
 
     def __init__(self, units: tuple[int, ...] = (1,), size: int = 256, path: str | None = None,
@@ -277,8 +278,11 @@ class ModbusSlaveSim(SerialSim):
             dtype = DataType.BITS if bits else DataType.REGISTERS
             return [SimData(0, count=self.size, values=False if bits else 0, datatype=dtype)]
 
+        # id 0 is pymodbus' catch-all for ids it does not serve: without it an unknown id gets
+        # exception 4; with it the request is served and `_trace` drops the answer, as a real
+        # RS-485 line stays silent for a unit that is not on it
         devices = [SimDevice(id=u, simdata=(block(True), block(True), block(False), block(False)))
-                   for u in self.units]
+                   for u in (0, *self.units)]
         self._server = ModbusSerialServer(devices, framer=FramerType.RTU, port=self._inner.path,
                                           baudrate=self.baudrate, trace_packet=self._trace,
                                           trace_pdu=self._trace_pdu)
@@ -306,6 +310,8 @@ class ModbusSlaveSim(SerialSim):
     def _trace(self, sending: bool, data: bytes) -> bytes:
         if not sending:
             return data
+        if not data or data[0] not in self.units:
+            return b""  # not on this line (or a broadcast): nobody answers
         self.requests += 1
         return self.apply_fault(data)
 
