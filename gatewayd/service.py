@@ -428,8 +428,10 @@ class Gateway:
         out = []
         for name, u in self.uplinks.items():
             state = str(getattr(u, "state", ""))
-            if state in ("backing_off", "auth_failed"):
-                error = getattr(u, "last_error", "")
+            error = getattr(u, "last_error", "")
+            # Backing off, refused, or trying again after a failure: not delivering.
+            if state in ("backing_off", "auth_failed") or (
+                    error and state in ("connecting", "authenticating")):
                 out.append(f"uplink {name} is {state}" + (f": {error}" if error else ""))
         return out
 
