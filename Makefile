@@ -24,6 +24,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check gatewayd drivers sim tests bench docker
 	$(VENV)/bin/mypy gatewayd drivers sim/gatewayd_sim
 
+# sdist and wheel of both distributions in dist/ (offline: the build backend is the venv's)
+dist: $(STAMP)
+	rm -rf dist build/lib build/bdist.* sim/build
+	$(PY) -m build -q --no-isolation --outdir dist . >build/dist.log 2>&1 || { cat build/dist.log; false; }
+	$(PY) -m build -q --no-isolation --outdir dist sim >>build/dist.log 2>&1 || { cat build/dist.log; false; }
+	@ls -l dist
+
 # --- Docker (README "Docker"): wheels built here, installed offline in the images -------------
 docker-wheels: $(STAMP)
 	rm -rf build/wheelhouse build/lib build/bdist.* sim/build && mkdir -p build
@@ -50,4 +57,4 @@ bench: $(STAMP)
 	$(PY) bench/bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info sim/build sim/*.egg-info
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info sim/build sim/*.egg-info
