@@ -5,6 +5,7 @@ Pure functions and small types, no I/O: the uplink and the transports share them
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Iterable
@@ -220,3 +221,80 @@ def envelope(mode: str, message_type: str, messages: list[dict[str, Any]]) -> st
     return json.dumps(
         {"mode": mode, "messageType": message_type, "messages": messages}, separators=(",", ":")
     )
+
+
+# -- pushes ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CommandFields:
+    """Which fields of a toDevice message name the action, the local device and the cloud's id."""
+
+    command_types: tuple[str, ...]
+    action_field: str
+    device_field: str
+    id_field: str
+    command_device: str
+
+
+@dataclass(frozen=True, slots=True)
+class PushCommand:
+    """A pushed message read as a command (`problem` empty), or why it is none."""
+
+    id: str
+    device: str = ""
+    action: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    problem: str = ""
+
+
+def read_pushes(envelopes: list[Any], f: CommandFields, arrival: str) -> list[PushCommand]:
+    """Pushed envelopes (in issue order) as commands. Never raises.
+
+    Pushes carry no id (mms.md A.4), and MMS delivers each once (a GET drains, a socket push is
+    sent once), so a message without the `id_field` gets an id unique to its arrival
+    (`arrival` plus its ordinal): a deliberate repeat runs again. A message that names an id
+    keeps it, and the dispatcher then runs a redelivery of the same id and content once.
+    """
+    out: list[PushCommand] = []
+    ordinal = 0
+    for env in envelopes:
+        if not isinstance(env, dict) or not isinstance(env.get("messages"), list):
+            out.append(PushCommand(_content_id(env, arrival, ordinal), problem="not a push envelope"))
+            ordinal += 1
+            continue
+        mtype = env.get("messageType")
+        for message in env["messages"]:
+            out.append(_read_one(mtype, env.get("sender"), message, f, _content_id(
+                [mtype, message], arrival, ordinal)))
+            ordinal += 1
+    return out
+
+
+def _read_one(mtype: Any, sender: Any, message: Any, f: CommandFields, synthetic: str) -> PushCommand:
+    cmd_id = synthetic
+    if isinstance(message, dict):
+        own = message.get(f.id_field)
+        if isinstance(own, str | int) and not isinstance(own, bool) and str(own):
+            cmd_id = str(own)[:200]
+    if mtype not in f.command_types:
+        return PushCommand(cmd_id, problem=f"message type {str(mtype)[:60]!r} is not a command type")
+    if not isinstance(message, dict):
+        return PushCommand(cmd_id, problem="a command message must be an object")
+    action = message.get(f.action_field)
+    if not isinstance(action, str) or not action:
+        return PushCommand(cmd_id, problem=f"missing action field {f.action_field!r}")
+    device = f.command_device
+    if f.device_field and isinstance(message.get(f.device_field), str):
+        device = message[f.device_field]
+    reserved = {f.action_field, f.id_field, f.device_field}
+    params = {k: v for k, v in message.items() if k not in reserved and v is not None}
+    return PushCommand(cmd_id, device, action, params)
+
+
+def _content_id(content: Any, arrival: str, ordinal: int) -> str:
+    try:
+        text = json.dumps(content, sort_keys=True, default=str)
+    except (ValueError, RecursionError):
+        text = repr(type(content))
+    return f"mms-{hashlib.sha256(text.encode()).hexdigest()[:12]}-{arrival}-{ordinal}"
