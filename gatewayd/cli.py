@@ -156,8 +156,11 @@ async def _run(cfg: Any) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    gateway = Gateway(cfg)
+    # SIGHUP reloads the config (systemctl reload), as Telegraf and Fluent Bit do.
+    loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
     try:
-        await Gateway(cfg).run(stop)
+        await gateway.run(stop)
     except QueueSchemaError as exc:  # a newer gatewayd's queue: never touch it
         log.error("queue_schema_too_new", path=exc.path, found=exc.found, known=exc.known,
                   error=str(exc))
@@ -167,7 +170,7 @@ async def _run(cfg: Any) -> int:
         log.error("gateway_failed", error=str(exc))
         return EX_CANTCREAT
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return EX_OK
 

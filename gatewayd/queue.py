@@ -749,6 +749,44 @@ class Queue:
     def outbox(self, name: str) -> Outbox:
         return self._outboxes[name]
 
+    async def add_uplink(self, name: str, start: str | None = None) -> Outbox:
+        """A cursor for an uplink added at run time (config reload); an existing one is kept."""
+        if name in self._outboxes:
+            return self._outboxes[name]
+        if start:
+            self._starts[name] = start
+        self._uplink_names.append(name)
+        if not self._opened or self._db is None:
+            # Degraded start: the real cursor is made when the database opens (_reopen).
+            used = {ob.bit for ob in self._outboxes.values()}
+            bit = min(b for b in range(_MAX_UPLINKS) if b not in used)
+            self._outboxes[name] = Outbox(self, name, bit, self.tail)
+            return self._outboxes[name]
+        cursors, deferred = await self._on_writer(self._reconcile_cursors, self._db)
+        bit, acked = cursors[name]
+        self._outboxes[name] = Outbox(self, name, bit, acked)
+        if deferred is not None:
+            self._fault(deferred, "cursor")  # the new cursor is written once the disk allows
+        return self._outboxes[name]
+
+    async def drop_uplink(self, name: str) -> None:
+        """Forget a removed uplink's cursor (after the reload grace period): GC may pass it."""
+        ob = self._outboxes.pop(name, None)
+        if ob is None:
+            return
+        ob.closed = True
+        self._uplink_names = [n for n in self._uplink_names if n != name]
+        self._dirty.pop(name, None)
+        db = self._db
+        if self._opened and db is not None:
+            try:
+                await self._on_writer(db.execute, "DELETE FROM cursors WHERE name=?", (name,))
+            except (sqlite3.Error, OSError) as exc:
+                if classify(exc, self.path) is None:
+                    raise
+                self._fault(exc, "cursor")  # the row goes at the next start (not configured)
+        log.info("uplink_cursor_dropped", uplink=name, acked=ob.acked)
+
     @property
     def outboxes(self) -> dict[str, Outbox]:
         return self._outboxes
