@@ -85,13 +85,16 @@ class Gateway:
         self.queue = Queue(cfg.state_dir / "queue.db", cfg.queue, [u.name for u in enabled_uplinks],
                            self.metrics, {u.name: u.start for u in enabled_uplinks if u.start})
         await self.queue.open()
+        # The status page's recent values, fed as readings are submitted (only if it is served).
+        sampler_queue: Any = (_Observed(self.queue, self.recent.record) if cfg.health.enabled
+                              else self.queue)
         for d in cfg.devices:
             if not d.enabled:
                 continue
             cls = drivers.load(drivers.DRIVERS, d.driver)
             driver: Driver = cls(d.name, d.options, self.buses)
             self.samplers.append(Sampler(driver, d.interval, d.timeout, d.jitter, d.backoff_max,
-                                         _Observed(self.queue, self.recent.record), self.metrics,
+                                         sampler_queue, self.metrics,
                                          on_state=self._device_state, ports=self.port_loads))
         timeouts = {}
         for a in cfg.actuators:
