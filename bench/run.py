@@ -200,7 +200,7 @@ async def main() -> int:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             await wait_healthy(session, proc)
             print(f"""
-[bench] gatewayd is up. Watch the readings flow:
+[bench] gatewayd is up. Status page: {HEALTH}/   Watch the readings flow:
     curl -s {HEALTH}/status | python3 -m json.tool     # devices, uplinks, backlog
     tail -f {STATE / 'archive.jsonl'}          # delivered readings (jsonl uplink)
     curl -s {HEALTH}/metrics | grep gatewayd_           # Prometheus metrics

@@ -1,4 +1,4 @@
-"""Command line: `gatewayd run|check|probe|sim`."""
+"""Command line: `gatewayd run|check|status|probe|sim`."""
 
 from __future__ import annotations
 
@@ -61,6 +61,17 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                        help="check everything but the secrets: secret files and environment "
                             "variables are not read (on a workstation, before the credentials "
                             "are installed)")
+
+    status = sub.add_parser(
+        "status", help="the status page as a terminal table (devices, uplinks, queue)",
+        description="Show what the running daemon reads and where every reading is. Exit 0 if "
+                    "all is well, 1 if a device, uplink or the queue's storage is failing, 2 if "
+                    "the daemon cannot be reached.")
+    if command in (None, "status"):
+        from gatewayd.web import term
+
+        term.add_arguments(status)
+        status.set_defaults(plugin=term)
 
     probe = _optional_module("gatewayd.probe") if command in (None, "probe") else None
     if probe is not None or command not in (None, "probe"):

@@ -19,7 +19,7 @@ import drivers
 from drivers.base import Duration, Range
 from gatewayd.errors import ConfigError
 from gatewayd.queue import QueueConfig
-from gatewayd.schema import Builder, did_you_mean
+from gatewayd.schema import Builder, Secret, did_you_mean
 from gatewayd.uplinks import UPLINKS, load_uplink
 
 EX_CONFIG = 78
@@ -39,10 +39,17 @@ class GatewaySection:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthAuth:
+    user: str
+    password: Secret  # password_file = "..." (or password_env); HTTP basic auth
+
+
+@dataclass(frozen=True, slots=True)
 class HealthSection:
     enabled: bool = True
     listen: str = "127.0.0.1:9847"
     allow_commands: bool = False  # POST /commands from the local network (bench, commissioning)
+    auth: HealthAuth | None = None  # required when listen is not a loopback address
 
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")
@@ -56,6 +63,10 @@ class HealthSection:
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("localhost", "::1") or self.host.startswith("127.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +227,9 @@ def parse(doc: dict[str, Any], path: Path, env: Mapping[str, str] | None = None,
     uplinks = _uplinks(b, doc.get("uplinks", {}))
     commands = b.value(list[CommandMap], doc.get("commands", []), "commands") or []
 
+    if health is not None and health.enabled and not health.loopback and health.auth is None:
+        b.error("health.auth", f"required when listen ({health.listen!r}) is not a loopback address: "
+                               'set auth = { user = "...", password_file = "..." }')
     _check_names(b, devices, actuators)
     # Cross-references use every declared name, so one broken section does not cascade.
     declared_uplinks = set(doc["uplinks"]) if isinstance(doc.get("uplinks"), dict) else set()

@@ -114,6 +114,7 @@ class Dispatcher:
         self._reply_tasks: set[asyncio.Task[None]] = set()
         self._inbox: asyncio.Queue[Command] = asyncio.Queue(maxsize=1000)
         self.counts: dict[str, int] = {}
+        self.observers: list[Callable[[Command, CommandResult, float], None]] = []  # status page
 
     def find(self, cmd: Command) -> CommandMap | None:
         """The most specific mapping for the command's uplink, device and action."""
@@ -193,6 +194,8 @@ class Dispatcher:
         if self.metrics is not None:
             self.metrics.command_latency.labels(cmd.uplink).observe(time.perf_counter() - started)
         latency_ms = round((time.perf_counter() - started) * 1000, 2)
+        for observe in self.observers:
+            observe(cmd, result, latency_ms)
         (log.info if result.ok else log.warning)(
             "command_done", uplink=cmd.uplink, id=cmd.id, device=cmd.device, action=cmd.action,
             ok=result.ok, code=result.code, message=result.message, latency_ms=latency_ms)

@@ -28,8 +28,29 @@ from gatewayd.queue import Queue
 from gatewayd.sampler import PortLoads, Sampler
 from gatewayd.uplinks import load_uplink
 from gatewayd.uplinks.base import DeviceInfo, Uplink, UplinkContext
+from gatewayd.web.recent import Recent
 
 log = structlog.get_logger("gatewayd.service")
+
+
+class _Observed:
+    """The queue as samplers see it: each batch is shown to an observer (the status page's
+    recent values) before it is queued. The observer is in-memory and cheap."""
+
+    __slots__ = ("_observe", "_queue")
+
+    def __init__(self, queue: Queue, observe: Any) -> None:
+        self._queue, self._observe = queue, observe
+
+    def submit(self, readings: Any) -> asyncio.Future[bool]:
+        try:
+            self._observe(readings)
+        except Exception:  # the view's bug must never cost a reading
+            log.exception("readings_observer_failed")
+        return self._queue.submit(readings)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queue, name)
 
 
 class Gateway:
@@ -53,6 +74,7 @@ class Gateway:
         self.uplinks: dict[str, Uplink] = {}
         self.dispatcher: Dispatcher = Dispatcher([], {}, config.dispatch)
         self.health: HealthServer | None = None
+        self.recent = Recent()  # last values per point, for the status page (memory only)
         self._tasks: dict[str, asyncio.Task[Any]] = {}
 
     # -- building -------------------------------------------------------------------------------
@@ -69,8 +91,8 @@ class Gateway:
             cls = drivers.load(drivers.DRIVERS, d.driver)
             driver: Driver = cls(d.name, d.options, self.buses)
             self.samplers.append(Sampler(driver, d.interval, d.timeout, d.jitter, d.backoff_max,
-                                         self.queue, self.metrics, on_state=self._device_state,
-                                         ports=self.port_loads))
+                                         _Observed(self.queue, self.recent.record), self.metrics,
+                                         on_state=self._device_state, ports=self.port_loads))
         timeouts = {}
         for a in cfg.actuators:
             if not a.enabled:

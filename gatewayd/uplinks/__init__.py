@@ -7,6 +7,7 @@ from typing import Any
 
 UPLINKS: dict[str, str] = {
     "jsonl": "gatewayd.uplinks.jsonl:JsonlUplink",
+    "mqtt": "gatewayd.uplinks.mqtt:MqttUplink",
     "enos": "gatewayd.uplinks.enos:EnosUplink",
     "mms": "gatewayd.uplinks.mms:MmsUplink",
     "opshub": "gatewayd.uplinks.opshub:OpsHubUplink",

@@ -264,19 +264,32 @@ class DeliveryUplink(Uplink):
             raise
         if throttle is not None:
             throttle.record()
+        task = asyncio.current_task()
+        cancels = task.cancelling() if task is not None else 0
+        # The session's TaskGroup runs in a child task: on 3.11 a TaskGroup whose child fails
+        # leaves a stale cancel count on the task it runs in, which would hide a real cancel.
+        runner = asyncio.get_running_loop().create_task(self._run_session_tasks(session),
+                                                        name=f"session-runner[{self.name}]")
         try:
-            await self._run_session_tasks(session)
+            await runner
             exc2: BaseException = UplinkError("session ended")
         except* UplinkAuthError as eg:
             exc2 = _first(eg)
         except* (UplinkError, OSError, TimeoutError) as eg:
             exc2 = _first(eg)
         finally:
+            if not runner.done():
+                runner.cancel()
+                await asyncio.gather(runner, return_exceptions=True)
             self.session = None
             self.ctx.outbox.rewind()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(5):
                     await session.close()
+        if task is not None and task.cancelling() > cancels:
+            # Cancelled while a session task failed: on 3.11 the TaskGroup then raises the
+            # task's error instead of CancelledError. The cancellation still wins.
+            raise asyncio.CancelledError
         if time.monotonic() - started >= self.stable_s:
             backoff.reset()
         if isinstance(exc2, UplinkAuthError):

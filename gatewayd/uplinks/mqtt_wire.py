@@ -65,9 +65,11 @@ def guard_wildcard_topics(client: aiomqtt.Client, drops: DropCounter) -> None:
 
 async def connect(client: aiomqtt.Client, timeout_s: float) -> None:
     """`client.__aenter__()` with typed errors; a half-open client is cleaned up."""
+    cancels = _cancels()
     try:
         async with asyncio.timeout(timeout_s):
             await client.__aenter__()
+        resume_cancellation(cancels)
     except aiomqtt.MqttCodeError as exc:
         rc = getattr(exc.rc, "value", exc.rc)
         if rc in AUTH_REFUSALS:
@@ -86,9 +88,11 @@ async def connect(client: aiomqtt.Client, timeout_s: float) -> None:
 
 
 async def close(client: aiomqtt.Client) -> None:
+    cancels = _cancels()
     with contextlib.suppress(aiomqtt.MqttError, TimeoutError, OSError, RuntimeError):
         async with asyncio.timeout(2):
             await client.__aexit__(None, None, None)
+    resume_cancellation(cancels)
 
 
 async def subscribe(client: aiomqtt.Client, topics: Sequence[str], qos: int,

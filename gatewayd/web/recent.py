@@ -1,0 +1,131 @@
+"""Recent values per point, in memory, for the status page and `gatewayd status`.
+
+Bounded by points x slots: each point keeps its last reading exactly, and a ring of SLOTS
+buckets of BUCKET_S seconds (the last value seen in each bucket) for its sparkline. A
+sparkline is about 120 pixels wide, so finer history would be drawn over itself anyway.
+The page never reads the queue: everything it shows of values comes from here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from array import array
+from collections.abc import Iterable
+from typing import Any
+
+from drivers.base import Reading
+
+BUCKET_S = 5
+SLOTS = 120  # 10 minutes of 5 s buckets
+MAX_POINTS = 20_000  # a config with more points than this is not a gateway; stop recording new ones
+
+# Unit from the point name's suffix (the naming convention of every driver: "temperature_c").
+_UNITS = {
+    "c": "°C", "f": "°F", "k": "K", "pct": "%", "rh": "%RH", "hpa": "hPa", "pa": "Pa", "kpa": "kPa",
+    "bar": "bar", "mbar": "mbar", "psi": "psi", "v": "V", "mv": "mV", "a": "A", "ma": "mA", "w": "W",
+    "kw": "kW", "wh": "Wh", "kwh": "kWh", "mwh": "MWh", "var": "var", "kvar": "kvar", "va": "VA",
+    "kva": "kVA", "hz": "Hz", "m": "m", "mm": "mm", "cm": "cm", "km": "km", "s": "s", "ms": "ms",
+    "deg": "°", "rpm": "rpm", "lux": "lx", "ppm": "ppm", "kmh": "km/h", "mps": "m/s", "l": "L",
+    "m3": "m³", "lpm": "L/min", "db": "dB", "dbm": "dBm", "pf": "",
+}
+
+
+def unit_of(point: str) -> str:
+    """`temperature_c` -> `°C`; no known suffix -> ``."""
+    _, sep, suffix = point.rpartition("_")
+    return _UNITS.get(suffix.lower(), "") if sep else ""
+
+
+class PointHistory:
+    """One point: its last reading and a ring of bucketed values."""
+
+    __slots__ = ("buckets", "quality", "seq", "ts_ms", "unit", "value", "values")
+
+    def __init__(self, unit: str) -> None:
+        self.unit = unit
+        self.value: Any = None
+        self.ts_ms = 0
+        self.quality = 0
+        self.seq = 0  # Recent.seq when last updated: what changed since a client's last update
+        self.buckets = array("i", [-1]) * SLOTS  # bucket number held in each slot (-1: none)
+        self.values = array("d", [math.nan]) * SLOTS
+
+    def add(self, value: Any, ts_ms: int, quality: int, seq: int) -> None:
+        self.value, self.ts_ms, self.quality, self.seq = value, ts_ms, quality, seq
+        b = ts_ms // (BUCKET_S * 1000)
+        slot = b % SLOTS
+        self.buckets[slot] = b
+        self.values[slot] = numeric(value)
+
+    def series(self, now_ms: int) -> list[list[float | None]]:
+        """[[t_s, value or None], ...] oldest first, within the window ending now."""
+        first = now_ms // (BUCKET_S * 1000) - SLOTS + 1
+        out = []
+        for b, v in sorted(zip(self.buckets, self.values, strict=True)):
+            if b >= 0 and b >= first:
+                out.append([b * BUCKET_S, None if math.isnan(v) else round(v, 6)])
+        return out
+
+    def last(self) -> dict[str, Any]:
+        return {"value": jsonable(self.value), "ts_ms": self.ts_ms, "quality": self.quality,
+                "unit": self.unit}
+
+
+def numeric(value: Any) -> float:
+    if isinstance(value, bool):
+        return 1.0 if value else 0.0
+    if isinstance(value, int | float):
+        f = float(value)
+        return f if math.isfinite(f) else math.nan
+    return math.nan
+
+
+def jsonable(value: Any) -> Any:
+    """Readings may hold NaN or inf (JSON has neither) or a small dict (a GPS fix)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class Recent:
+    """Every point's recent values; `record` is the sampler-side observer (cheap, never raises)."""
+
+    def __init__(self) -> None:
+        self.points: dict[tuple[str, str], PointHistory] = {}
+        self.seq = 0
+        self.dropped_points = 0  # points not recorded because MAX_POINTS was reached
+
+    def record(self, readings: Iterable[Reading]) -> None:
+        points = self.points
+        for r in readings:
+            key = (r.device, r.point)
+            p = points.get(key)
+            if p is None:
+                if len(points) >= MAX_POINTS:
+                    self.dropped_points += 1
+                    continue
+                p = points[key] = PointHistory(unit_of(r.point))
+            self.seq += 1
+            p.add(r.value, r.ts_ms, int(r.quality), self.seq)
+
+    def snapshot(self, history: bool = True, now_ms: int | None = None) -> dict[str, dict[str, Any]]:
+        """{device: {point: {value, ts_ms, quality, unit, series?}}} for every point."""
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        out: dict[str, dict[str, Any]] = {}
+        for (dev, pt), p in self.points.items():
+            entry = p.last()
+            if history:
+                entry["series"] = p.series(now)
+            out.setdefault(dev, {})[pt] = entry
+        return out
+
+    def changed_since(self, seq: int) -> dict[str, dict[str, Any]]:
+        """Last values of the points updated after `seq` (the client extends its own series)."""
+        out: dict[str, dict[str, Any]] = {}
+        if seq >= self.seq:
+            return out
+        for (dev, pt), p in self.points.items():
+            if p.seq > seq:
+                out.setdefault(dev, {})[pt] = p.last()
+        return out

@@ -1,0 +1,48 @@
+"""Recent values: bounded per point, bucketed for sparklines, changes tracked by seq."""
+
+from __future__ import annotations
+
+import math
+from itertools import pairwise
+
+from drivers.base import Quality, Reading
+from gatewayd.web.recent import BUCKET_S, SLOTS, Recent, unit_of
+
+
+def test_units_from_point_names() -> None:
+    assert unit_of("temperature_c") == "°C"
+    assert unit_of("energy_kwh") == "kWh"
+    assert unit_of("humidity_pct") == "%"
+    assert unit_of("fix_quality") == ""
+    assert unit_of("lat") == ""
+
+
+def test_history_is_bounded_and_windowed() -> None:
+    r = Recent()
+    t0 = 1_800_000_000_000
+    for i in range(5000):  # 5000 readings 1 s apart: far more than the window
+        r.record([Reading("d", "v_v", float(i), t0 + i * 1000)])
+    p = r.points[("d", "v_v")]
+    assert len(p.buckets) == SLOTS and len(p.values) == SLOTS
+    now = t0 + 4999 * 1000
+    series = r.snapshot(now_ms=now)["d"]["v_v"]["series"]
+    assert len(series) == SLOTS
+    assert series[-1] == [now // 1000 // BUCKET_S * BUCKET_S, 4999.0]
+    assert all(b[0] - a[0] == BUCKET_S for a, b in pairwise(series))
+    assert series[0][0] > now / 1000 - SLOTS * BUCKET_S
+    # much later, nothing of it is within the window, but the last value is kept
+    later = r.snapshot(now_ms=now + 3600_000)["d"]["v_v"]
+    assert later["series"] == [] and later["value"] == 4999.0 and later["unit"] == "V"
+
+
+def test_bad_values_and_changes_since() -> None:
+    r = Recent()
+    r.record([Reading("d", "a", None, 1000, Quality.BAD), Reading("d", "b", math.inf, 1000)])
+    seq = r.seq
+    assert r.changed_since(seq) == {}
+    snap = r.snapshot(now_ms=2000)["d"]
+    assert snap["a"]["series"] == [[0, None]] and snap["a"]["quality"] == 2
+    assert snap["b"]["value"] == "inf"  # JSON has no infinity
+    r.record([Reading("d", "b", True, 3000)])
+    assert list(r.changed_since(seq)["d"]) == ["b"]
+    assert r.changed_since(seq)["d"]["b"]["value"] is True
