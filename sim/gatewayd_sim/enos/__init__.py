@@ -11,7 +11,7 @@ import contextlib
 from pathlib import Path
 
 from gatewayd_sim.enos.hub import Accepted, CommandRecord, Hub, HubOptions
-from gatewayd_sim.enos.registry import Device, Product, Registry, RegistryError
+from gatewayd_sim.enos.registry import Device, Product, Registry, RegistryError, StateFile
 from gatewayd_sim.enos.simulator import EnosSimulator, TlsFiles
 
 __all__ = ["Accepted", "CommandRecord", "Device", "EnosSimulator", "Hub", "HubOptions",
@@ -33,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="send replies even to clients that did not subscribe to them")
     parser.add_argument("--no-throttle", action="store_true",
                         help="do not block devices that reconnect more than 4 times in 2 min")
+    parser.add_argument("--state", type=Path, metavar="FILE",
+                        help="keep the hub's run-time state (topology, activated secrets, "
+                             "registered devices) in FILE across restarts")
     parser.add_argument("--no-record", action="store_true",
                         help="count accepted points without keeping them (long benches)")
 
@@ -44,6 +47,12 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, RegistryError) as exc:
         print(f"enos sim: {exc}")
         return 78
+    if args.state is not None:
+        try:
+            StateFile(args.state).load_into(Registry.load(args.registry))  # fail early, clearly
+        except (OSError, RegistryError) as exc:
+            print(f"enos sim: state {args.state}: {exc}")
+            return 78
     tls = None
     if args.tls_cert:
         if not args.tls_key:
@@ -55,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
                          throttle=None if args.no_throttle else defaults.throttle,
                          record_points=not args.no_record)
     sim = EnosSimulator(registry, host=args.host, port=args.port, tls=tls,
-                        tls_port=args.tls_port, http_port=args.http_port, options=options)
+                        tls_port=args.tls_port, http_port=args.http_port, options=options,
+                        state_file=args.state)
 
     async def main() -> None:
         async with sim:

@@ -17,9 +17,8 @@ from typing import Any
 
 import structlog
 
-from gatewayd.uplinks.enos import protocol as P
-from gatewayd.uplinks.enos.sign import login_params, parse_client_id, verify
 from gatewayd_sim.enos import mqtt
+from gatewayd_sim.enos import wire as P
 from gatewayd_sim.enos.registry import Device, Key, Product, Registry
 
 log = structlog.get_logger("gatewayd_sim.enos")
@@ -142,6 +141,10 @@ class Hub:
         self._attempts: dict[Key, deque[float]] = {}
         self._blocked_until: dict[Key, float] = {}
         self._cmd_ids = itertools.count(1)
+        # command ids must not repeat across hub restarts: a device may still hold a reply to
+        # an old "cmd-1"; every process (and every Hub) gets its own prefix
+        self.id_prefix = secrets.token_hex(3)
+        self.on_state_change: Callable[[], None] | None = None  # --state: save the registry
         self.drop_replies = self.options.drop_replies
         self._changed = asyncio.Condition()
         self._handlers: dict[str, Handler] = {
@@ -163,6 +166,11 @@ class Hub:
             "combine/login/batch": self._login_batch,
             "combine/logout": self._logout,
         }
+
+    def state_changed(self) -> None:
+        """The registry changed (topology, secrets, devices...): persist it if asked to."""
+        if self.on_state_change is not None:
+            self.on_state_change()
 
     # -- waiting, for tests --------------------------------------------------------------------
 
@@ -218,7 +226,7 @@ class Hub:
         if not sep or not pk or not dk or req.password is None:
             return mqtt.BAD_CREDENTIALS, key, ""
         try:
-            sign_cid, attrs = parse_client_id(req.client_id)
+            sign_cid, attrs = P.split_client_id(req.client_id)
         except ValueError:
             return mqtt.BAD_CLIENT_ID, key, ""
         mode, method, ts = (attrs.get("securemode", ""), attrs.get("signmethod", ""),
@@ -243,7 +251,7 @@ class Hub:
             return mqtt.NOT_AUTHORIZED, key, mode
         if secret is None:
             return mqtt.NOT_AUTHORIZED, key, mode
-        if not verify(login_params(pk, dk, sign_cid, ts), secret, method, req.password):
+        if not P.sign_ok(pk, dk, sign_cid, ts, secret, method, req.password):
             return mqtt.BAD_CREDENTIALS, key, mode
         return mqtt.ACCEPTED, key, mode
 
@@ -302,6 +310,8 @@ class Hub:
             if self.options.strict_methods and method != topic.method:
                 raise _Refusal(P.METHOD_MISMATCH, "Methods not consistent")
             data = handler(conn, topic, env)
+            if topic.path in _STATE_PATHS:
+                self.state_changed()
         except _Refusal as exc:
             code, data, message = exc.code, exc.data, exc.message
         except P.EnvelopeError as exc:
@@ -541,7 +551,9 @@ class Hub:
             return P.NOT_THIS_GATEWAY, "not a sub-device of this gateway", dev
         if not dev.enabled:
             return P.DEVICE_DISABLED, "Device is disable", dev
-        if not all(isinstance(v, str) and v for v in (client_id, timestamp, given)):
+        # the Node.js SDK sends `timestamp` as a JSON number and signs its decimal text
+        client_id, timestamp = P.sign_text(client_id), P.sign_text(timestamp)
+        if client_id is None or timestamp is None or not isinstance(given, str) or not given:
             return P.SIGN_CHECK_FAILED, "sign check failed: missing clientId/timestamp/sign", dev
         if secure_mode == "3":
             if not self._product(sub).dynamic_activation:
@@ -549,8 +561,8 @@ class Hub:
             secret = self._product(sub).secret
         else:
             secret = dev.secret or ""
-        params = login_params(sub[0], sub[1], client_id, timestamp)
-        if not secret or not verify(params, secret, str(method or "sha256"), given):
+        if not secret or not P.sign_ok(sub[0], sub[1], client_id, timestamp, secret,
+                                       str(method or "sha256"), given):
             return P.SIGN_CHECK_FAILED, "sign check failed", dev
         return P.OK, "", dev
 
@@ -690,7 +702,7 @@ class Hub:
 
         `payload` replaces the JSON envelope (to send malformed commands in tests).
         """
-        msg_id = msg_id or f"cmd-{next(self._cmd_ids)}"
+        msg_id = msg_id or f"cmd-{self.id_prefix}-{next(self._cmd_ids)}"
         rec = CommandRecord(msg_id, key, topic, method, params, payload)
         self.commands[msg_id] = rec
         conn = self.owner(key)
@@ -730,6 +742,7 @@ class Hub:
             dev = self.registry.devices[st.key]
             dev.secret = rec.params["deviceSecret"]
             log.info("sim_device_activated", device=st.key)
+            self.state_changed()
             # OPEN: what the hub does with the mode-3 connection is undocumented; closing it
             # makes the device reconnect with its new secret.
             conn.close()
@@ -740,12 +753,19 @@ class Hub:
         dev = self.registry.devices[st.key]
         params = {"assetId": dev.asset_id, "productKey": pk, "deviceKey": dk,
                   "deviceSecret": secrets.token_urlsafe(12)}
-        rec = CommandRecord(f"act-{next(self._cmd_ids)}", st.key,
+        rec = CommandRecord(f"act-{self.id_prefix}-{next(self._cmd_ids)}", st.key,
                             P.session_topic(pk, dk, "thing/activate/info"), "thing.activate.info",
                             params)
         self.commands[rec.msg_id] = rec
         st.activation = rec
         self._deliver(conn, rec)
+
+
+# requests whose success changes the registry (`--state` saves it after them)
+_STATE_PATHS = frozenset({
+    "thing/device/register", "thing/topo/add", "thing/topo/delete", "combine/login",
+    "combine/login/batch", "thing/attribute/update", "thing/attribute/delete",
+    "thing/tag/update", "thing/tag/delete"})
 
 
 def _fits(kind: str | None, value: Any) -> bool:
