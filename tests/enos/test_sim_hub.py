@@ -213,7 +213,7 @@ async def test_state_survives_a_process_restart_with_state_file(tmp_path: Path) 
         proc.wait(timeout=30)
 
 
-async def test_a_broken_state_file_is_one_clear_error(tmp_path: Path) -> None:
+def test_a_broken_state_file_is_one_clear_error(tmp_path: Path) -> None:
     registry, state = tmp_path / "registry.toml", tmp_path / "state.json"
     registry.write_text(REGISTRY_TOML)
     state.write_text("{not json")
