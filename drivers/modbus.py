@@ -133,10 +133,16 @@ def decode_value(raw: Sequence[int] | Sequence[bool], p: ModbusPoint) -> float |
         raise ValueError(f"point needs {p.width} registers, got {len(raw)}")
     if p.is_bit:
         return bool(raw[0])
-    data = _raw_bytes([int(r) & 0xFFFF for r in raw], p)
-    if p.type == "string":
-        return data.split(b"\0", 1)[0].decode("latin-1").strip()
-    value: float | int = struct.unpack(">" + _STRUCT[p.type][0], data)[0]
+    value: float | int
+    if p.width == 1 and p.byte_order == "big" and p.type in ("uint16", "int16"):
+        value = int(raw[0]) & 0xFFFF  # the common case, without building bytes
+        if p.type == "int16" and value & 0x8000:
+            value -= 0x10000
+    else:
+        data = _raw_bytes([int(r) & 0xFFFF for r in raw], p)
+        if p.type == "string":
+            return data.split(b"\0", 1)[0].decode("latin-1").strip()
+        value = struct.unpack(">" + _STRUCT[p.type][0], data)[0]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if p.scale != 1.0 or p.offset != 0.0:
@@ -251,6 +257,7 @@ class ModbusLine:
         self.stats: dict[int, UnitStats] = {}
         self._framer = FramerRTU(DecodePDU(is_server=False))
         self._decoder = DecodePDU(is_server=False)
+        self._frames: dict[tuple[int, int, int, int], bytes] = {}  # read requests, built once
 
     def unit_stats(self, unit: int) -> UnitStats:
         return self.stats.setdefault(unit, UnitStats())
@@ -274,9 +281,36 @@ class ModbusLine:
     async def transact(self, unit: int, pdu: ModbusPDU, *, device: str, timeout_s: float = 0.5,
                        retries: int = 1) -> ModbusPDU:
         """`request` for a caller that already holds `port.lock` (several requests in a row)."""
-        stats = self.unit_stats(unit)
         pdu.dev_id = unit
-        frame = self._framer.buildFrame(pdu)
+        frame = await self._exchange(unit, pdu.function_code, self._framer.buildFrame(pdu),
+                                     device, timeout_s, retries)
+        return self._decode(unit, frame, device)
+
+    async def read(self, unit: int, fc: int, address: int, count: int, *, device: str,
+                   timeout_s: float = 0.5, retries: int = 1) -> list[int] | list[bool]:
+        """Read `count` registers (fc 3, 4) or bits (fc 1, 2) from `address`; the caller holds
+        `port.lock`. The hot path of polling: a cached request frame, the answer parsed here."""
+        key = (unit, fc, address, count)
+        frame = self._frames.get(key)
+        if frame is None:
+            body = struct.pack(">BBHH", unit, fc, address, count)
+            frame = self._frames[key] = body + crc16(body).to_bytes(2, "little")
+        answer = await self._exchange(unit, fc, frame, device, timeout_s, retries)
+        data = answer[3:-2]
+        if fc >= 3:
+            if len(data) != 2 * count:
+                raise DriverError(device, f"modbus unit {unit}: {len(data) // 2} registers in the "
+                                          f"answer, expected {count}")
+            return list(struct.unpack(f">{count}H", data))
+        if len(data) != (count + 7) // 8:
+            raise DriverError(device, f"modbus unit {unit}: {len(data)} bytes of bits in the "
+                                      f"answer, expected {(count + 7) // 8}")
+        return [bool(data[i >> 3] >> (i & 7) & 1) for i in range(count)]
+
+    async def _exchange(self, unit: int, fc: int, frame: bytes, device: str, timeout_s: float,
+                        retries: int) -> bytes:
+        """One request frame out, its answer frame back (CRC checked), with retries."""
+        stats = self.unit_stats(unit)
         port = self.port
         silence = self.silence_s()
         for attempt in range(retries + 1):
@@ -286,7 +320,7 @@ class ModbusLine:
             port.discard_input()
             await port.write(frame, device)
             try:
-                response = await self._receive(unit, pdu.function_code, timeout_s, device)
+                answer = await self._receive_frame(unit, fc, timeout_s, device)
             except ReadTimeoutError:
                 stats.timeouts += 1
                 if attempt == retries:
@@ -300,19 +334,25 @@ class ModbusLine:
                                               f"{exc.frame.hex()}") from None
                 continue  # the retry waits for the line to fall silent first (quiet above)
             stats.responses += 1
-            if response.isError():
+            if answer[1] & 0x80:
                 stats.exceptions += 1
-                raise ModbusExceptionError(device, pdu.function_code, response.exception_code)
-            return response
+                raise ModbusExceptionError(device, fc, answer[2])
+            return answer
         raise AssertionError("unreachable")
 
-    async def _receive(self, unit: int, fc: int, timeout_s: float, device: str) -> ModbusPDU:
-        """Read one response frame for (unit, fc), skipping leading garbage; check its CRC."""
+    async def _receive_frame(self, unit: int, fc: int, timeout_s: float, device: str) -> bytes:
+        """One answer frame for (unit, fc), leading garbage skipped, its CRC checked."""
         frame = await self.port.read_frame(_frame_end(unit, fc), timeout_s, device,
                                            f"response from unit {unit}")
-        crc = int.from_bytes(frame[-2:], "big")
-        if not FramerRTU.check_CRC(frame[:-2], crc):
+        if crc16(frame[:-2]) != int.from_bytes(frame[-2:], "little"):
             raise _CrcError(frame)
+        return frame
+
+    async def _receive(self, unit: int, fc: int, timeout_s: float, device: str) -> ModbusPDU:
+        """Read one response frame for (unit, fc) and decode it to a PDU."""
+        return self._decode(unit, await self._receive_frame(unit, fc, timeout_s, device), device)
+
+    def _decode(self, unit: int, frame: bytes, device: str) -> ModbusPDU:
         try:
             pdu = self._decoder.decode(frame[1:-2])
         except Exception as exc:
@@ -321,6 +361,28 @@ class ModbusLine:
         if pdu is None:
             raise DriverError(device, f"modbus unit {unit}: undecodable response {frame.hex()}")
         return pdu
+
+
+def _crc_table() -> tuple[int, ...]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+        table.append(crc)
+    return tuple(table)
+
+
+_CRC_TABLE = _crc_table()
+
+
+def crc16(data: bytes) -> int:
+    """Modbus CRC-16 (init 0xFFFF, reflected polynomial 0xA001); sent low byte first."""
+    crc = 0xFFFF
+    table = _CRC_TABLE
+    for b in data:
+        crc = (crc >> 8) ^ table[(crc ^ b) & 0xFF]
+    return crc
 
 
 def _frame_end(unit: int, fc: int) -> Callable[[bytearray], int]:
@@ -363,16 +425,22 @@ class _CrcError(DriverError):
 
 
 def decode_response(block: Block, response: ModbusPDU) -> dict[str, Any]:
-    """Point values from a block's response; DriverError if the response is short."""
+    """Point values from a block's response; ValueError if the response is short."""
     if block.fc <= 2:
         data: Sequence[Any] = list(response.bits)[:block.count]
     else:
         data = list(response.registers)
+    return decode_block(block, data)
+
+
+def decode_block(block: Block, data: Sequence[Any]) -> dict[str, Any]:
+    """Point values from a block's registers (or bits); ValueError if there are too few."""
     if len(data) < block.count:
         raise ValueError(f"response has {len(data)} values, expected {block.count}")
     out = {}
+    base = block.address
     for name, p in block.points:
-        i = p.address - block.address
+        i = p.address - base
         out[name] = decode_value(data[i:i + p.width], p)
     return out
 
@@ -443,10 +511,10 @@ class ModbusDriver(_ModbusBase, Driver):
         out: list[Reading] = []
         refused: ModbusExceptionError | None = None
         for block in self.blocks:
-            pdu = _READ_PDU[block.fc](address=block.address, count=block.count)
             try:
-                response = await line.transact(c.unit, pdu, device=self.name,
-                                               timeout_s=c.request_timeout, retries=c.retries)
+                data = await line.read(c.unit, block.fc, block.address, block.count,
+                                       device=self.name, timeout_s=c.request_timeout,
+                                       retries=c.retries)
             except ModbusExceptionError as exc:
                 log.warning("modbus_exception", device=self.name, address=block.address,
                             count=block.count, code=exc.code)
@@ -456,7 +524,7 @@ class ModbusDriver(_ModbusBase, Driver):
                 continue
             ts = now_ms()
             try:
-                values = decode_response(block, response)
+                values = decode_block(block, data)
             except ValueError as exc:
                 raise DriverError(self.name, f"modbus unit {self.config.unit}: {exc}") from exc
             for n, v in values.items():

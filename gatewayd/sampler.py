@@ -132,7 +132,8 @@ class PortLoad:
                         configured_polls_per_s=round(self.configured_hz, 1),
                         sustained_polls_per_s=round(self._rate.hz or 0.0, 1),
                         missed_in_window=missed_now,
-                        hint="lengthen the devices' intervals, or move some to another port")
+                        hint="lengthen the devices' intervals or move some to another port; "
+                             "a unit that does not answer holds the line for its timeouts")
 
     def as_dict(self) -> dict[str, Any]:
         hz = self._rate.hz if self._rate is not None else None
@@ -258,9 +259,12 @@ class Sampler:
                 if st.state == "failing":
                     log.debug("device_read_failed", device=st.name, error=error)
                 self._set("failing", error)
-                # Back off: the slots it sleeps through are missed, as any others.
+                # Back off: the slots it sleeps through are missed, as any others (but they
+                # say nothing of the port's load).
                 await asyncio.sleep(self.backoff.next_delay())
+                backed_off = True
             else:
+                backed_off = False
                 self._polled()
                 self.backoff.reset()
                 st.reads += 1
@@ -281,7 +285,7 @@ class Sampler:
                 missed = int((now - next_at) // interval)
                 if missed:
                     next_at += missed * interval
-                    self._missed(missed, now)
+                    self._missed(missed, now, port_busy=not backed_off)
                 await asyncio.sleep(0)
                 continue
             await asyncio.sleep(self._until_tick(next_at + self.rng.uniform(-spread, spread), now))
@@ -294,13 +298,13 @@ class Sampler:
         if self.port_load is not None:
             self.port_load.note(now, 1, 0)
 
-    def _missed(self, missed: int, now: float) -> None:
-        """Account `missed` slots that passed without a poll."""
+    def _missed(self, missed: int, now: float, port_busy: bool = True) -> None:
+        """Account `missed` slots that passed without a poll (`port_busy`: not a back-off)."""
         self.status.missed_polls += missed
         if self._m_missed is not None:
             self._m_missed.inc(missed)
         if self.port_load is not None:
-            self.port_load.note(now, 0, missed)
+            self.port_load.note(now, 0, missed if port_busy else 0)
 
     def _until_tick(self, target: float, now: float) -> float:
         """Seconds to sleep until `target` rounded up to the shared tick grid.

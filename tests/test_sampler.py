@@ -232,3 +232,30 @@ async def test_a_slow_read_misses_the_slots_it_overran_and_polls_once_after() ->
     assert overran - 2 <= s.status.missed_polls <= overran + 1, (held, s.status.missed_polls)
     assert times[3] - times[2] < 0.02  # the due slot is polled at once ...
     assert times[4] - times[3] > 0.005  # ... and the one after waits for its time: no burst
+
+
+async def test_a_failing_device_backing_off_does_not_make_its_port_over_subscribed() -> None:
+    """Slots slept through in back-off are missed polls of that device, not port load."""
+    from gatewayd.sampler import PortLoads
+
+    class Dead(Driver):
+        @dataclass
+        class Config:
+            port: str
+
+        async def read(self) -> list[Reading]:
+            raise DriverError(self.name, "no response from unit 9")
+
+    ports = PortLoads(window_s=0.05)
+    s = Sampler(Dead("dead", Dead.Config("/dev/ttyTEST1"), None), 0.01, 1.0, 0.0, 0.2,  # type: ignore[arg-type]
+                _Sink(), ports=ports)
+    with capture_logs() as logs:
+        task = asyncio.create_task(s.run())
+        try:
+            await until(lambda: s.status.failures >= 8 and s.status.missed_polls > 20, 30)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    port = ports.status()["/dev/ttyTEST1"]
+    assert port["over_subscribed"] is False and port["missed_polls"] == 0
+    assert not [e for e in logs if e["event"] == "serial_port_oversubscribed"]
