@@ -236,3 +236,212 @@ async def test_command_ids_differ_between_hub_processes() -> None:
     assert len(set(ids)) == 4
     assert all(re.fullmatch(r"cmd-[0-9a-f]{6}-\d+", i) for i in ids), ids
     assert ids[0].rsplit("-", 1)[0] != ids[2].rsplit("-", 1)[0]
+
+
+# -- 4: the SDK topics that answered 1009 --------------------------------------------------------
+
+
+async def test_tsl_template_and_ota_topics(hub: EnosSimulator) -> None:
+    sub = SUBS["meter1"]
+    async with connect(hub) as c:
+        login = await request(c, _session("combine/login"), _login(
+            "1700000002000", "1700000002000", sub, SECRETS["meter-001"]))
+        assert login is not None and login["code"] == 200
+        tsl = await request(c, f"/sys/{sub[0]}/{sub[1]}/thing/tsltemplate/get",
+                            {"id": "t", "method": "thing.tsltemplate.get", "params": {}})
+        assert tsl is not None and tsl["code"] == 200, tsl
+        assert tsl["data"]["measurepoints"]["temp"]["dataType"] == {"type": "float"}
+        # Java names and Python names both work
+        for method in ("ota.device.inform", "ota.inform"):
+            inform = await request(c, _gw("ota/device/inform"),
+                                   {"id": method, "method": method, "params": {"version": "1.2.0"}})
+            assert inform is not None and inform["code"] == 200 and inform["id"] == method
+        assert hub.hub.firmware[GW] == "1.2.0"
+        bad = await request(c, _gw("ota/device/inform"), {"id": "x", "params": {}})
+        assert bad is not None and bad["code"] == 1220
+        for step, code in (("35", 200), ("-2", 200), (100, 200), ("101", 1220), ("-6", 1220),
+                           ("abc", 1220)):
+            got = await request(c, _gw("ota/device/progress"),
+                                {"id": str(step), "method": "ota.progress",
+                                 "params": {"step": step, "desc": "downloading"}})
+            assert got is not None and got["code"] == code, (step, got)
+        assert [s for _, s, _ in hub.hub.ota_progress] == ["35", "-2", "100"]
+        hub.hub.firmwares[GW[0]] = [{"version": "1.3.0", "signMethod": "md5", "sign": "ab",
+                                     "fileUrl": "http://127.0.0.1/fw.bin", "fileSize": 10}]
+        versions = await request(c, _gw("ota/device/getversion"),
+                                 {"id": "v", "method": "Ota.device.getversion", "params": {}})
+        assert versions is not None and versions["code"] == 200
+        assert versions["data"][0]["version"] == "1.3.0"
+
+
+async def test_strict_methods_accept_the_python_ota_names() -> None:
+    async with EnosSimulator(make_registry(), options=HubOptions(
+            throttle=None, strict_methods=True)) as sim, connect(sim) as c:
+        ok = await request(c, _gw("ota/device/progress"),
+                           {"id": "1", "method": "ota.progress", "params": {"step": "5"}})
+        assert ok is not None and ok["code"] == 200
+        wrong = await request(c, _gw("ota/device/progress"),
+                              {"id": "2", "method": "ota.inform", "params": {"step": "5"}})
+        assert wrong is not None and wrong["code"] == 1260
+
+
+async def test_up_raw_gets_a_raw_reply(hub: EnosSimulator) -> None:
+    raw = bytes([0x01, 0xFF, 0x00, 0x7B])  # not JSON, not UTF-8
+    topic = _gw("thing/model/up_raw")
+    async with connect(hub) as c:
+        await c.subscribe(topic + "_reply", qos=1)
+        await c.publish(topic, raw, qos=1)
+        async with asyncio.timeout(5):
+            msg = await anext(aiter(c.messages))
+        assert str(msg.topic) == topic + "_reply" and msg.payload == raw  # raw, no envelope
+        hub.hub.raw_reply = lambda key, payload: b"\x02" + payload[:1]
+        await c.publish(topic, raw, qos=1)
+        async with asyncio.timeout(5):
+            msg = await anext(aiter(c.messages))
+        assert msg.payload == b"\x02\x01"
+    assert hub.hub.raw_up == [(GW, raw), (GW, raw)]
+
+
+async def test_down_raw_reply_is_taken_raw(hub: EnosSimulator) -> None:
+    async with connect(hub) as c:
+        rec = hub.send_raw(GW, "thing/model/down_raw", b"\xaa\xbb")
+        async with asyncio.timeout(5):
+            msg = await anext(aiter(c.messages))
+        assert msg.payload == b"\xaa\xbb"
+        await c.publish(str(msg.topic) + "_reply", b"\xcc", qos=1)
+        async with asyncio.timeout(5):
+            await rec.done.wait()
+    assert rec.raw_reply == b"\xcc" and hub.hub.counts["bad_device_replies"] == 0
+
+
+# -- 6: the smaller gaps -------------------------------------------------------------------------
+
+
+async def test_too_large_reply_carries_the_id(hub: EnosSimulator) -> None:
+    big = b'{"id":"big-7","version":"1.0","method":"thing.measurepoint.post","params":{"x":"' + \
+        b"a" * (600 * 1024) + b'"}}'
+    async with connect(hub) as c:
+        reply = await request(c, _gw("thing/measurepoint/post"), None, raw=big)
+        assert reply is not None and reply["code"] == 1008 and reply["id"] == "big-7"
+        numeric = await request(c, _gw("thing/measurepoint/post"), None,
+                                raw=b'{"id": 42, "params":"' + b"a" * (600 * 1024) + b'"}')
+        assert numeric is not None and numeric["code"] == 1008 and numeric["id"] == "42"
+        hidden = await request(c, _gw("thing/measurepoint/post"), None,
+                               raw=b'{"params":"' + b"a" * (600 * 1024) + b'","id":"late"}')
+        assert hidden is not None and hidden["code"] == 1008 and hidden["id"] == ""
+
+
+def test_peek_id_forms() -> None:
+    from gatewayd_sim.enos.wire import peek_id
+
+    assert peek_id(b'{"id":"5","x":1}') == "5"
+    assert peek_id(b'{ "id" : "a b" }') == "a b"
+    assert peek_id(b'{"id":17,') == "17"
+    assert peek_id(b'{"id":"esc\\"aped"}') == ""  # escapes: not guessed
+    assert peek_id(b'{"idx":"1"}') == ""
+
+
+async def test_reply_matching_uses_exact_filters_and_wildcards(hub: EnosSimulator) -> None:
+    async with connect(hub) as c:
+        for i in range(50):
+            await c.subscribe(f"/sys/{GW[0]}/{GW[1]}/thing/unused/{i}_reply", qos=1)
+        await c.subscribe(f"/sys/{GW[0]}/+/thing/measurepoint/resume/+", qos=1)  # no match
+        reply = await request(c, _gw("thing/measurepoint/post"),
+                              {"id": "1", "params": {"measurepoints": {"temp": 1.0}}},
+                              subscribe=False)
+        assert reply is None  # nothing matched the reply topic
+        await c.subscribe(f"/sys/{GW[0]}/+/thing/#", qos=1)
+        reply = await request(c, _gw("thing/measurepoint/post"),
+                              {"id": "2", "params": {"measurepoints": {"temp": 1.0}}},
+                              subscribe=False)
+        assert reply is not None and reply["id"] == "2"  # via the wildcard
+        await c.unsubscribe(f"/sys/{GW[0]}/+/thing/#")
+        await c.subscribe(_gw("thing/measurepoint/post_reply"), qos=1)  # exact
+        reply = await request(c, _gw("thing/measurepoint/post"),
+                              {"id": "3", "params": {"measurepoints": {"temp": 1.0}}},
+                              subscribe=False)
+        assert reply is not None and reply["id"] == "3"
+
+
+def _client(sim: EnosSimulator, *, keepalive: int = 60, clean: bool = True) -> aiomqtt.Client:
+    from gatewayd.uplinks.enos.sign import mqtt_credentials
+
+    cid, user, pw = mqtt_credentials(*GW, SECRETS["gw-001"], 2, "1700000000000")
+    return aiomqtt.Client("127.0.0.1", sim.port, username=user, password=pw, identifier=cid,
+                          protocol=aiomqtt.ProtocolVersion.V311, timeout=5, keepalive=keepalive,
+                          clean_session=clean)
+
+
+async def test_keepalive_outside_60_300_is_refused_by_default(hub: EnosSimulator) -> None:
+    for keepalive in (30, 301, 0):
+        with pytest.raises(aiomqtt.MqttCodeError) as err:
+            async with _client(hub, keepalive=keepalive):
+                pass
+        assert int(getattr(err.value.rc, "value", err.value.rc)) in (5, 135)
+    for keepalive in (60, 300):
+        async with _client(hub, keepalive=keepalive):
+            pass
+
+
+async def test_keepalive_clamp_drops_a_silent_client_at_the_upper_bound() -> None:
+    # clamp reading: keepalive 0 (none) is held to the range's top; a tiny range keeps it fast
+    async with EnosSimulator(make_registry(), options=HubOptions(
+            throttle=None, keepalive="clamp", keepalive_range=(1, 1))) as sim:
+        assert sim._server is not None and sim._server.idle_limit_s(0) == 1.5
+        assert sim._server.idle_limit_s(600) == 1.5
+        async with _client(sim, keepalive=0):
+            await sim.wait_until(lambda: sim.online(GW))
+            await sim.wait_until(lambda: not sim.online(GW), timeout_s=30)  # dropped, silent
+    async with EnosSimulator(make_registry(), options=HubOptions(keepalive="accept")) as sim:
+        assert sim._server is not None and sim._server.idle_limit_s(0) is None
+        async with _client(sim, keepalive=5):
+            pass
+
+
+async def test_clean_session_zero_keeps_subscriptions(hub: EnosSimulator) -> None:
+    reply_topic = _gw("thing/measurepoint/post_reply")
+    async with _client(hub, clean=False) as c:
+        await c.subscribe(reply_topic, qos=1)
+    await hub.wait_until(lambda: not hub.online(GW))
+    async with _client(hub, clean=False) as c:
+        assert hub.hub.sessions[GW].session_present
+        reply = await request(c, _gw("thing/measurepoint/post"),
+                              {"id": "1", "params": {"measurepoints": {"temp": 1.0}}},
+                              subscribe=False)
+        assert reply is not None and reply["code"] == 200  # the kept subscription delivered it
+    async with _client(hub, clean=True) as c:  # a clean session discards what was kept
+        assert not hub.hub.sessions[GW].session_present
+        reply = await request(c, _gw("thing/measurepoint/post"),
+                              {"id": "2", "params": {"measurepoints": {"temp": 1.0}}},
+                              subscribe=False)
+        assert reply is None
+
+
+async def test_clean_session_zero_refused_when_asked() -> None:
+    async with EnosSimulator(make_registry(), options=HubOptions(
+            throttle=None, clean_session_zero="refuse")) as sim:
+        with pytest.raises(aiomqtt.MqttCodeError):
+            async with _client(sim, clean=False):
+                pass
+        async with _client(sim, clean=True):
+            pass
+
+
+def test_reply_lookup_does_not_scan_exact_filters(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 5,000 exact `_reply` filters and one wildcard: a lookup matches the wildcard list only
+    from gatewayd_sim.enos import mqtt
+
+    conn = mqtt.Connection(None, None, 1, False)  # type: ignore[arg-type]
+    for i in range(5000):
+        conn.subscribe(f"/sys/pk/dk{i}/thing/measurepoint/post_reply", 1)
+    conn.subscribe("/sys/pk/+/thing/service/#", 1)
+    calls = []
+    real = mqtt.topic_matches
+    monkeypatch.setattr(mqtt, "topic_matches", lambda f, t: calls.append(f) or real(f, t))
+    assert conn.subscribed("/sys/pk/dk4999/thing/measurepoint/post_reply")
+    assert calls == []  # found in the exact set
+    assert not conn.subscribed("/sys/pk/dk9/thing/measurepoint/resume_reply")
+    assert calls == ["/sys/pk/+/thing/service/#"]  # only the wildcard was matched
+    assert conn.subscribed("/sys/pk/dk9/thing/service/x_reply")
+    conn.unsubscribe("/sys/pk/+/thing/service/#")
+    assert not conn.subscribed("/sys/pk/dk9/thing/service/x_reply")

@@ -36,6 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", type=Path, metavar="FILE",
                         help="keep the hub's run-time state (topology, activated secrets, "
                              "registered devices) in FILE across restarts")
+    parser.add_argument("--keepalive", choices=["refuse", "clamp", "accept"], default="refuse",
+                        help="a keepalive outside 60-300 s: refused (CONNACK 5), clamped "
+                             "into the range, or accepted as asked")
+    parser.add_argument("--clean-session-zero", choices=["keep", "refuse"], default="keep",
+                        help="clean_session=0: keep the session's subscriptions across "
+                             "reconnects, or refuse the CONNECT (CONNACK 5)")
     parser.add_argument("--no-record", action="store_true",
                         help="count accepted points without keeping them (long benches)")
 
@@ -62,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     defaults = HubOptions()
     options = HubOptions(lenient_replies=args.lenient_replies,
                          throttle=None if args.no_throttle else defaults.throttle,
-                         record_points=not args.no_record)
+                         record_points=not args.no_record, keepalive=args.keepalive,
+                         clean_session_zero=args.clean_session_zero)
     sim = EnosSimulator(registry, host=args.host, port=args.port, tls=tls,
                         tls_port=args.tls_port, http_port=args.http_port, options=options,
                         state_file=args.state)

@@ -85,6 +85,8 @@ class EnosSimulator:
         hub = self.hub
         self._server = MqttServer(hub.authenticate, hub.on_publish, hub.on_connected,
                                   hub.on_closed, self._conn_ids)
+        if hub.options.keepalive == "clamp":
+            self._server.clamp_keepalive = hub.options.keepalive_range
         self.port = await self._server.listen(self.host, self.port)
         if self.tls is not None:
             self.tls_port = await self._server.listen(self.host, self.tls_port or 0,
@@ -315,4 +317,5 @@ class EnosSimulator:
 def _command_json(rec: CommandRecord) -> dict[str, Any]:
     rtt_ms = round((rec.replied_at - rec.sent_at) * 1000, 3) if rec.reply is not None else None
     return {"id": rec.msg_id, "topic": rec.topic, "method": rec.method, "reply": rec.reply,
+            "raw_reply": rec.raw_reply.hex() if rec.raw_reply is not None else None,
             "delivered": rec.sent_at > 0, "rtt_ms": rtt_ms}
