@@ -210,7 +210,8 @@ async def test_state_survives_a_process_restart_with_state_file(tmp_path: Path) 
             await _relogin_ok(c, secret)
     finally:
         proc.terminate()
-        proc.wait(timeout=30)
+        rc = proc.wait(timeout=30)
+    assert rc == 0  # the shared kit's serve loop: SIGTERM is a clean stop
 
 
 def test_a_broken_state_file_is_one_clear_error(tmp_path: Path) -> None:
@@ -220,7 +221,7 @@ def test_a_broken_state_file_is_one_clear_error(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "gatewayd_sim.enos", "--registry", str(registry),
                           "--state", str(state), "--port", "0", "--http-port", "0"],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 78
+    assert out.returncode == 2  # the shared kit's EXIT_USAGE
     assert out.stdout.startswith(f"enos sim: state {state}:") and "Traceback" not in out.stderr
 
 
@@ -445,3 +446,34 @@ def test_reply_lookup_does_not_scan_exact_filters(monkeypatch: pytest.MonkeyPatc
     assert conn.subscribed("/sys/pk/dk9/thing/service/x_reply")
     conn.unsubscribe("/sys/pk/+/thing/service/#")
     assert not conn.subscribed("/sys/pk/dk9/thing/service/x_reply")
+
+
+# -- the shared simulator kit ------------------------------------------------------------------
+
+
+async def test_kit_faults_drop_a_reply_and_refuse_a_connect(hub: EnosSimulator) -> None:
+    base = f"http://127.0.0.1:{hub.http_port}"
+    post = _gw("thing/measurepoint/post")
+    body = {"id": "1", "params": {"measurepoints": {"temp": 1.0}}}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/sim/faults") as resp:
+            assert set((await resp.json())["known"]) == {"drop_reply", "refuse_connect"}
+        async with http.post(f"{base}/sim/faults", json={"name": "drop_reply", "count": 1,
+                                                         "stage": "thing/measurepoint/post"}) as r:
+            assert r.status == 200
+        async with http.post(f"{base}/sim/faults", json={"name": "nope"}) as r:
+            assert r.status == 400
+        async with connect(hub) as c:
+            assert await request(c, post, body) is None  # handled, reply lost
+            again = await request(c, post, {**body, "id": "2"})
+            assert again is not None and again["id"] == "2"  # count 1: used up
+        assert len(hub.points(point="temp")) == 2
+        async with http.post(f"{base}/sim/faults", json={"name": "refuse_connect", "count": 1,
+                                                         "stage": "connect"}) as r:
+            assert r.status == 200
+        with pytest.raises(aiomqtt.MqttCodeError) as err:
+            async with connect(hub):
+                pass
+        assert int(getattr(err.value.rc, "value", err.value.rc)) in (3, 136)
+        async with connect(hub):
+            pass

@@ -6,13 +6,12 @@ Python API: `async with EnosSimulator(Registry.load(path)) as sim:` (see `simula
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 from pathlib import Path
 
 from gatewayd_sim.enos.hub import Accepted, CommandRecord, Hub, HubOptions
 from gatewayd_sim.enos.registry import Device, Product, Registry, RegistryError, StateFile
 from gatewayd_sim.enos.simulator import EnosSimulator, TlsFiles
+from gatewayd_sim.kit import EXIT_USAGE, serve
 
 __all__ = ["Accepted", "CommandRecord", "Device", "EnosSimulator", "Hub", "HubOptions",
            "Product", "Registry", "TlsFiles", "add_arguments", "run"]
@@ -52,18 +51,18 @@ def run(args: argparse.Namespace) -> int:
         registry = Registry.load(args.registry)
     except (OSError, RegistryError) as exc:
         print(f"enos sim: {exc}")
-        return 78
+        return EXIT_USAGE
     if args.state is not None:
         try:
             StateFile(args.state).load_into(Registry.load(args.registry))  # fail early, clearly
         except (OSError, RegistryError) as exc:
             print(f"enos sim: state {args.state}: {exc}")
-            return 78
+            return EXIT_USAGE
     tls = None
     if args.tls_cert:
         if not args.tls_key:
             print("enos sim: --tls-cert needs --tls-key")
-            return 64
+            return EXIT_USAGE
         tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_ca, args.require_client_cert)
     defaults = HubOptions()
     options = HubOptions(lenient_replies=args.lenient_replies,
@@ -74,14 +73,9 @@ def run(args: argparse.Namespace) -> int:
                         tls_port=args.tls_port, http_port=args.http_port, options=options,
                         state_file=args.state)
 
-    async def main() -> None:
-        async with sim:
-            print(f"enos sim: mqtt {args.host}:{sim.port}"
-                  + (f", mqtts {sim.tls_port}" if tls else "")
-                  + f", control http://{args.host}:{sim.http_port}", flush=True)
-            await asyncio.Event().wait()
+    def banner() -> None:
+        print(f"enos sim: mqtt {args.host}:{sim.port}"
+              + (f", mqtts {sim.tls_port}" if tls else "")
+              + f", control http://{args.host}:{sim.http_port}", flush=True)
 
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(main())
-    return 0
-
+    return serve("enos", sim.start, sim.stop, banner)

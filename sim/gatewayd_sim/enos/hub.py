@@ -20,6 +20,7 @@ import structlog
 from gatewayd_sim.enos import mqtt
 from gatewayd_sim.enos import wire as P
 from gatewayd_sim.enos.registry import Device, Key, Product, Registry
+from gatewayd_sim.kit import Faults
 
 log = structlog.get_logger("gatewayd_sim.enos")
 
@@ -156,6 +157,8 @@ class Hub:
         self.id_prefix = secrets.token_hex(3)
         self.on_state_change: Callable[[], None] | None = None  # --state: save the registry
         self.drop_replies = self.options.drop_replies
+        # the shared simulator kit's faults; stage = a request's topic path, or "connect"
+        self.faults = Faults(FAULTS, stages={"connect", *_REQUEST_PATHS})
         self._changed = asyncio.Condition()
         self._handlers: dict[str, Handler] = {
             "thing/measurepoint/post": self._mp_single,
@@ -225,6 +228,8 @@ class Hub:
     async def authenticate(self, conn: mqtt.Connection, req: mqtt.ConnectRequest) -> int:
         """CONNACK code for an EnOS CONNECT (§1.6): 4 for a bad sign, 5 for the rest."""
         code, key, mode = self._check_connect(conn, req)
+        if code == mqtt.ACCEPTED and self.faults.take("refuse_connect", "connect") is not None:
+            code = mqtt.SERVER_UNAVAILABLE
         self.connects.append(ConnectRecord(key[0], key[1], mode, code, req.tls, time.time()))
         if code != mqtt.ACCEPTED:
             log.info("sim_connect_refused", device=key, code=code)
@@ -384,8 +389,12 @@ class Hub:
                 message: str) -> None:
         reply_topic = topic + P.REPLY_SUFFIX
         delivered = self.options.lenient_replies or conn.subscribed(reply_topic)
-        if delivered and self.drop_replies > 0 and "/measurepoint/" in topic:
-            self.drop_replies -= 1
+        parsed_topic = P.Topic.parse(topic)
+        stage = parsed_topic.path if parsed_topic is not None else "*"
+        if delivered and ((self.drop_replies > 0 and "/measurepoint/" in topic)
+                          or self.faults.take("drop_reply", stage) is not None):
+            if self.drop_replies > 0 and "/measurepoint/" in topic:
+                self.drop_replies -= 1
             delivered = False
             self.counts["replies_dropped"] += 1
         if delivered:
@@ -876,6 +885,20 @@ class Hub:
         st.activation = rec
         self._deliver(conn, rec)
 
+
+FAULTS = {
+    "drop_reply": "the hub handles the request but its reply is lost (stage: the topic path, "
+                  "e.g. thing/measurepoint/post)",
+    "refuse_connect": "a valid CONNECT is refused with CONNACK 3, server unavailable "
+                      "(stage: connect)",
+}
+_REQUEST_PATHS = frozenset({
+    "thing/measurepoint/post", "thing/measurepoint/resume", "thing/measurepoint/post/batch",
+    "thing/measurepoint/resume/batch", "thing/attribute/update", "thing/attribute/query",
+    "thing/attribute/delete", "thing/tag/update", "thing/tag/query", "thing/tag/delete",
+    "thing/device/register", "thing/topo/add", "thing/topo/get", "thing/topo/delete",
+    "combine/login", "combine/login/batch", "combine/logout", "thing/tsltemplate/get",
+    "ota/device/inform", "ota/device/progress", "ota/device/getversion", "thing/model/up_raw"})
 
 # method names the SDKs send that differ from the topic's (notes §2.2: Python's OTA names)
 _METHOD_ALIASES: dict[str, frozenset[str]] = {

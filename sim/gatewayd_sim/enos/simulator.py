@@ -16,6 +16,7 @@ from gatewayd_sim.enos import wire as P
 from gatewayd_sim.enos.hub import Accepted, CommandRecord, Hub, HubOptions
 from gatewayd_sim.enos.mqtt import MqttServer
 from gatewayd_sim.enos.registry import Key, Registry, StateFile
+from gatewayd_sim.kit import add_fault_routes
 
 log = structlog.get_logger("gatewayd_sim.enos")
 
@@ -225,6 +226,7 @@ class EnosSimulator:
         app.router.add_get("/devices", self._h_devices)
         app.router.add_post("/commands", self._h_command)
         app.router.add_get("/commands/{id}", self._h_command_get)
+        add_fault_routes(app, self.hub.faults)
         app.router.add_post("/sim/restart", self._h_restart)
         app.router.add_post("/sim/offline", self._h_offline)
         app.router.add_post("/sim/online", self._h_online)
