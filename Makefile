@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench fleet clean docker-wheels docker-run docker-down docker-test dist
+.PHONY: install install-system run test test-floor lint bench fleet clean docker-wheels docker-run docker-down docker-test dist
 
 $(STAMP): pyproject.toml sim/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,24 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# System files for a Pi (as root): unit, sysusers, tmpfiles, example config; see systemd/install.sh.
+install-system:
+	sh systemd/install.sh
+
+# The suite again with every runtime dependency at its declared floor, in a second venv.
+FLOOR_VENV ?= .venv-floor
+test-floor:
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(PYTHON) .ci/floor.py > $(FLOOR_VENV)/floor-constraints.txt
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install -q -c $(FLOOR_VENV)/floor-constraints.txt -e '.[dev]' -e ./sim
+	$(FLOOR_VENV)/bin/python -m pip check
+	$(FLOOR_VENV)/bin/python -c 'import importlib.metadata as m, sys; from packaging.version import Version as V; \
+	  pins = [l.split("==") for l in open(sys.argv[1]).read().split()]; \
+	  bad = [(n, v, m.version(n)) for n, v in pins if V(m.version(n)) != V(v)]; \
+	  sys.exit(f"not at the floor: {bad}" if bad else 0)' $(FLOOR_VENV)/floor-constraints.txt
+	$(FLOOR_VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gatewayd drivers sim tests bench docker
@@ -61,4 +79,4 @@ bench: $(STAMP)
 	$(PY) bench/bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist *.egg-info sim/build sim/*.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) .pytest_cache build dist *.egg-info sim/build sim/*.egg-info

@@ -155,13 +155,16 @@ async def _run(cfg: Any) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    gateway = Gateway(cfg)
+    # SIGHUP reloads the config (systemctl reload), as Telegraf and Fluent Bit do.
+    loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
     try:
-        await Gateway(cfg).run(stop)
+        await gateway.run(stop)
     except OSError as exc:  # state dir not writable, port taken, ...
         log.error("gateway_failed", error=str(exc))
         return EX_CANTCREAT
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return EX_OK
 

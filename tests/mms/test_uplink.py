@@ -104,7 +104,7 @@ async def test_poison_reading_is_quarantined_and_the_rest_delivered(sim, make_ha
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_sync_202_is_not_delivery_and_is_resent(sim, make_harness, transport):
-    sim.inject("sync_202", times=1)  # not stored; the ack URL reports FAILED
+    sim.inject("sync_202", count=1)  # not stored; the ack URL reports FAILED
     h = await make_harness(sim, base_config(sim, transport=transport))
     await h.put(readings(5))
     await h.wait_acked(5)
@@ -114,7 +114,7 @@ async def test_sync_202_is_not_delivery_and_is_resent(sim, make_harness, transpo
 
 
 async def test_sync_202_confirmed_by_the_ack_url_is_not_resent(sim, make_harness):
-    sim.inject("sync_202", times=1, stored=True)
+    sim.inject("sync_202", count=1, stored=True)
     h = await make_harness(sim, base_config(sim))
     await h.put(readings(5))
     await h.wait_acked(5)
@@ -122,7 +122,7 @@ async def test_sync_202_confirmed_by_the_ack_url_is_not_resent(sim, make_harness
 
 
 async def test_sync_202_treated_as_delivered_when_switched(sim, make_harness):
-    sim.inject("sync_202", times=1)
+    sim.inject("sync_202", count=1)
     h = await make_harness(sim, base_config(sim, treat_sync_202_as_delivered=True))
     await h.put(readings(5))
     await h.wait_acked(5)
@@ -135,7 +135,7 @@ async def test_ws_dropped_mid_stream_loses_nothing_and_bounds_duplicates(sim, ma
     h = await make_harness(sim, cfg)
     await h.put(readings(100, point="a"))
     await h.wait_acked(100)
-    sim.inject("ws_close", times=2, stored=True)  # stored, then the socket dies before answering
+    sim.inject("ws_close", count=2, stored=True)  # stored, then the socket dies before answering
     await h.put(readings(300, point="b"))
     await h.wait_acked(400, timeout_s=10)
     sent = [
@@ -152,7 +152,7 @@ async def test_ws_dropped_mid_stream_loses_nothing_and_bounds_duplicates(sim, ma
 
 
 async def test_slow_answer_times_out_and_resends(sim, make_harness):
-    sim.inject("slow", times=1, delay_s=0.6)
+    sim.inject("slow", count=1, delay_s=0.6)
     h = await make_harness(sim, base_config(sim, transport="http", request_timeout=0.3))
     await h.put(readings(4))
     await h.wait_acked(4)
@@ -162,7 +162,7 @@ async def test_slow_answer_times_out_and_resends(sim, make_harness):
 
 
 async def test_html_200_on_the_catch_up_poll_is_logged_and_delivery_goes_on(sim, make_harness):
-    sim.inject("html_200", times=1)  # the ws transport's one GET after connecting gets a login page
+    sim.inject("html_200", count=1)  # the ws transport's one GET after connecting gets a login page
     with capture_logs() as logs:
         h = await make_harness(sim, base_config(sim))
         await h.put(readings(3))
@@ -187,7 +187,7 @@ async def test_html_200_on_a_send_never_acks(sim, make_harness):
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 async def test_5xx_retries_the_same_batch(sim, make_harness, transport):
-    sim.inject("error_500", times=2)
+    sim.inject("error_500", count=2)
     h = await make_harness(sim, base_config(sim, transport=transport))
     await h.put(readings(6))
     await h.wait_acked(6)
@@ -296,8 +296,8 @@ async def test_ws_pushes_stored_while_away_are_collected_after_reconnect(sim, ma
     sim.ws_push_offline = "store"
     h = await make_harness(sim, base_config(sim))
     await sim.wait_for(lambda: sim.connected(DEV))
-    sim.inject("ws_close", times=1, stored=False)
-    sim.inject("refuse_upgrade", times=1, status=503)  # stay away for one attempt
+    sim.inject("ws_close", count=1, stored=False)
+    sim.inject("refuse_upgrade", count=1, status=503)  # stay away for one attempt
     await h.put(readings(1))
     await sim.wait_for(lambda: not sim.connected(DEV))
     await sim.push(DEV, _push("while-away", "ws"))  # stored, since no socket is live
@@ -309,7 +309,7 @@ async def test_ws_pushes_stored_while_away_are_collected_after_reconnect(sim, ma
 async def test_results_survive_a_disconnect(sim, make_harness):
     h = await make_harness(sim, base_config(sim, transport="http", poll_interval=0.05))
     await eventually(lambda: h.uplink.state == UplinkState.CONNECTED)
-    sim.inject("error_500", times=1)  # the first result send fails: it must be kept
+    sim.inject("error_500", count=1)  # the first result send fails: it must be kept
     await sim.push(DEV, _push("on", "http"))
     await sim.wait_for(lambda: sim.count(RESULT_TYPE) >= 1)
     assert sim.rows(RESULT_TYPE)[0]["C_OK"] is True
@@ -353,7 +353,7 @@ async def test_async_mode_counts_202_as_delivery(sim, make_harness, transport, a
 
 
 async def test_a_silent_link_is_detected_by_pings_and_replaced(sim, make_harness):
-    sim.inject("no_pong", times=1)  # the first connection is half-open: pings go unanswered
+    sim.inject("no_pong", count=1)  # the first connection is half-open: pings go unanswered
     h = await make_harness(sim, base_config(sim, ping_interval=0.2))
     await sim.wait_for(lambda: sim.ws_connections >= 2, timeout_s=5)
     await h.put(readings(3))
@@ -393,7 +393,7 @@ async def test_max_rate_paces_a_backlog(sim, make_harness):
 
 async def test_unmapped_readings_are_quarantined_once(sim, make_harness):
     only_boiler = MessageMap("m0t0y0p0e1", devices=["boiler"])
-    sim.inject("error_500", times=1)  # the first attempt fails: the lease goes twice
+    sim.inject("error_500", count=1)  # the first attempt fails: the lease goes twice
     h = await make_harness(sim, base_config(sim, messages=[only_boiler]))
     await h.put([*readings(2), Reading("garage", "door", "open", 1_718_000_000_000)])
     await h.wait_acked(3)

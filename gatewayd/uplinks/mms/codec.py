@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
@@ -50,14 +50,17 @@ def encode_value(value: Any) -> Any:
     return value
 
 
-def _source(reading: Reading, source: str) -> Any:
-    if source == "value":
-        return encode_value(reading.value)
-    if source == "sensor":
-        return f"{reading.device}.{reading.point}"
-    if source == "quality":
-        return int(reading.quality)
-    return getattr(reading, source)
+def _sensor(r: Reading) -> str:
+    return f"{r.device}.{r.point}"
+
+
+_SOURCES: dict[str, Callable[[Reading], Any]] = {
+    "value": lambda r: encode_value(r.value),
+    "sensor": _sensor,
+    "quality": lambda r: int(r.quality),
+    "device": lambda r: r.device,
+    "point": lambda r: r.point,
+}
 
 
 class Mapper:
@@ -66,13 +69,49 @@ class Mapper:
     def __init__(self, maps: Iterable[MessageMap]) -> None:
         self.maps = list(maps)
         self._routes: dict[tuple[str, str], MessageMap | None] = {}
+        self._plans = {id(m): (tuple((n, _SOURCES[s]) for n, s in m.field_sources().items()),
+                               m.timestamp_field, m.timestamp_format) for m in self.maps}
 
     def route(self, reading: Reading) -> MessageMap | None:
         """The first map that takes this reading, or None (cached per device and point)."""
         key = (reading.device, reading.point)
-        if key not in self._routes:
-            self._routes[key] = next((m for m in self.maps if m.matches(reading)), None)
-        return self._routes[key]
+        try:
+            return self._routes[key]
+        except KeyError:
+            m = self._routes[key] = next((m for m in self.maps if m.matches(reading)), None)
+            return m
+
+    def runs(self, items: Iterable[Item]) -> list[tuple[str | None, list[Item], list[dict[str, Any]]]]:
+        """(message type or None if no map takes them, items, message bodies) for each run of
+        consecutive items of one message type, in seq order."""
+        out: list[tuple[str | None, list[Item], list[dict[str, Any]]]] = []
+        current: str | bool | None = False  # no run yet
+        run_items: list[Item] = []
+        bodies: list[dict[str, Any]] = []
+        wide: dict[tuple[int, str, int], dict[str, Any]] = {}
+        routes = self._routes
+        for it in items:
+            r = it.reading
+            m = routes.get((r.device, r.point)) or self.route(r)
+            mtype = m.message_type if m is not None else None
+            if mtype != current:
+                run_items, bodies, wide = [], [], {}
+                out.append((mtype, run_items, bodies))
+                current = mtype
+            run_items.append(it)
+            if m is None:
+                continue
+            if m.point_fields:
+                key = (id(m), r.device, r.ts_ms)
+                target = m.point_fields[r.point]
+                body = wide.get(key)
+                if body is None or target in body:
+                    body = wide[key] = self._base(m, r)
+                    bodies.append(body)
+                body[target] = encode_value(r.value)
+            else:
+                bodies.append(self._base(m, r))
+        return out
 
     def build(self, items: Iterable[Item]) -> tuple[dict[str, list[Message]], list[Item]]:
         """Messages per message type in seq order, and the items no map takes."""
@@ -100,11 +139,11 @@ class Mapper:
                 messages.append(Message(body, [it]))
         return out, unmapped
 
-    @staticmethod
-    def _base(m: MessageMap, r: Reading) -> dict[str, Any]:
-        body = {name: _source(r, src) for name, src in m.field_sources().items()}
-        if m.timestamp_field:
-            body[m.timestamp_field] = encode_ts(r.ts_ms, m.timestamp_format)
+    def _base(self, m: MessageMap, r: Reading) -> dict[str, Any]:
+        sources, ts_field, ts_format = self._plans[id(m)]
+        body = {name: get(r) for name, get in sources}
+        if ts_field:
+            body[ts_field] = r.ts_ms // 1000 if ts_format == "s" else encode_ts(r.ts_ms, ts_format)
         return body
 
 

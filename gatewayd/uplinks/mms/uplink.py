@@ -168,16 +168,8 @@ class MmsSession(Session):
     def pack(self, items: list[Item]) -> list[Packet]:
         """Runs of items of one message type (in seq order), one envelope each; items no map
         takes form runs of their own, refused as unmapped."""
-        packets: list[Packet] = []
-        route = self.up.mapper.route
-        for mtype, run in itertools.groupby(items, lambda it: _type_of(route(it.reading))):
-            run_items = list(run)
-            if mtype is None:
-                packets.append(Packet(run_items, None))
-                continue
-            groups, _ = self.up.mapper.build(run_items)
-            packets.append(Packet(run_items, (mtype, [m.body for m in groups[mtype]])))
-        return packets
+        return [Packet(run, None if mtype is None else (mtype, bodies))
+                for mtype, run, bodies in self.up.mapper.runs(items)]
 
     async def send(self, packet: Packet) -> Verdict | Sequence[Verdict]:
         if packet.payload is None:
@@ -328,10 +320,6 @@ class MmsSession(Session):
                 async with asyncio.timeout(1.0):
                     await self.ws.ws.close()
         await self.http.session.close()
-
-
-def _type_of(m: Any) -> str | None:
-    return None if m is None else str(m.message_type)
 
 
 __all__ = ["MmsSession", "MmsUplink"]

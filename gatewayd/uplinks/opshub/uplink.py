@@ -98,6 +98,7 @@ class OpsHubUplink(DeliveryUplink):
         self._unmapped_logged: set[str] = set()
         self.counters: Counter[str] = Counter()
         self.polls = 0
+        self.publishes = 0  # publish requests (a packet may take several: split, one channel)
         self.commands_received = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -117,7 +118,8 @@ class OpsHubUplink(DeliveryUplink):
     def status(self) -> dict[str, Any]:
         return {**super().status(), "gateway_dc": self.gateway_dc,
                 "logins": self.counters["logins"], "relogins": self.counters["relogins"],
-                "polls": self.polls, "commands_received": self.commands_received,
+                "polls": self.polls, "publishes": self.publishes,
+                "commands_received": self.commands_received,
                 "one_channel_per_publish": self._one_channel,
                 "commands_kept_by_server": self._keeps}
 
@@ -281,7 +283,7 @@ class OpsHubUplink(DeliveryUplink):
         fields = b'"messages":' + json.dumps(messages, separators=(",", ":"),
                                               ensure_ascii=False).encode()
         answer = await self.api.call("publish", fields)
-        self.messages += 1
+        self.publishes += 1
         return publish_verdicts(answer, channels)
 
     # -- commands -------------------------------------------------------------------------------
