@@ -24,15 +24,6 @@ _REFUSED_RE = re.compile(r"^Parse error\. Expected|doesn't conform to the given 
 _FAILED_RE = re.compile(r"^Processing \d+ message\(s\) .*failed$")
 
 
-@dataclass(slots=True)
-class Message:
-    """One MMS message and what it carries: queue items (readings) or a result's command id."""
-
-    body: dict[str, Any]
-    items: list[Item] = field(default_factory=list)
-    result_of: str = ""
-
-
 def encode_ts(ts_ms: int, fmt: str) -> int | str:
     """A sampling time as epoch seconds (default), epoch ms, or ISO 8601 UTC with ms."""
     if fmt == "ms":
@@ -112,32 +103,6 @@ class Mapper:
             else:
                 bodies.append(self._base(m, r))
         return out
-
-    def build(self, items: Iterable[Item]) -> tuple[dict[str, list[Message]], list[Item]]:
-        """Messages per message type in seq order, and the items no map takes."""
-        out: dict[str, list[Message]] = {}
-        unmapped: list[Item] = []
-        wide: dict[tuple[int, str, int], Message] = {}
-        for it in items:
-            r = it.reading
-            m = self.route(r)
-            if m is None:
-                unmapped.append(it)
-                continue
-            messages = out.setdefault(m.message_type, [])
-            if m.point_fields:
-                key = (id(m), r.device, r.ts_ms)
-                target = m.point_fields[r.point]
-                msg = wide.get(key)
-                if msg is None or target in msg.body:
-                    msg = wide[key] = Message(self._base(m, r))
-                    messages.append(msg)
-                msg.body[target] = encode_value(r.value)
-                msg.items.append(it)
-            else:
-                body = self._base(m, r)
-                messages.append(Message(body, [it]))
-        return out, unmapped
 
     def _base(self, m: MessageMap, r: Reading) -> dict[str, Any]:
         sources, ts_field, ts_format = self._plans[id(m)]
