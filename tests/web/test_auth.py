@@ -90,4 +90,9 @@ def test_with_auth_unauthenticated_requests_get_401(tmp_path: Path, daemons: lis
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr  # all ok: exit 0
     assert "probe" in r.stdout and "all ok" in r.stdout
+    # or with neither: the address and the credentials from the config's [health]
+    r = subprocess.run([sys.executable, "-m", "gatewayd", "status", "-c", str(cfg)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "probe" in r.stdout and "all ok" in r.stdout
     assert d.stop() == 0

@@ -9,6 +9,7 @@ import shutil
 import urllib.request
 from pathlib import Path
 
+from tests.web.bidi import Firefox
 from tests.web.cdp import Browser
 from tests.web.conftest import Bench
 
@@ -95,6 +96,30 @@ async def test_page_reconnects_after_daemon_restart(bench: Bench, tmp_path: Path
         reads = await b.wait_for("""(() => { const e = document.querySelector('[data-device="boiler"] .muted:last-child');
             return e && e.textContent; })()""")
         assert "reads" in reads
+
+
+async def test_page_in_firefox(bench: Bench, tmp_path: Path) -> None:
+    """The same page in Firefox: states, the failing device's error, a live value change."""
+    async with Firefox(tmp_path / "firefox") as b:
+        await b.goto(bench.url + "/")
+        await b.wait_for("document.getElementById('conn').textContent === 'live'")
+        states = json.loads(await b.wait_for(f"""(() => {{
+            const s = {{}};
+            document.querySelectorAll('[data-device]').forEach(e => s[e.dataset.device] = e.dataset.state);
+            return Object.keys(s).length === {len(bench.devices)} && !Object.values(s).includes('starting')
+                ? JSON.stringify(s) : null;
+        }})()"""))
+        assert set(states) == set(bench.devices) and states["broken-meter"] == "failing"
+        assert "simulated fault" in await b.evaluate(
+            "document.querySelector('[data-error=\"broken-meter\"]').textContent")
+        assert await b.evaluate("document.querySelectorAll('tr[data-uplink]').length") == 2
+        await b.evaluate("window.__sameDocument = 5")
+        sel = "document.querySelector('[data-point=\"boiler/temperature_c\"]')"
+        first = await b.wait_for(f"{sel} && {sel}.dataset.ts")
+        assert await b.wait_for(f"{sel}.dataset.ts !== '{first}'")
+        assert await b.evaluate("window.__sameDocument") == 5
+        shot = await b.screenshot(tmp_path / "status-page-firefox.png")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_assets_are_small_and_local(bench: Bench) -> None:
