@@ -66,6 +66,19 @@ async def test_page_shows_every_device_and_uplink_live(bench: Bench, tmp_path: P
         if SCREENSHOT_COPY:  # for docs/: let the sparklines grow first (the test needs no wait)
             await b.wait_for(f"(Number({sel}.dataset.ts) > {first} + 25000)", within=60)
         shot = await b.screenshot(tmp_path / "status-page.png")
+        # the page's command form (shown: allow_commands = true) goes through the command map
+        assert await b.evaluate("document.getElementById('cmd').hidden") is False
+        await b.evaluate("""(() => { const f = document.getElementById('cmdform');
+            f.action.value = 'set_relay'; f.params.value = '{"channel": 4, "on": true}';
+            f.requestSubmit(); })()""")
+        result = await b.wait_for("document.getElementById('cmdresult').textContent.startsWith('200') && "
+                                  "document.getElementById('cmdresult').textContent")
+        assert '"ok": true' in result
+        await b.evaluate("""(() => { const f = document.getElementById('cmdform');
+            f.params.value = '{"channel": 99, "on": true}'; f.requestSubmit(); })()""")
+        refused = await b.wait_for("document.getElementById('cmdresult').textContent.startsWith('422') && "
+                                   "document.getElementById('cmdresult').textContent")
+        assert '"code": 400' in refused  # out of the mapped range: refused, never executed
         # a phone: the same page fits its width (wide tables scroll inside their own box)
         await b.send("Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=2,
                      mobile=True)
