@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean docker-wheels docker-run docker-down docker-test dist
+.PHONY: install install-system run test test-floor lint bench clean docker-wheels docker-run docker-down docker-test dist
 
 $(STAMP): pyproject.toml sim/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,9 +20,34 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# System files for a Pi (as root): unit, sysusers, tmpfiles, example config; see systemd/install.sh.
+install-system:
+	sh systemd/install.sh
+
+# The suite again with every runtime dependency at its declared floor, in a second venv.
+FLOOR_VENV ?= .venv-floor
+test-floor:
+	test -x $(FLOOR_VENV)/bin/python || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(PYTHON) .ci/floor.py > $(FLOOR_VENV)/floor-constraints.txt
+	$(FLOOR_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLOOR_VENV)/bin/python -m pip install -q -c $(FLOOR_VENV)/floor-constraints.txt -e '.[dev]' -e ./sim
+	$(FLOOR_VENV)/bin/python -m pip check
+	$(FLOOR_VENV)/bin/python -c 'import importlib.metadata as m, sys; from packaging.version import Version as V; \
+	  pins = [l.split("==") for l in open(sys.argv[1]).read().split()]; \
+	  bad = [(n, v, m.version(n)) for n, v in pins if V(m.version(n)) != V(v)]; \
+	  sys.exit(f"not at the floor: {bad}" if bad else 0)' $(FLOOR_VENV)/floor-constraints.txt
+	$(FLOOR_VENV)/bin/python -m pytest -q
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gatewayd drivers sim tests bench docker
 	$(VENV)/bin/mypy gatewayd drivers sim/gatewayd_sim
+
+# sdist and wheel of both distributions in dist/ (offline: the build backend is the venv's)
+dist: $(STAMP)
+	rm -rf dist build/lib build/bdist.* sim/build
+	$(PY) -m build -q --no-isolation --outdir dist . >build/dist.log 2>&1 || { cat build/dist.log; false; }
+	$(PY) -m build -q --no-isolation --outdir dist sim >>build/dist.log 2>&1 || { cat build/dist.log; false; }
+	@ls -l dist
 
 # --- Docker (README "Docker"): wheels built here, installed offline in the images -------------
 docker-wheels: $(STAMP)
@@ -50,4 +75,4 @@ bench: $(STAMP)
 	$(PY) bench/bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info sim/build sim/*.egg-info
+	rm -rf $(VENV) $(FLOOR_VENV) .pytest_cache build dist *.egg-info sim/build sim/*.egg-info

@@ -132,7 +132,7 @@ async def live_case(state: Path, url: str, http: aiohttp.ClientSession, total: i
         await gw.drained(300)
         elapsed = time.perf_counter() - t0
         cpu = cpu_s() - cpu0
-        messages = gw.uplink.messages if gw.uplink else 0
+        messages = gw.uplink.publishes if gw.uplink else 0
     stored = (await sim_stats(http, url))["rows_total"] - before
     lat = await stored_latency(http, url, before)
     return {"readings": total, "stored": stored, "seconds": round(elapsed, 2),
@@ -189,7 +189,7 @@ async def backlog_case(state: Path, url: str, http: aiohttp.ClientSession, total
         await gw.drained(600)
         elapsed = time.perf_counter() - t1
         cpu = cpu_s() - cpu0
-        messages = gw.uplink.messages if gw.uplink else 0
+        messages = gw.uplink.publishes if gw.uplink else 0
     stored = (await sim_stats(http, url))["rows_total"] - before
     return {"readings": total, "stored": stored, "fill_seconds": round(fill_s, 2),
             "drain_seconds": round(elapsed, 2), "readings_per_s": round(total / elapsed),

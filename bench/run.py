@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import json
 import os
 import signal
@@ -47,8 +48,44 @@ class Part:
     name: str
     env: dict[str, str] = field(default_factory=dict)  # for the daemon
     demo: Callable[[], Awaitable[str]] | None = None  # send a command, say what happened
-    summary: Callable[[], str] | None = None  # one line: what arrived
+    summary: Callable[[], str] | None = None  # one line: what arrived (every few seconds)
     stop: Callable[[], Awaitable[None]] | None = None
+    banner: str = ""  # what does not change: printed once, at start
+
+
+def stamp() -> str:
+    """Now, in the style of gatewayd's own log lines (structlog ISO, UTC): one style per terminal."""
+    now = datetime.datetime.now(datetime.UTC)
+    return now.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def say(text: str) -> None:
+    for line in text.splitlines() or [""]:
+        print(f"{stamp()} [bench] {line}" if line.strip() else "", flush=True)
+
+
+def fmt(value: object) -> str:
+    """A reading for a person: floats to 2 decimals (1800.4591064453125 -> 1800.46)."""
+    if isinstance(value, float):
+        text = f"{value:.2f}".rstrip("0").rstrip(".")
+        return text if text not in ("-0", "") else "0"
+    return str(value)
+
+
+def summary_lines(status: dict[str, Any], archive_lines: list[str], parts: list[Part]) -> list[str]:
+    """The periodic summary: queue, devices, uplinks, latest readings, each cloud."""
+    devices = ", ".join(f"{n}={d['state']}" for n, d in status["devices"].items())
+    uplinks = ", ".join(f"{n}={u['state']}/sent={u['sent']}/backlog={u['backlog'].get('rows', 0)}"
+                        for n, u in status["uplinks"].items())
+    latest: dict[str, Any] = {}
+    for line in archive_lines:
+        r = json.loads(line)
+        latest[f"{r['device']}.{r['point']}"] = r["value"]
+    shown = " ".join(f"{k}={fmt(v)}" for k, v in sorted(latest.items()))
+    out = [f"queue rows={status['queue']['rows']} | devices: {devices}",
+           f"uplinks: {uplinks}",
+           f"latest readings (archive): {shown}"]
+    return out + [p.summary() for p in parts if p.summary is not None]
 
 
 def start_hardware() -> Part:
@@ -59,13 +96,11 @@ def start_hardware() -> Part:
     STATE.mkdir(exist_ok=True)
     CONFIG.write_text(BASE_CONFIG.read_text() + emu.toml(commands=True))
 
-    def summary() -> str:
-        return "emulated serial devices: " + ", ".join(f"{k}={v}" for k, v in emu.paths.items())
-
     async def stop() -> None:
         emu.stop()
 
-    return Part("hardware", summary=summary, stop=stop)
+    banner = "emulated serial devices: " + ", ".join(f"{k}={v}" for k, v in emu.paths.items())
+    return Part("hardware", stop=stop, banner=banner)
 
 
 async def start_opshub() -> Part:
@@ -84,7 +119,7 @@ async def start_opshub() -> Part:
     def summary() -> str:
         rows = [r for r in sim.rows() if r["metric"] != "cmd_result"]
         last = rows[-1] if rows else {}
-        return (f"opshub: {len(rows)} M2M_data rows, last {last.get('metric')}={last.get('data')}"
+        return (f"opshub: {len(rows)} M2M_data rows, last {last.get('metric')}={fmt(last.get('data'))}"
                 f" (GET {sim.url}/sim/data)")
 
     return Part("opshub", {"OPSHUB_PASSWORD": OPSHUB_PASSWORD}, demo, summary, sim.stop)
@@ -112,7 +147,7 @@ async def start_enos() -> Part:
 
     def summary() -> str:
         c = sim.hub.counts
-        shown = ", ".join(f"{p.device_key}.{p.point}={p.value}" for p in sim.points()[-3:])
+        shown = ", ".join(f"{p.device_key}.{p.point}={fmt(p.value)}" for p in sim.points()[-3:])
         return (f"enos: {c['points_post']} points via post, {c['points_resume']} via resume; "
                 f"sub-devices logged in: {sorted(dk for _, dk in sim.logged_in(ENOS_GW))}; last: {shown}"
                 f" (GET http://127.0.0.1:{ENOS_HTTP}/points?limit=5)")
@@ -140,7 +175,7 @@ async def start_mms() -> Part:
         rows = sim.rows(DEFAULT_FROM_TYPE)
         last = rows[-1] if rows else {}
         return (f"mms: {len(rows)} rows of {DEFAULT_FROM_TYPE}, last {last.get('C_SENSOR')}="
-                f"{last.get('C_VALUE')} (GET {sim.url}/sim/rows/{DEFAULT_FROM_TYPE})")
+                f"{fmt(last.get('C_VALUE'))} (GET {sim.url}/sim/rows/{DEFAULT_FROM_TYPE})")
 
     return Part("mms", {"MMS_TOKEN": MMS_TOKEN}, demo, summary, sim.stop)
 
@@ -168,24 +203,14 @@ async def summary_loop(session: aiohttp.ClientSession, parts: list[Part]) -> Non
         await asyncio.sleep(5)
         async with session.get(f"{HEALTH}/status") as resp:
             status = await resp.json()
-        devices = ", ".join(f"{n}={d['state']}" for n, d in status["devices"].items())
-        uplinks = ", ".join(f"{n}={u['state']}/sent={u['sent']}/backlog={u['backlog'].get('rows', 0)}"
-                            for n, u in status["uplinks"].items())
         lines = archive.read_text().splitlines()[-200:] if archive.exists() else []
-        latest: dict[str, Any] = {}
-        for line in lines:
-            r = json.loads(line)
-            latest[f"{r['device']}.{r['point']}"] = r["value"]
-        shown = " ".join(f"{k}={v}" for k, v in sorted(latest.items()))
-        print(f"[bench] queue rows={status['queue']['rows']} | devices: {devices}\n"
-              f"[bench] uplinks: {uplinks}\n"
-              f"[bench] latest readings (archive): {shown}", flush=True)
-        for p in parts:
-            if p.summary is not None:
-                print(f"[bench] {p.summary()}", flush=True)
+        say("\n".join(summary_lines(status, lines, parts)))
 
 
 async def main() -> int:
+    from gatewayd import logs
+
+    logs.setup("info", "auto")  # the simulators log in the daemon's style, on this terminal
     parts = [start_hardware(), await start_enos(), await start_opshub(), await start_mms()]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for p in parts:
@@ -199,22 +224,23 @@ async def main() -> int:
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
             await wait_healthy(session, proc)
-            print(f"""
-[bench] gatewayd is up. Status page: {HEALTH}/   Watch the readings flow:
+            for p in parts:
+                if p.banner:
+                    say(p.banner)
+            say(f"""gatewayd is up. Status page: {HEALTH}/   Watch the readings flow:
     curl -s {HEALTH}/status | python3 -m json.tool     # devices, uplinks, backlog
     tail -f {STATE / 'archive.jsonl'}          # delivered readings (jsonl uplink)
     curl -s {HEALTH}/metrics | grep gatewayd_           # Prometheus metrics
     curl -s 'http://127.0.0.1:{ENOS_HTTP}/points?limit=5'       # what the EnOS hub accepted
     curl -s 'http://127.0.0.1:{OPSHUB_PORT}/sim/data?limit=5'   # what Operations Hub stored
-    curl -s http://127.0.0.1:{MMS_PORT}/sim/rows/m0t0y0p0e1          # what HCP IoT MMS stored
-""", flush=True)
-            print(f"[bench] local: {await local_demo(session)}", flush=True)
+    curl -s http://127.0.0.1:{MMS_PORT}/sim/rows/m0t0y0p0e1          # what HCP IoT MMS stored""")
+            say(f"local: {await local_demo(session)}")
             for p in parts:
                 if p.demo is not None:
                     try:
-                        print(f"[bench] {p.name}: {await p.demo()}", flush=True)
+                        say(f"{p.name}: {await p.demo()}")
                     except TimeoutError:
-                        print(f"[bench] {p.name}: no command result within the time limit", flush=True)
+                        say(f"{p.name}: no command result within the time limit")
             summary = asyncio.create_task(summary_loop(session, parts))
             waiter = asyncio.create_task(proc.wait())
             stopper = asyncio.create_task(stop.wait())
@@ -229,7 +255,7 @@ async def main() -> int:
         for p in parts:
             if p.stop is not None:
                 await p.stop()
-    print(f"[bench] gatewayd exited with {proc.returncode}; config was {CONFIG}")
+    say(f"gatewayd exited with {proc.returncode}; config was {CONFIG}")
     return 0 if proc.returncode in (0, -signal.SIGTERM) else 1
 
 

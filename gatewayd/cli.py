@@ -12,8 +12,8 @@ import sys
 from importlib.metadata import entry_points
 from typing import Any
 
-from gatewayd import __version__
 from gatewayd.errors import ConfigError
+from gatewayd.version import VersionAction
 
 EX_OK, EX_SOFTWARE, EX_CANTCREAT, EX_CONFIG = 0, 70, 73, 78
 EX_USAGE = 2
@@ -42,7 +42,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                     "queue, and delivers it to EnOS, SAP HCP IoT MMS and GE Operations Hub.",
         epilog="Exit status: 0 ok, 78 (EX_CONFIG) bad config, 73 cannot create state or bind, "
                "1 internal error (a bug: systemd restarts the daemon).")
-    parser.add_argument("--version", action="version", version=f"gatewayd {__version__}")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon in the foreground",
@@ -155,13 +155,16 @@ async def _run(cfg: Any) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    gateway = Gateway(cfg)
+    # SIGHUP reloads the config (systemctl reload), as Telegraf and Fluent Bit do.
+    loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
     try:
-        await Gateway(cfg).run(stop)
+        await gateway.run(stop)
     except OSError as exc:  # state dir not writable, port taken, ...
         log.error("gateway_failed", error=str(exc))
         return EX_CANTCREAT
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return EX_OK
 

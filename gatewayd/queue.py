@@ -318,6 +318,31 @@ class Queue:
     def outbox(self, name: str) -> Outbox:
         return self._outboxes[name]
 
+    async def add_uplink(self, name: str, start: str | None = None) -> Outbox:
+        """A cursor for an uplink added at run time (config reload); an existing one is kept."""
+        if name in self._outboxes:
+            return self._outboxes[name]
+        if start:
+            self._starts[name] = start
+        self._uplink_names.append(name)
+        assert self._db is not None
+        cursors = await self._on_writer(self._reconcile_cursors, self._db)
+        bit, acked = cursors[name]
+        self._outboxes[name] = Outbox(self, name, bit, acked)
+        return self._outboxes[name]
+
+    async def drop_uplink(self, name: str) -> None:
+        """Forget a removed uplink's cursor (after the reload grace period): GC may pass it."""
+        ob = self._outboxes.pop(name, None)
+        if ob is None:
+            return
+        ob.closed = True
+        self._uplink_names = [n for n in self._uplink_names if n != name]
+        db = self._db
+        assert db is not None
+        await self._on_writer(db.execute, "DELETE FROM cursors WHERE name=?", (name,))
+        log.info("uplink_cursor_dropped", uplink=name, acked=ob.acked)
+
     @property
     def outboxes(self) -> dict[str, Outbox]:
         return self._outboxes

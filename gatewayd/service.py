@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from typing import Any
 
@@ -19,8 +20,9 @@ import drivers
 from drivers.base import Actuator, Driver, DriverError
 from drivers.bus import BusManager
 from gatewayd import __version__
-from gatewayd.config import Config
+from gatewayd.config import ActuatorConfig, Config, DeviceConfig, UplinkConfig, load
 from gatewayd.dispatch import Dispatcher
+from gatewayd.errors import ConfigError
 from gatewayd.health import HealthServer
 from gatewayd.metrics import Metrics
 from gatewayd.notify import Notifier
@@ -31,6 +33,11 @@ from gatewayd.uplinks.base import DeviceInfo, Uplink, UplinkContext
 from gatewayd.web.recent import Recent
 
 log = structlog.get_logger("gatewayd.service")
+
+# A reload that removes an uplink keeps its cursor (and so its undelivered rows) this long, so
+# putting the section back within it loses nothing.
+REMOVED_CURSOR_GRACE_S = 3600.0
+_RESTART_SECTIONS = ("gateway", "queue", "health")  # these apply at the next start only
 
 
 class _Observed:
@@ -76,6 +83,11 @@ class Gateway:
         self.health: HealthServer | None = None
         self.recent = Recent()  # last values per point, for the status page (memory only)
         self._tasks: dict[str, asyncio.Task[Any]] = {}
+        self._tg: asyncio.TaskGroup | None = None
+        self._reload_requested = asyncio.Event()
+        self._infos: dict[str, DeviceInfo] = {}  # shared by every uplink context; updated in place
+        self._removed_uplinks: dict[str, asyncio.TimerHandle] = {}
+        self.reloads = 0
 
     # -- building -------------------------------------------------------------------------------
 
@@ -86,42 +98,60 @@ class Gateway:
                            self.metrics, {u.name: u.start for u in enabled_uplinks if u.start})
         await self.queue.open()
         for d in cfg.devices:
-            if not d.enabled:
-                continue
-            cls = drivers.load(drivers.DRIVERS, d.driver)
-            driver: Driver = cls(d.name, d.options, self.buses)
-            self.samplers.append(Sampler(driver, d.interval, d.timeout, d.jitter, d.backoff_max,
-                                         _Observed(self.queue, self.recent.record), self.metrics,
-                                         on_state=self._device_state, ports=self.port_loads))
-        timeouts = {}
+            if d.enabled:
+                self.samplers.append(self._make_sampler(d))
         for a in cfg.actuators:
-            if not a.enabled:
-                continue
-            cls = drivers.load(drivers.ACTUATORS, a.driver)
-            act: Actuator = cls(a.name, a.options, self.buses)
-            try:
-                async with asyncio.timeout(a.timeout):
-                    await act.open()
-            except (DriverError, TimeoutError) as exc:
-                # Keep it: commands will say what is wrong, and the next one may succeed.
-                self.actuator_errors[a.name] = str(exc) or "open timed out"
-                log.warning("actuator_open_failed", actuator=a.name, error=self.actuator_errors[a.name])
-            self.actuators[a.name] = act
-            timeouts[a.name] = a.timeout
-        self.dispatcher = Dispatcher(cfg.commands, self.actuators, cfg.dispatch, timeouts,
-                                     self.metrics)
-        infos = {d.name: DeviceInfo(d.name, d.driver, "device") for d in cfg.devices}
-        infos.update({a.name: DeviceInfo(a.name, a.driver, "actuator") for a in cfg.actuators})
+            if a.enabled:
+                await self._open_actuator(a)
+        self.dispatcher = Dispatcher(cfg.commands, self.actuators, cfg.dispatch,
+                                     self._actuator_timeouts(cfg), self.metrics)
+        self._set_infos(cfg)
         for u in enabled_uplinks:
-            ctx = UplinkContext(gateway_id=cfg.gateway.id, state_dir=cfg.state_dir,
-                                outbox=self.queue.outbox(u.name),
-                                submit_command=self.dispatcher.submit, devices=infos,
-                                metrics=self.metrics)
-            uplink: Uplink = load_uplink(u.type)(u.name, u.options, ctx)
-            self.uplinks[u.name] = uplink
-            self.dispatcher.repliers[u.name] = uplink.reply
+            self._make_uplink(u)
         if cfg.health.enabled:
             self.health = HealthServer(cfg.health, self)
+
+    def _make_sampler(self, d: DeviceConfig) -> Sampler:
+        assert self.queue is not None
+        cls = drivers.load(drivers.DRIVERS, d.driver)
+        driver: Driver = cls(d.name, d.options, self.buses)
+        return Sampler(driver, d.interval, d.timeout, d.jitter, d.backoff_max,
+                       _Observed(self.queue, self.recent.record), self.metrics,
+                       on_state=self._device_state, ports=self.port_loads)
+
+    async def _open_actuator(self, a: ActuatorConfig) -> None:
+        cls = drivers.load(drivers.ACTUATORS, a.driver)
+        act: Actuator = cls(a.name, a.options, self.buses)
+        self.actuator_errors.pop(a.name, None)
+        try:
+            async with asyncio.timeout(a.timeout):
+                await act.open()
+        except (DriverError, TimeoutError) as exc:
+            # Keep it: commands will say what is wrong, and the next one may succeed.
+            self.actuator_errors[a.name] = str(exc) or "open timed out"
+            log.warning("actuator_open_failed", actuator=a.name, error=self.actuator_errors[a.name])
+        self.actuators[a.name] = act
+
+    @staticmethod
+    def _actuator_timeouts(cfg: Config) -> dict[str, float]:
+        return {a.name: a.timeout for a in cfg.actuators if a.enabled}
+
+    def _set_infos(self, cfg: Config) -> None:
+        self._infos.clear()
+        self._infos.update({d.name: DeviceInfo(d.name, d.driver, "device") for d in cfg.devices})
+        self._infos.update({a.name: DeviceInfo(a.name, a.driver, "actuator") for a in cfg.actuators})
+
+    def _make_uplink(self, u: UplinkConfig) -> Uplink:
+        assert self.queue is not None
+        cfg = self.config
+        ctx = UplinkContext(gateway_id=cfg.gateway.id, state_dir=cfg.state_dir,
+                            outbox=self.queue.outbox(u.name),
+                            submit_command=self.dispatcher.submit, devices=self._infos,
+                            metrics=self.metrics)
+        uplink: Uplink = load_uplink(u.type)(u.name, u.options, ctx)
+        self.uplinks[u.name] = uplink
+        self.dispatcher.repliers[u.name] = uplink.reply
+        return uplink
 
     def _device_state(self, device: str, failing: bool, error: str, ts_ms: int) -> None:
         for uplink in self.uplinks.values():
@@ -145,6 +175,7 @@ class Gateway:
             await self._build()
             assert self.queue is not None
             async with asyncio.TaskGroup() as tg:
+                self._tg = tg
                 self._spawn(tg, "queue", self.queue.run())
                 samplers = [self._spawn(tg, f"sampler[{s.driver.name}]", s.run()) for s in self.samplers]
                 uplinks = [self._spawn(tg, f"uplink[{n}]", u.run()) for n, u in self.uplinks.items()]
@@ -159,10 +190,159 @@ class Gateway:
                 log.info("gateway_ready", version=__version__, gateway=cfg.gateway.id,
                          devices=len(samplers), actuators=len(self.actuators),
                          uplinks=list(self.uplinks), state_dir=str(cfg.state_dir))
-                await stop.wait()
+                await self._serve(stop)
+                samplers = [self._tasks[f"sampler[{s.driver.name}]"] for s in self.samplers]
+                uplinks = [self._tasks[f"uplink[{n}]"] for n in self.uplinks]
                 await self._shutdown(samplers, uplinks, others)
         finally:
             await self._close()
+
+    # -- reload (SIGHUP) ---------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """Ask for a config reload (the SIGHUP handler); it runs in the service's loop."""
+        self._reload_requested.set()
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            stopper = asyncio.ensure_future(stop.wait())
+            reloader = asyncio.ensure_future(self._reload_requested.wait())
+            try:
+                await asyncio.wait({stopper, reloader}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for f in (stopper, reloader):
+                    f.cancel()
+                await asyncio.gather(stopper, reloader, return_exceptions=True)
+            if stop.is_set():
+                return
+            self._reload_requested.clear()
+            await self.reload()
+
+    async def reload(self) -> bool:
+        """Re-read the config file and apply it without losing a reading. An invalid file
+        changes nothing: the located errors are logged and the old config keeps running."""
+        self.notifier.notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            try:
+                new = await asyncio.to_thread(load, self.config.path)
+            except ConfigError as exc:
+                log.error("reload_failed", path=str(self.config.path), problems=exc.problems,
+                          action="kept the running config")
+                return False
+            await self._apply(new)
+            return True
+        finally:
+            self.notifier.notify(f"READY=1\nSTATUS=sampling {len(self.samplers)} devices, "
+                                 f"{len(self.uplinks)} uplinks")
+
+    async def _apply(self, new: Config) -> None:
+        old = self.config
+        assert self.queue is not None and self._tg is not None
+        pinned = [s for s in _RESTART_SECTIONS if getattr(new, s) != getattr(old, s)]
+        if pinned:
+            log.warning("reload_needs_restart", sections=pinned,
+                        detail="these sections apply at the next start; the rest is applied now")
+            new = dataclasses.replace(new, **{s: getattr(old, s) for s in pinned})
+        self.config = new
+        changes: dict[str, list[str]] = {}
+        if new.log != old.log:
+            from gatewayd import logs
+
+            logs.setup(new.log.level, new.log.format)
+
+        def diff(olds: Any, news: Any) -> tuple[list[str], list[str], list[str]]:
+            a = {x.name: x for x in olds if x.enabled}
+            b = {x.name: x for x in news if x.enabled}
+            removed = [n for n in a if n not in b]
+            added = [n for n in b if n not in a]
+            changed = [n for n in b if n in a and a[n] != b[n]]
+            return removed, added, changed
+
+        # Devices: stop what went or changed, then start what came or changed.
+        removed, added, changed = diff(old.devices, new.devices)
+        by_name = {d.name: d for d in new.devices}
+        for name in [*removed, *changed]:
+            await self._stop_sampler(name)
+        for name in [*changed, *added]:
+            sampler = self._make_sampler(by_name[name])
+            self.samplers.append(sampler)
+            self._spawn(self._tg, f"sampler[{name}]", sampler.run())
+        changes.update(devices_removed=removed, devices_added=added, devices_changed=changed)
+
+        # Actuators and the command map swap in place (in-flight commands finish on the old one).
+        removed, added, changed = diff(old.actuators, new.actuators)
+        acts = {a.name: a for a in new.actuators}
+        for name in [*removed, *changed]:
+            act = self.actuators.pop(name, None)
+            self.actuator_errors.pop(name, None)
+            if act is not None:
+                with contextlib.suppress(Exception):
+                    await act.close()
+        for name in [*changed, *added]:
+            await self._open_actuator(acts[name])
+        d = self.dispatcher
+        d.commands = list(new.commands)
+        d.actuators = dict(self.actuators)
+        d.timeouts = self._actuator_timeouts(new)
+        d.config = new.dispatch
+        for name in self.actuators:
+            d._locks.setdefault(name, asyncio.Lock())
+        changes.update(actuators_removed=removed, actuators_added=added, actuators_changed=changed)
+        self._set_infos(new)
+
+        # Uplinks: a changed one restarts on its kept cursor; a removed one keeps its cursor
+        # for a grace period; an added one gets a cursor (or finds the one it had).
+        removed, added, changed = diff(old.uplinks, new.uplinks)
+        ups = {u.name: u for u in new.uplinks}
+        for name in [*removed, *changed]:
+            await self._stop_uplink(name)
+        for name in removed:
+            loop = asyncio.get_running_loop()
+            self._removed_uplinks[name] = loop.call_later(
+                REMOVED_CURSOR_GRACE_S, lambda n=name: self._spawn(  # type: ignore[misc]
+                    self._tg, f"drop_cursor[{n}]", self._drop_cursor(n)))
+            log.info("uplink_cursor_kept", uplink=name, grace_s=REMOVED_CURSOR_GRACE_S,
+                     pending=self.queue.outbox(name).pending())
+        for name in [*changed, *added]:
+            timer = self._removed_uplinks.pop(name, None)
+            if timer is not None:
+                timer.cancel()
+            await self.queue.add_uplink(name, ups[name].start)
+            self.queue.outbox(name).rewind()  # resend what the old session had in flight
+            uplink = self._make_uplink(ups[name])
+            self._spawn(self._tg, f"uplink[{name}]", uplink.run())
+        changes.update(uplinks_removed=removed, uplinks_added=added, uplinks_changed=changed)
+        self.reloads += 1
+        log.info("config_reloaded", path=str(new.path), **{k: v for k, v in changes.items() if v})
+
+    async def _stop_sampler(self, name: str) -> None:
+        task = self._tasks.pop(f"sampler[{name}]", None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        for s in [s for s in self.samplers if s.driver.name == name]:
+            self.samplers.remove(s)
+            with contextlib.suppress(Exception):
+                await s.driver.close()
+        # Readings it submitted are in the open window: the commit loop makes them durable.
+
+    async def _stop_uplink(self, name: str) -> None:
+        task = self._tasks.pop(f"uplink[{name}]", None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self.uplinks.pop(name, None)
+        self.dispatcher.repliers.pop(name, None)
+        assert self.queue is not None
+        ob = self.queue.outbox(name)
+        ob.set_connected(False)
+        ob.rewind()
+
+    async def _drop_cursor(self, name: str) -> None:
+        self._tasks.pop(f"drop_cursor[{name}]", None)  # a one-off, not a loop to supervise
+        self._removed_uplinks.pop(name, None)
+        if name not in self.uplinks and self.queue is not None:
+            await self.queue.drop_uplink(name)
 
     async def _wait_ready(self, stop: asyncio.Event) -> None:
         waits = [s.status.opened.wait() for s in self.samplers if s.status.opened is not None]
@@ -205,6 +385,9 @@ class Gateway:
             t.cancel()
 
     async def _close(self) -> None:
+        for timer in self._removed_uplinks.values():
+            timer.cancel()
+        self._removed_uplinks.clear()
         for act in self.actuators.values():
             with contextlib.suppress(Exception):
                 await act.close()
@@ -245,8 +428,10 @@ class Gateway:
         out = []
         for name, u in self.uplinks.items():
             state = str(getattr(u, "state", ""))
-            if state in ("backing_off", "auth_failed"):
-                error = getattr(u, "last_error", "")
+            error = getattr(u, "last_error", "")
+            # Backing off, refused, or trying again after a failure: not delivering.
+            if state in ("backing_off", "auth_failed") or (
+                    error and state in ("connecting", "authenticating")):
                 out.append(f"uplink {name} is {state}" + (f": {error}" if error else ""))
         return out
 

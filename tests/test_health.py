@@ -152,6 +152,7 @@ def test_readyz_503_when_every_device_and_every_uplink_fails(tmp_path: Path,
     cfg.write_text(text)
     d = Daemon(cfg, tmp_path / "daemon.log").start()
     daemons.append(d)
+    d.find(lambda e: e.get("event") == "gateway_ready", timeout=30)  # the health server is up
     d.find(lambda e: e.get("event") == "device_failing", timeout=30)
     d.find(lambda e: e.get("event") == "uplink_state" and e.get("state") == "backing_off", timeout=30)
     base = f"http://127.0.0.1:{port}"

@@ -36,6 +36,14 @@ def _copy_checkout(dest: Path) -> Path:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("wheel")
     src = _copy_checkout(base / "src")
+    # a checkout of its own, so the build stamps a commit this test knows
+    git = ["git", "-C", str(src), "-c", "user.name=t", "-c", "user.email=t@example.invalid"]
+    subprocess.run(["git", "init", "-q", str(src)], check=True, timeout=60)
+    subprocess.run([*git, "add", "-A"], check=True, timeout=60)
+    subprocess.run([*git, "commit", "-q", "-m", "packaging test"], check=True, timeout=60)
+    commit = subprocess.run([*git, "rev-parse", "--short=12", "HEAD"], check=True, timeout=60,
+                            capture_output=True, text=True).stdout.strip()
+    (base / "commit").write_text(commit)
     out = base / "out"
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                         "--no-index", "-w", str(out), str(src)], capture_output=True, text=True,
@@ -97,7 +105,7 @@ def _run(venv: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           env={"PATH": f"{venv / 'bin'}:/usr/bin:/bin"})
 
 
-def test_gatewayd_sim_without_the_sim_package(bare_venv: Path) -> None:
+def test_gatewayd_sim_without_the_sim_package(bare_venv: Path, wheel: Path) -> None:
     gatewayd = str(bare_venv / "bin" / "gatewayd")
     for argv in (["sim"], ["sim", "enos", "--port", "0"], ["sim", "mms"]):
         r = _run(bare_venv, gatewayd, *argv)
@@ -105,7 +113,9 @@ def test_gatewayd_sim_without_the_sim_package(bare_venv: Path) -> None:
         assert "pip install gatewayd-sim" in r.stderr and "./sim" in r.stderr
         assert "Traceback" not in r.stderr
     version = _run(bare_venv, gatewayd, "--version")
-    assert version.returncode == 0 and version.stdout.startswith("gatewayd ")
+    commit = (wheel.parent.parent / "commit").read_text()  # the wheel's checkout, stamped
+    assert version.returncode == 0, version.stderr
+    assert version.stdout.strip() == f"gatewayd 0.1.0 (commit {commit})"
 
 
 def test_bare_install_imports_every_module_and_sim_bus_says_what_is_missing(bare_venv: Path) -> None:
@@ -136,6 +146,19 @@ else:
     r = _run(bare_venv, str(bare_venv / "bin" / "python"), "-c", script)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "pip install gatewayd-sim" in r.stdout
+
+
+def test_version_from_a_checkout_names_its_commit() -> None:
+    """Run in place (editable install in this checkout), --version asks git."""
+    r = subprocess.run([sys.executable, "-m", "gatewayd", "--version"], capture_output=True,
+                       text=True, timeout=60, cwd="/")
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
+                          capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    if head.returncode == 0:  # a git checkout (CI clones one)
+        assert r.stdout.startswith(f"gatewayd 0.1.0 (commit {head.stdout.strip()}")
+    else:
+        assert r.stdout.strip() == "gatewayd 0.1.0"
 
 
 def test_installed_sim_registers_through_entry_points() -> None:

@@ -79,6 +79,7 @@ from drivers.base import Command, CommandResult
 from gatewayd.backoff import Backoff, Throttle
 from gatewayd.errors import UplinkAuthError, UplinkError, UplinkUnreachableError
 from gatewayd.uplinks.base import Item, Uplink, UplinkContext, UplinkState
+from gatewayd.uplinks.ratelog import RateLimitedLog
 
 __all__ = [
     "ACCEPTED", "RETRY", "BatchSent", "DeliveryUplink", "Malformed", "Packet", "Session",
@@ -210,6 +211,7 @@ class DeliveryUplink(Uplink):
         self._failures = 0  # consecutive failed attempts (for the warning/debug rule)
         self._backoff: Backoff | None = None
         self._state_changed = asyncio.Event()
+        self._malformed_log = RateLimitedLog(self.log)  # hostile input must not flood the log
         self._init_metrics()
 
     # -- what plug-ins implement --------------------------------------------------------
@@ -467,7 +469,8 @@ class DeliveryUplink(Uplink):
         async for cmd, reply_to in session.commands():
             if isinstance(cmd, Malformed):
                 self._metric_commands("malformed")
-                self.log.warning("command_malformed", id=cmd.id, error=cmd.message)
+                self._malformed_log.warning("command_malformed", key=cmd.message[:40], id=cmd.id,
+                                            error=cmd.message[:200])
                 await self.reply(Command(cmd.id, self.name, "", "", {}, reply_to=reply_to),
                                  CommandResult(cmd.id, False, 400, f"malformed command: "
                                                                    f"{cmd.message}"))

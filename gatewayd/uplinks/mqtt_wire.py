@@ -67,9 +67,11 @@ async def connect(client: aiomqtt.Client, timeout_s: float) -> None:
     """`client.__aenter__()` with typed errors; a half-open client is cleaned up."""
     cancels = _cancels()
     try:
-        async with asyncio.timeout(timeout_s):
-            await client.__aenter__()
-        resume_cancellation(cancels)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await client.__aenter__()
+        finally:  # a CONNACK refusal landing with a cancel: the cancel wins
+            resume_cancellation(cancels)
     except aiomqtt.MqttCodeError as exc:
         rc = getattr(exc.rc, "value", exc.rc)
         if rc in AUTH_REFUSALS:
@@ -89,10 +91,12 @@ async def connect(client: aiomqtt.Client, timeout_s: float) -> None:
 
 async def close(client: aiomqtt.Client) -> None:
     cancels = _cancels()
-    with contextlib.suppress(aiomqtt.MqttError, TimeoutError, OSError, RuntimeError):
-        async with asyncio.timeout(2):
-            await client.__aexit__(None, None, None)
-    resume_cancellation(cancels)
+    try:
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError, OSError, RuntimeError):
+            async with asyncio.timeout(2):
+                await client.__aexit__(None, None, None)
+    finally:
+        resume_cancellation(cancels)
 
 
 async def subscribe(client: aiomqtt.Client, topics: Sequence[str], qos: int,
@@ -102,11 +106,13 @@ async def subscribe(client: aiomqtt.Client, topics: Sequence[str], qos: int,
         return []
     cancels = _cancels()
     try:
-        async with asyncio.timeout(timeout_s):
-            granted = await client.subscribe([(t, qos) for t in topics])
+        try:
+            async with asyncio.timeout(timeout_s):
+                granted = await client.subscribe([(t, qos) for t in topics])
+        finally:
+            resume_cancellation(cancels)
     except aiomqtt.MqttError as exc:
         raise UplinkUnavailableError(f"subscribe failed: {exc}") from exc
-    resume_cancellation(cancels)
     return refused_topics(topics, granted)
 
 
@@ -125,10 +131,12 @@ async def publish(client: aiomqtt.Client, topic: str, payload: bytes, qos: int,
                   timeout_s: float, retain: bool = False) -> None:
     cancels = _cancels()
     try:
-        await client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout_s)
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain, timeout=timeout_s)
+        finally:
+            resume_cancellation(cancels)
     except aiomqtt.MqttError as exc:
         raise UplinkUnavailableError(f"publish failed: {exc}") from exc
-    resume_cancellation(cancels)
 
 
 def _cancels() -> int:

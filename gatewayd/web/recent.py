@@ -58,14 +58,23 @@ class PointHistory:
         self.buckets[slot] = b
         self.values[slot] = numeric(value)
 
-    def series(self, now_ms: int) -> list[list[float | None]]:
-        """[[t_s, value or None], ...] oldest first, within the window ending now."""
-        first = now_ms // (BUCKET_S * 1000) - SLOTS + 1
-        out = []
-        for b, v in sorted(zip(self.buckets, self.values, strict=True)):
-            if b >= 0 and b >= first:
-                out.append([b * BUCKET_S, None if math.isnan(v) else round(v, 6)])
-        return out
+    def series(self, now_ms: int) -> dict[str, Any]:
+        """The window ending now, compact: {"t0": first bucket's start (s), "step": BUCKET_S,
+        "v": "v0,v1,,v3"} with one value per bucket from t0 on ("" where there is none).
+
+        A string, not a list of floats: a snapshot of 1000 points x 120 buckets then costs the
+        daemon about its own size in memory while it is sent, not a Python object per sample."""
+        last = now_ms // (BUCKET_S * 1000)
+        first = last - SLOTS + 1
+        held = {b: v for b, v in zip(self.buckets, self.values, strict=True) if b >= 0 and b >= first}
+        if not held:
+            return {"t0": last * BUCKET_S, "step": BUCKET_S, "v": ""}
+        start = min(held)
+        vals = []
+        for b in range(start, max(held) + 1):
+            v = held.get(b, math.nan)
+            vals.append("" if math.isnan(v) else format(v, ".7g"))
+        return {"t0": start * BUCKET_S, "step": BUCKET_S, "v": ",".join(vals)}
 
     def last(self) -> dict[str, Any]:
         return {"value": jsonable(self.value), "ts_ms": self.ts_ms, "quality": self.quality,

@@ -39,17 +39,16 @@ def _dumps(obj: Any) -> str:
 
 
 def storage_condition(q: Any) -> dict[str, Any]:
-    """The queue's storage condition: ok / disk_full / read_only / io_error / ...
+    """The queue's storage condition: {"condition": ok / disk_full / read_only / io_error ...}.
 
-    Hook: if the queue offers `storage_condition()` (a dict with at least "condition"), that
-    is shown as is; until then the condition is derived from `store_error`.
+    Shown from the queue's `storage` (a `Storage` with `as_dict()`: state, since, detail,
+    held, dropped, acks_pending) when the queue has it; else derived from `store_error`.
     """
-    api = getattr(q, "storage_condition", None)
-    if callable(api):
+    as_dict = getattr(getattr(q, "storage", None), "as_dict", None)
+    if callable(as_dict):
         with contextlib.suppress(Exception):
-            out = dict(api())
-            if "condition" in out:
-                return out
+            d = dict(as_dict())
+            return {**d, "condition": str(d.get("state", "unknown"))}
     err = getattr(q, "store_error", "") or ""
     return {"condition": err or "ok", "store_failed": getattr(q, "store_failed", 0)}
 

@@ -33,7 +33,6 @@ import contextlib
 import json
 import math
 import re
-import signal
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Callable, Iterable
@@ -43,6 +42,8 @@ from typing import Any
 
 import structlog
 from aiohttp import WSMsgType, web
+
+from gatewayd_sim.kit import EXIT_USAGE, Changes, Fault, Faults, add_fault_routes, serve
 
 log = structlog.get_logger("gatewayd_sim.mms")
 
@@ -81,6 +82,7 @@ HTML_LOGIN = (
     '<input name="j_password" type="password"><button>Log On</button></form></body></html>'
 )
 
+ROUTES = ("post_data", "post_params", "get_data", "post_ack", "post_push", "ws_data", "ws_frame")
 FAULTS = {
     "sync_202": "a sync send answers 202 with an ack URL and retryAfterHeaderValue (opt: stored)",
     "error_500": "a send answers 500 'Processing ... failed', nothing stored (opt: match, a text"
@@ -279,17 +281,6 @@ def coerce_message(mtype: MessageType, message: Any) -> dict[str, Any]:
 # -- faults ---------------------------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class Fault:
-    """An injected fault: active for `times` more uses (None: until cleared), with options."""
-
-    times: int | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def as_json(self) -> dict[str, Any]:
-        return {"times": self.times, **self.options}
-
-
 # -- storage --------------------------------------------------------------------------------------
 
 
@@ -369,12 +360,12 @@ class MmsSimulator:
         self.pushes_dropped = 0
         self.acks: dict[str, dict[str, AckEntry]] = defaultdict(dict)
         self.config: list[dict[str, Any]] = []
-        self.faults: dict[str, Fault] = {}
+        self.faults = Faults(FAULTS, ROUTES)
         self.stats: Counter[str] = Counter()  # "route:status" -> answers
         self.answer_times: dict[str, deque[float]] = {}  # "route:status" -> monotonic times
         self.ws_connections = 0
         self._sockets: dict[str, web.WebSocketResponse] = {}
-        self._changed = asyncio.Event()
+        self.changes = Changes()
         self._runner: web.AppRunner | None = None
         self._ack_counter = 0
         if seed_defaults:
@@ -398,33 +389,19 @@ class MmsSimulator:
 
     # -- fault API -------------------------------------------------------------------------------
 
-    def inject(self, name: str, times: int | None = None, **options: Any) -> None:
-        """Switch fault `name` on for `times` uses (None: until `clear`)."""
-        if name not in FAULTS:
-            raise ValueError(f"unknown fault {name!r} (known: {', '.join(FAULTS)})")
-        self.faults[name] = Fault(times, options)
+    def inject(self, name: str, stage: str = "*", count: int | None = None, **options: Any) -> None:
+        """Switch fault `name` on for `count` uses (None: until `clear`) on a route ("*": any)."""
+        self.faults.inject(name, stage, count, **options)
 
     def clear(self, name: str | None = None) -> None:
         """Switch one fault, or all, off."""
-        if name is None:
-            self.faults.clear()
-        else:
-            self.faults.pop(name, None)
+        self.faults.clear(name)
 
-    def _take(self, name: str, subject: Any = None) -> Fault | None:
-        """The fault if active (and, given a `match` option, if `subject` contains it as JSON
-        text), using up one of its `times`."""
-        fault = self.faults.get(name)
-        if fault is None:
-            return None
-        match = fault.options.get("match")
-        if match is not None and str(match) not in json.dumps(subject, default=str):
-            return None
-        if fault.times is not None:
-            fault.times -= 1
-            if fault.times <= 0:
-                del self.faults[name]
-        self.stats[f"fault:{name}"] += 1
+    def _take(self, name: str, subject: Any = None, route: str = "*") -> Fault | None:
+        """The fault if active (see `kit.Faults.take`), counted in the stats."""
+        fault = self.faults.take(name, route, subject)
+        if fault is not None:
+            self.stats[f"fault:{name}"] += 1
         return fault
 
     # -- read-back API ---------------------------------------------------------------------------
@@ -443,13 +420,10 @@ class MmsSimulator:
 
     async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
         """Wait until `predicate()` holds, re-checking after every state change."""
-        async with asyncio.timeout(timeout_s):
-            while not predicate():
-                self._changed.clear()
-                await self._changed.wait()
+        await self.changes.wait_for(predicate, timeout_s)
 
     def _touch(self) -> None:
-        self._changed.set()
+        self.changes.touch()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -478,14 +452,12 @@ class MmsSimulator:
                 web.get(b + "/ws/data/{device}", self._ws_data),
                 web.get("/sim/rows/{mtype}", self._sim_rows),
                 web.get("/sim/tables", self._sim_tables),
-                web.get("/sim/faults", self._sim_faults),
-                web.post("/sim/faults", self._sim_set_faults),
-                web.delete("/sim/faults", self._sim_clear_faults),
                 web.post("/sim/message-types", self._sim_add_type),
                 web.post("/sim/devices", self._sim_add_device),
                 web.get("/sim/stats", self._sim_stats),
             ]
         )
+        add_fault_routes(app, self.faults, self.changes)
         app.on_shutdown.append(self._close_sockets)
         return app
 
@@ -928,38 +900,6 @@ class MmsSimulator:
     async def _sim_tables(self, _request: web.Request) -> web.StreamResponse:
         return web.json_response({k: t.count for k, t in self.tables.items()})
 
-    async def _sim_faults(self, _request: web.Request) -> web.StreamResponse:
-        return web.json_response(
-            {"active": {k: f.as_json() for k, f in self.faults.items()}, "known": FAULTS}
-        )
-
-    async def _sim_set_faults(self, request: web.Request) -> web.StreamResponse:
-        """`{"sync_202": {"times": 1, "stored": false}, "html_200": true, "slow": false}`."""
-        try:
-            body = await self._json_body(request)
-            if not isinstance(body, dict):
-                raise Rejected(400, "expected an object of fault specs")
-            for name, spec in body.items():
-                if spec is False or spec is None:
-                    self.clear(name)
-                elif spec is True:
-                    self.inject(name)
-                elif isinstance(spec, dict):
-                    opts = dict(spec)
-                    times = opts.pop("times", None)
-                    self.inject(name, times if isinstance(times, int) else None, **opts)
-                else:
-                    raise Rejected(400, f"fault {name}: expected true, false or an object")
-        except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=400)
-        except Rejected as exc:
-            return web.json_response({"error": exc.msg}, status=400)
-        return await self._sim_faults(request)
-
-    async def _sim_clear_faults(self, request: web.Request) -> web.StreamResponse:
-        self.clear()
-        return await self._sim_faults(request)
-
     async def _sim_add_type(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await self._json_body(request)
@@ -1100,33 +1040,20 @@ def build(args: argparse.Namespace) -> MmsSimulator:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the simulator until SIGINT/SIGTERM. Returns the exit status."""
+    """Run the simulator until SIGINT/SIGTERM. Returns the exit status (see `kit`)."""
     try:
         sim = build(args)
     except (ValueError, OSError, KeyError, TypeError) as exc:
         print(f"gatewayd sim mms: {exc!r}")
-        return 2
+        return EXIT_USAGE
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        async with sim:
-            print(f"MMS simulator: {sim.api_url}", flush=True)
-            for device_id, (token, _dt) in sim.devices.items():
-                print(f"  device {device_id} token {token}", flush=True)
-            users = ", ".join(sorted(sim.push_users)) or "none (add --push-user USER:PASSWORD)"
-            print(f"  push users: {users}; app tokens: {len(sim.app_tokens)}", flush=True)
-            print(
-                f"  read-back: {sim.url}/sim/rows/<messageType>   faults: {sim.url}/sim/faults",
-                flush=True,
-            )
-            await stop.wait()
+    def banner() -> None:
+        print(f"MMS simulator: {sim.api_url}", flush=True)
+        for device_id, (token, _dt) in sim.devices.items():
+            print(f"  device {device_id} token {token}", flush=True)
+        users = ", ".join(sorted(sim.push_users)) or "none (add --push-user USER:PASSWORD)"
+        print(f"  push users: {users}; app tokens: {len(sim.app_tokens)}", flush=True)
+        print(f"  read-back: {sim.url}/sim/rows/<messageType>   faults: {sim.url}/sim/faults",
+              flush=True)
 
-    try:
-        asyncio.run(main())
-    except OSError as exc:
-        print(f"gatewayd sim mms: cannot listen on {args.host}:{args.port}: {exc}")
-        return 1
-    return 0
+    return serve("mms", sim.start, sim.stop, banner)

@@ -18,8 +18,9 @@ Control routes (JSON), for the CLI, the bench and tests in other processes:
 - `POST /sim/commands` `{"dc": "...", "command": "..."}` or `{"commands": [...]}`: queue commands;
   `GET /sim/commands` lists them; `DELETE /sim/commands` clears them.
 - `GET /sim/data?dc=&metric=&after=&limit=`: stored M2M_data rows (`after` is a row id).
-- `POST /sim/faults` `{"kind": "status"|"slow"|"drop"|"html"|"unauthorized", "stage": "publish",
-  "count": 1, "status": 503, "delay_s": 2}`; `DELETE /sim/faults` clears them.
+- `POST /sim/faults` `{"name": "status"|"slow"|"drop"|"html"|"unauthorized"|"error"|"raw",
+  "stage": "publish", "count": 1, "status": 503, "delay_s": 2}` (the shared kit's form; `kind`
+  is taken for `name`); `GET /sim/faults` lists them, `DELETE /sim/faults` clears them.
 - `POST /sim/config` `{"unauthorized_status": 401, "consume_on_read": false,
   "idle_timeout_s": 5, "reject_vals": ["poison"]}`; `POST /sim/expire` drops every token.
 - `GET /sim/stats`: counters.
@@ -33,7 +34,6 @@ import contextlib
 import json
 import re
 import secrets
-import signal
 import ssl
 import sys
 import time
@@ -42,10 +42,12 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import structlog
 from aiohttp import web
+
+from gatewayd_sim.kit import EXIT_USAGE, Changes, Fault, Faults, add_fault_routes, serve
 
 log = structlog.get_logger("gatewayd_sim.opshub")
 
@@ -60,42 +62,21 @@ _HTML_LOGIN_PAGE = (
     "<body><form method='post' action='/login'><input name='username'></form></body></html>"
 )
 
-FaultKind = Literal["status", "slow", "drop", "html", "unauthorized", "error", "raw"]
-FAULT_KINDS: tuple[str, ...] = ("status", "slow", "drop", "html", "unauthorized", "error", "raw")
+FAULTS = {
+    "status": "answer `status` (default 503) without processing",
+    "slow": "process (and store) normally, then wait `delay_s` (default 1) before answering",
+    "drop": "close the connection without an answer, before processing",
+    "html": "answer HTTP 200 with an HTML sign-in page, without processing",
+    "unauthorized": "answer the unauthorized error whatever the token",
+    "error": "answer the error message with `code` (default 1, bad JSON) without processing",
+    "raw": "answer HTTP 200 with `body` as is (malformed or hand-written answers)",
+}
 
 # M2M_data columns, in the order rows are stored.
 ROW_FIELDS = ("id", "dc", "metric", "data", "latitude", "longitude", "altitude", "timestamp",
               "description", "data_type", "generic_1", "generic_2", "cloud", "received_ms")
 _MET_COLUMNS = (("met", "metric"), ("val", "data"), ("desc", "description"),
                 ("type", "data_type"), ("gen1", "generic_1"), ("gen2", "generic_2"))
-
-
-@dataclass
-class Fault:
-    """One injected misbehaviour, applied to the next `count` calls of `stage` (-1: until cleared).
-
-    - `status`: answer `status` (e.g. 503) without processing;
-    - `slow`: process (and store) normally, then wait `delay_s` before answering;
-    - `drop`: close the connection without an answer, before processing;
-    - `html`: answer HTTP 200 with an HTML sign-in page, without processing;
-    - `unauthorized`: answer the unauthorized error whatever the token;
-    - `error`: answer the error message with `code` (e.g. 1, bad JSON) without processing;
-    - `raw`: answer HTTP 200 with `body` as is (malformed or hand-written answers).
-    """
-
-    kind: FaultKind
-    stage: str = "*"  # "login", "publish", "subscribe" or "*"
-    count: int = 1
-    status: int = 503
-    delay_s: float = 1.0
-    code: int = 1
-    body: str = ""
-
-    def __post_init__(self) -> None:
-        if self.kind not in FAULT_KINDS:
-            raise ValueError(f"unknown fault kind {self.kind!r} (expected one of {FAULT_KINDS})")
-        if self.stage != "*" and self.stage not in STAGES:
-            raise ValueError(f"unknown stage {self.stage!r}")
 
 
 @dataclass
@@ -185,10 +166,10 @@ class OpsHubSimulator:
         self._rows: deque[tuple[Any, ...]] = deque(maxlen=max_rows)
         self.rows_total = 0
         self._commands: list[tuple[str, str]] = []  # (dc, command) in arrival order
-        self._faults: list[Fault] = []
+        self.faults = Faults(FAULTS, STAGES)
         self.requests: deque[tuple[str, bytes]] = deque(maxlen=keep_requests)  # (stage, raw body)
         self.stats: Counter[str] = Counter()
-        self._changed = asyncio.Condition()
+        self.changes = Changes()
         self._runner: web.AppRunner | None = None
         self._stopping = asyncio.Event()
 
@@ -209,8 +190,7 @@ class OpsHubSimulator:
         app.router.add_get("/sim/commands", self._h_list_commands)
         app.router.add_delete("/sim/commands", self._h_clear_commands)
         app.router.add_get("/sim/data", self._h_data)
-        app.router.add_post("/sim/faults", self._h_add_fault)
-        app.router.add_delete("/sim/faults", self._h_clear_faults)
+        add_fault_routes(app, self.faults, self.changes)
         app.router.add_post("/sim/config", self._h_config)
         app.router.add_post("/sim/expire", self._h_expire)
         app.router.add_get("/sim/stats", self._h_stats)
@@ -258,14 +238,13 @@ class OpsHubSimulator:
     def clear_commands(self) -> None:
         self._commands.clear()
 
-    def inject(self, kind: FaultKind, stage: str = "*", count: int = 1, **kw: Any) -> Fault:
-        """Add a fault (see `Fault`); faults apply in the order they were added."""
-        fault = Fault(kind, stage, count, **kw)
-        self._faults.append(fault)
-        return fault
+    def inject(self, name: str, stage: str = "*", count: int | None = 1, **options: Any) -> Fault:
+        """Add a fault (see FAULTS) for `count` calls of `stage` (None or -1: until cleared);
+        faults apply in the order they were added."""
+        return self.faults.inject(name, stage, count, **options)
 
     def clear_faults(self) -> None:
-        self._faults.clear()
+        self.faults.clear()
 
     def expire_tokens(self) -> None:
         """Forget every token, as if each had been idle past the timeout."""
@@ -287,12 +266,7 @@ class OpsHubSimulator:
 
     async def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
         """Wait until `predicate()` holds; it is re-checked after every request handled."""
-        async with asyncio.timeout(timeout_s), self._changed:
-            await self._changed.wait_for(predicate)
-
-    async def _notify(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        await self.changes.wait_for(predicate, timeout_s)
 
     # -- the REST stages ------------------------------------------------------------------------
 
@@ -305,7 +279,7 @@ class OpsHubSimulator:
             self.stats[f"{stage}_requests"] += 1
             try:
                 fault = self._take_fault(stage)
-                if fault is not None and fault.kind != "slow":
+                if fault is not None and fault.name != "slow":
                     return await self._apply_fault(fault, request)
                 try:
                     body = self._parse(raw, stage)
@@ -316,37 +290,33 @@ class OpsHubSimulator:
                     status, answer = 200, error_body(1)
                 if fault is not None:  # slow: stored already, answer late (the client may retry)
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(fault.delay_s):
+                        async with asyncio.timeout(float(fault.options.get("delay_s", 1.0))):
                             await self._stopping.wait()  # a stop cuts the delay short
                 return _json_response(answer, status)
             finally:
-                await self._notify()
+                self.changes.touch()
 
         return handle
 
     def _take_fault(self, stage: str) -> Fault | None:
-        for fault in self._faults:
-            if fault.stage in ("*", stage):
-                if fault.count > 0:
-                    fault.count -= 1
-                    if fault.count == 0:
-                        self._faults.remove(fault)
-                self.stats[f"fault_{fault.kind}"] += 1
-                return fault
-        return None
+        fault = self.faults.take_any(stage)
+        if fault is not None:
+            self.stats[f"fault_{fault.name}"] += 1
+        return fault
 
     async def _apply_fault(self, fault: Fault, request: web.Request) -> web.StreamResponse:
-        if fault.kind == "status":
-            return web.json_response({"error": "injected"}, status=fault.status)
-        if fault.kind == "html":
+        opts = fault.options
+        if fault.name == "status":
+            return web.json_response({"error": "injected"}, status=int(opts.get("status", 503)))
+        if fault.name == "html":
             return web.Response(text=_HTML_LOGIN_PAGE, content_type="text/html")
-        if fault.kind == "unauthorized":
+        if fault.name == "unauthorized":
             status, answer = self._unauthorized()
             return _json_response(answer, status)
-        if fault.kind == "error":
-            return _json_response(error_body(fault.code))
-        if fault.kind == "raw":
-            return web.Response(text=fault.body, content_type="application/json")
+        if fault.name == "error":
+            return _json_response(error_body(int(opts.get("code", 1))))
+        if fault.name == "raw":
+            return web.Response(text=str(opts.get("body", "")), content_type="application/json")
         # drop: close the socket under the request; the client sees a disconnect, no answer.
         if request.transport is not None:
             request.transport.abort()
@@ -542,18 +512,6 @@ class OpsHubSimulator:
         rows = self.rows(q.get("dc"), q.get("metric"), after, limit)
         return web.json_response({"rows": rows, "total": self.rows_total})
 
-    async def _h_add_fault(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
-        try:
-            fault = self.inject(**body)
-        except (TypeError, ValueError) as exc:
-            raise web.HTTPBadRequest(text=str(exc)) from None
-        return web.json_response({"fault": fault.__dict__})
-
-    async def _h_clear_faults(self, request: web.Request) -> web.Response:
-        self.clear_faults()
-        return web.json_response({"faults": 0})
-
     async def _h_config(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
         if "unauthorized_status" in body:
@@ -674,18 +632,14 @@ def parse_users(specs: Iterable[str], users_file: str | None = None) -> dict[str
 
 
 def run(args: argparse.Namespace) -> int:
-    """Serve until SIGINT/SIGTERM; prints one JSON line with the URL once listening."""
+    """Serve until SIGINT/SIGTERM; prints one JSON line with the URL once listening. Returns
+    the exit status (see `kit`)."""
     try:
         users = parse_users(args.user, args.users_file)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    ctx = None
-    if args.tls_cert:
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(args.tls_cert, args.tls_key)
-
-    async def serve() -> None:
+        ctx = None
+        if args.tls_cert:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(args.tls_cert, args.tls_key)
         sim = OpsHubSimulator(users, host=args.host, port=args.port,
                               idle_timeout_s=args.idle_timeout,
                               unauthorized_status=args.unauthorized_status,
@@ -693,17 +647,11 @@ def run(args: argparse.Namespace) -> int:
                               ssl_context=ctx, multi_answer=args.multi_answer,
                               multi_stores=args.multi_stores,
                               login_ends_earlier=args.login_ends_earlier)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        async with sim:
-            print(json.dumps({"opshub_sim": sim.url}), flush=True)
-            await stop.wait()
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve())
-    return 0
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return serve("opshub", sim.start, sim.stop,
+                 lambda: print(json.dumps({"opshub_sim": sim.url}), flush=True))
 
 
 if __name__ == "__main__":

@@ -135,17 +135,16 @@ def test_mapper_routes_groups_and_reports_unmapped() -> None:
         Reading("garage", "t", 3, 4000),
         Reading("attic", "unknown_point", 0, 5000),
     )
-    groups, unmapped = Mapper([wide, rows]).build(items)
-    assert [m.body for m in groups["wide"]] == [
+    runs = Mapper([wide, rows]).runs(items)
+    assert [(t, [it.seq for it in run]) for t, run, _ in runs] == [
+        ("wide", [1, 2, 3, 4]), ("rows", [5]), (None, [6, 7])]  # runs in seq order; no map: None
+    assert runs[0][2] == [
         {"device": "attic", "temperature": 1.5, "humidity": 40, "ts": 1000},
         {"device": "attic", "temperature": 1.6, "ts": 2000},
         {"device": "attic", "temperature": 1.7, "ts": 2000},  # same point twice: a new message
     ]
-    assert [[it.seq for it in m.items] for m in groups["wide"]] == [[1, 2], [3], [4]]
-    assert [m.body for m in groups["rows"]] == [
-        {"sensor": "cellar.x", "v": '{"a":1}', "q": 1, "timestamp": 3}
-    ]
-    assert [it.seq for it in unmapped] == [6, 7]
+    assert runs[1][2] == [{"sensor": "cellar.x", "v": '{"a":1}', "q": 1, "timestamp": 3}]
+    assert runs[2][2] == []
 
 
 @pytest.mark.parametrize(

@@ -272,7 +272,7 @@ async def test_ws_upgrade_needs_the_token(sim: MmsSimulator, http) -> None:
     with pytest.raises(aiohttp.WSServerHandshakeError) as err:
         await http.ws_connect(url, headers={"Authorization": "Bearer nope"})
     assert err.value.status == 401
-    sim.inject("refuse_upgrade", times=1)
+    sim.inject("refuse_upgrade", count=1)
     with pytest.raises(aiohttp.WSServerHandshakeError):
         await http.ws_connect(url, headers=AUTH)
     async with http.ws_connect(url, headers=AUTH):
@@ -284,7 +284,8 @@ async def test_faults_through_the_control_route(sim: MmsSimulator, http) -> None
     status, _, text = await call(
         http, "POST", f"{sim.url}/sim/faults", {"sync_202": {"times": 1}, "error_500": False}
     )
-    assert status == 200 and json.loads(text)["active"]["sync_202"]["times"] == 1
+    assert status == 200 and json.loads(text)["active"] == [
+        {"name": "sync_202", "stage": "*", "count": 1}]
     status, _, text = await call(http, "POST", url, send())
     body = json.loads(text)
     assert status == 202 and body["retryAfterHeaderValue"] == "60"
@@ -309,7 +310,7 @@ async def test_faults_through_the_control_route(sim: MmsSimulator, http) -> None
 
 async def test_drop_get_loses_the_drained_pushes(sim: MmsSimulator, http) -> None:
     await sim.push(DEV, {"method": "http", "messageType": "m0t0y0p0e3", "messages": [{"opcode": "a"}]})
-    sim.inject("drop_get", times=1)
+    sim.inject("drop_get", count=1)
     try:
         # aiohttp retries an idempotent GET once after a dropped connection: then it sees [].
         status, _, text = await call(http, "GET", f"{sim.api_url}http/data/{DEV}")
@@ -419,6 +420,6 @@ def test_cli_arguments_build_a_simulator(tmp_path) -> None:
     sim = simmod.build(args)
     assert sim.devices["gw1"][0] == "tok1" and sim.devices["gw2"][0] == "tok2"
     assert sim.message_types["feedfeedfeedfeedfeed"].direction == "toDevice"
-    assert "slow" in sim.faults and sim.ws_push_offline == "store"
+    assert [f.name for f in sim.faults.active] == ["slow"] and sim.ws_push_offline == "store"
     bad = parser.parse_args(["--device", "no-token"])
     assert simmod.run(bad) == 2

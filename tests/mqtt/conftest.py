@@ -88,9 +88,9 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 class Watcher:
     """A subscriber that records every message on `topic` (a plain aiomqtt client)."""
 
-    def __init__(self, broker: Mosquitto, topic: str, client_id: str = "") -> None:
+    def __init__(self, broker: Mosquitto, topic: str, client_id: str = "", **auth: Any) -> None:
         """With `client_id`, a persistent session: the broker keeps what arrives while away."""
-        self.broker, self.topic, self.client_id = broker, topic, client_id
+        self.broker, self.topic, self.client_id, self.auth = broker, topic, client_id, auth
         self.messages: list[tuple[str, bytes]] = []
         self.changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -104,6 +104,7 @@ class Watcher:
     async def _run(self) -> None:
         kw: dict[str, Any] = {"identifier": self.client_id, "clean_session": False} \
             if self.client_id else {}
+        kw.update(self.auth)
         async with self.broker.client(**kw) as c:
             await c.subscribe(self.topic, qos=1)
             self._ready.set()

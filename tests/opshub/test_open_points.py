@@ -102,3 +102,23 @@ async def test_login_ending_earlier_tokens_two_gateways_one_account(tmp_path: Pa
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await queue.close()
+
+
+@pytest.mark.parametrize("consume", [True, False], ids=["consumed-on-read", "kept-until-confirmed"])
+async def test_commands_returned_once_or_until_confirmed(rig: Rig, consume: bool) -> None:
+    """[open] whether subscribe consumes a command: kept ones run once, and a deliberate
+    repeat (on, off, on) runs every time either way."""
+    from .test_uplink import COMMANDS, DC
+    async with OpsHubSimulator({ACCOUNT: PASSWORD}, idle_timeout_s=600,
+                               consume_on_read=consume) as sim:
+        rig.start(build_config(base_table(sim, poll_interval="20ms", commands=COMMANDS)))
+        relays = rig.actuators["relays"]
+        for n, command in enumerate(["relay2=on", "relay2=off", "relay2=on"], start=1):
+            sim.clear_commands()
+            sim.queue_command(DC, command)
+            await wait_until(lambda n=n: len(relays.actions) >= n, 5, f"command {n} ran")
+            polls = sim.stats["subscribe_requests"]
+            await sim.wait_for(lambda p=polls: sim.stats["subscribe_requests"] >= p + 3)
+            assert len(relays.actions) == n  # polled again and again, still run once
+        assert [p["state"] for _, p in relays.actions] == [True, False, True]
+        assert rig.uplink is not None and rig.uplink.status()["commands_kept_by_server"] is (not consume)

@@ -215,18 +215,33 @@ def test_unparseable_commands(text: str, channel: str, why: str) -> None:
         up.parse_command(text, channel)
 
 
-def test_command_ids_are_deduplicated_within_the_window() -> None:
-    up, submitted = uplink(commands=PATTERNS, dedupe_window="60s")
-    answer = {"payload": {"request_type": "command_list", "commands": [
-        {"dc": f"{GW}/x", "command": "relay1=on"}, {"dc": f"{GW}/x", "command": "relay1=on"}]}}
-    up.handle_poll(answer)
-    up.handle_poll(answer)  # redelivered: same dc, string and ordinals
-    assert len(submitted) == 2 and submitted[0].id != submitted[1].id
-    assert [c.params for c in submitted] == [{"channel": "1", "state": "on"}] * 2
-    up._seen = dict.fromkeys(up._seen, -1e9)  # the window has passed
-    up.handle_poll(answer)
-    assert len(submitted) == 4
-    assert submitted[2].id not in {c.id for c in submitted[:2]}  # a new command, a new id
+def _poll(*commands: str) -> dict[str, Any]:
+    return {"payload": {"request_type": "command_list",
+                        "commands": [{"dc": f"{GW}/x", "command": c} for c in commands]}}
+
+
+def test_a_server_that_keeps_commands_runs_each_once() -> None:
+    up, _ = uplink(commands=PATTERNS)
+    first = up.handle_poll(_poll("relay1=on", "relay1=on"))  # pressed twice: both run
+    assert len(first) == 2 and first[0][0].id != first[1][0].id
+    assert [c.params for c, _ in first] == [{"channel": "1", "state": "on"}] * 2
+    assert up.handle_poll(_poll("relay1=on", "relay1=on")) == []  # returned again: kept
+    assert up._keeps is True
+    (new,) = up.handle_poll(_poll("relay1=on", "relay1=on", "relay2=off"))  # only the new one
+    assert new[0].params == {"channel": "2", "state": "off"}
+    assert up.handle_poll({"payload": {"request_type": "no_commands"}}) == []
+    again = up.handle_poll(_poll("relay1=on"))  # gone, then back: issued again
+    assert len(again) == 1 and again[0][0].id not in {c.id for c, _ in first}
+
+
+def test_a_server_that_consumes_commands_runs_a_deliberate_repeat() -> None:
+    up, _ = uplink(commands=PATTERNS)
+    assert len(up.handle_poll(_poll("relay1=on"))) == 1
+    assert len(up.handle_poll(_poll("relay1=off"))) == 1  # the first is gone: consumed on read
+    assert up._keeps is False
+    ids = [c.id for c, _ in up.handle_poll(_poll("relay1=on"))]
+    ids += [c.id for c, _ in up.handle_poll(_poll("relay1=on"))]  # on, on again: both run
+    assert len(set(ids)) == 2
 
 
 def test_command_key_depends_on_channel_string_and_ordinal() -> None:

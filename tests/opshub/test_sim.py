@@ -281,10 +281,10 @@ async def test_read_back_route_filters_rows(client: Client, sim) -> None:
 
 async def test_faults_status_html_and_expiry_through_control_routes(client: Client, sim) -> None:
     token = await client.login()
-    assert (await client.post("/sim/faults", {"kind": "status", "stage": "publish",
+    assert (await client.post("/sim/faults", {"kind": "status", "stage": "publish", "count": 1,
                                               "status": 502}))[0] == 200
     assert (await client.post("/app/iqp/rest/publish", "{}"))[0] == 502
-    assert (await client.post("/sim/faults", {"kind": "html"}))[0] == 200
+    assert (await client.post("/sim/faults", {"name": "html", "count": 1}))[0] == 200
     status, text = await client.post("/app/iqp/rest/subscribe", "{}")
     assert status == 200 and text.startswith("<!DOCTYPE html>")
     assert (await client.post("/sim/faults", {"kind": "bogus"}))[0] == 400

@@ -65,6 +65,17 @@ async def test_page_shows_every_device_and_uplink_live(bench: Bench, tmp_path: P
         if SCREENSHOT_COPY:  # for docs/: let the sparklines grow first (the test needs no wait)
             await b.wait_for(f"(Number({sel}.dataset.ts) > {first} + 25000)", within=60)
         shot = await b.screenshot(tmp_path / "status-page.png")
+        # a phone: the same page fits its width (wide tables scroll inside their own box)
+        await b.send("Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=2,
+                     mobile=True)
+        await b.send("Emulation.setUserAgentOverride",
+                     userAgent="Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 "
+                               "(KHTML, like Gecko) Chrome/156.0 Mobile Safari/537.36")
+        await b.goto(bench.url + "/")
+        await b.wait_for("document.querySelectorAll('[data-device]').length > 0")
+        fits = await b.evaluate("[document.documentElement.scrollWidth, window.innerWidth]")
+        assert fits[0] <= fits[1], fits
+        await b.screenshot(tmp_path / "status-page-phone.png")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
     if SCREENSHOT_COPY:
         shutil.copy(shot, SCREENSHOT_COPY)

@@ -26,13 +26,14 @@ def test_history_is_bounded_and_windowed() -> None:
     assert len(p.buckets) == SLOTS and len(p.values) == SLOTS
     now = t0 + 4999 * 1000
     series = r.snapshot(now_ms=now)["d"]["v_v"]["series"]
-    assert len(series) == SLOTS
-    assert series[-1] == [now // 1000 // BUCKET_S * BUCKET_S, 4999.0]
-    assert all(b[0] - a[0] == BUCKET_S for a, b in pairwise(series))
-    assert series[0][0] > now / 1000 - SLOTS * BUCKET_S
+    values = series["v"].split(",")
+    assert len(values) == SLOTS and series["step"] == BUCKET_S
+    assert float(values[-1]) == 4999.0  # the last value of the newest bucket
+    assert all(float(b) - float(a) == BUCKET_S for a, b in pairwise(values))
+    assert series["t0"] == (now // 1000 // BUCKET_S - SLOTS + 1) * BUCKET_S
     # much later, nothing of it is within the window, but the last value is kept
     later = r.snapshot(now_ms=now + 3600_000)["d"]["v_v"]
-    assert later["series"] == [] and later["value"] == 4999.0 and later["unit"] == "V"
+    assert later["series"]["v"] == "" and later["value"] == 4999.0 and later["unit"] == "V"
 
 
 def test_bad_values_and_changes_since() -> None:
@@ -41,8 +42,10 @@ def test_bad_values_and_changes_since() -> None:
     seq = r.seq
     assert r.changed_since(seq) == {}
     snap = r.snapshot(now_ms=2000)["d"]
-    assert snap["a"]["series"] == [[0, None]] and snap["a"]["quality"] == 2
+    assert snap["a"]["series"] == {"t0": 0, "step": BUCKET_S, "v": ""} and snap["a"]["quality"] == 2
     assert snap["b"]["value"] == "inf"  # JSON has no infinity
     r.record([Reading("d", "b", True, 3000)])
     assert list(r.changed_since(seq)["d"]) == ["b"]
     assert r.changed_since(seq)["d"]["b"]["value"] is True
+    r.record([Reading("d", "a", 5, 11_000)])  # two buckets on: the one between has no value
+    assert r.snapshot(now_ms=12_000)["d"]["a"]["series"] == {"t0": 0, "step": BUCKET_S, "v": ",,5"}

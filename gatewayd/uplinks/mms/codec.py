@@ -5,9 +5,10 @@ Pure functions and small types, no I/O: the uplink and the transports share them
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import Enum
@@ -21,15 +22,6 @@ from gatewayd.uplinks.mms.config import MessageMap
 _SUCCESS_RE = re.compile(r"^\d+ message\(s\) (received|accepted)", re.IGNORECASE)
 _REFUSED_RE = re.compile(r"^Parse error\. Expected|doesn't conform to the given message type")
 _FAILED_RE = re.compile(r"^Processing \d+ message\(s\) .*failed$")
-
-
-@dataclass(slots=True)
-class Message:
-    """One MMS message and what it carries: queue items (readings) or a result's command id."""
-
-    body: dict[str, Any]
-    items: list[Item] = field(default_factory=list)
-    result_of: str = ""
 
 
 def encode_ts(ts_ms: int, fmt: str) -> int | str:
@@ -49,14 +41,17 @@ def encode_value(value: Any) -> Any:
     return value
 
 
-def _source(reading: Reading, source: str) -> Any:
-    if source == "value":
-        return encode_value(reading.value)
-    if source == "sensor":
-        return f"{reading.device}.{reading.point}"
-    if source == "quality":
-        return int(reading.quality)
-    return getattr(reading, source)
+def _sensor(r: Reading) -> str:
+    return f"{r.device}.{r.point}"
+
+
+_SOURCES: dict[str, Callable[[Reading], Any]] = {
+    "value": lambda r: encode_value(r.value),
+    "sensor": _sensor,
+    "quality": lambda r: int(r.quality),
+    "device": lambda r: r.device,
+    "point": lambda r: r.point,
+}
 
 
 class Mapper:
@@ -65,45 +60,55 @@ class Mapper:
     def __init__(self, maps: Iterable[MessageMap]) -> None:
         self.maps = list(maps)
         self._routes: dict[tuple[str, str], MessageMap | None] = {}
+        self._plans = {id(m): (tuple((n, _SOURCES[s]) for n, s in m.field_sources().items()),
+                               m.timestamp_field, m.timestamp_format) for m in self.maps}
 
     def route(self, reading: Reading) -> MessageMap | None:
         """The first map that takes this reading, or None (cached per device and point)."""
         key = (reading.device, reading.point)
-        if key not in self._routes:
-            self._routes[key] = next((m for m in self.maps if m.matches(reading)), None)
-        return self._routes[key]
+        try:
+            return self._routes[key]
+        except KeyError:
+            m = self._routes[key] = next((m for m in self.maps if m.matches(reading)), None)
+            return m
 
-    def build(self, items: Iterable[Item]) -> tuple[dict[str, list[Message]], list[Item]]:
-        """Messages per message type in seq order, and the items no map takes."""
-        out: dict[str, list[Message]] = {}
-        unmapped: list[Item] = []
-        wide: dict[tuple[int, str, int], Message] = {}
+    def runs(self, items: Iterable[Item]) -> list[tuple[str | None, list[Item], list[dict[str, Any]]]]:
+        """(message type or None if no map takes them, items, message bodies) for each run of
+        consecutive items of one message type, in seq order."""
+        out: list[tuple[str | None, list[Item], list[dict[str, Any]]]] = []
+        current: str | bool | None = False  # no run yet
+        run_items: list[Item] = []
+        bodies: list[dict[str, Any]] = []
+        wide: dict[tuple[int, str, int], dict[str, Any]] = {}
+        routes = self._routes
         for it in items:
             r = it.reading
-            m = self.route(r)
+            m = routes.get((r.device, r.point)) or self.route(r)
+            mtype = m.message_type if m is not None else None
+            if mtype != current:
+                run_items, bodies, wide = [], [], {}
+                out.append((mtype, run_items, bodies))
+                current = mtype
+            run_items.append(it)
             if m is None:
-                unmapped.append(it)
                 continue
-            messages = out.setdefault(m.message_type, [])
             if m.point_fields:
                 key = (id(m), r.device, r.ts_ms)
                 target = m.point_fields[r.point]
-                msg = wide.get(key)
-                if msg is None or target in msg.body:
-                    msg = wide[key] = Message(self._base(m, r))
-                    messages.append(msg)
-                msg.body[target] = encode_value(r.value)
-                msg.items.append(it)
+                body = wide.get(key)
+                if body is None or target in body:
+                    body = wide[key] = self._base(m, r)
+                    bodies.append(body)
+                body[target] = encode_value(r.value)
             else:
-                body = self._base(m, r)
-                messages.append(Message(body, [it]))
-        return out, unmapped
+                bodies.append(self._base(m, r))
+        return out
 
-    @staticmethod
-    def _base(m: MessageMap, r: Reading) -> dict[str, Any]:
-        body = {name: _source(r, src) for name, src in m.field_sources().items()}
-        if m.timestamp_field:
-            body[m.timestamp_field] = encode_ts(r.ts_ms, m.timestamp_format)
+    def _base(self, m: MessageMap, r: Reading) -> dict[str, Any]:
+        sources, ts_field, ts_format = self._plans[id(m)]
+        body = {name: get(r) for name, get in sources}
+        if ts_field:
+            body[ts_field] = r.ts_ms // 1000 if ts_format == "s" else encode_ts(r.ts_ms, ts_format)
         return body
 
 
@@ -220,3 +225,80 @@ def envelope(mode: str, message_type: str, messages: list[dict[str, Any]]) -> st
     return json.dumps(
         {"mode": mode, "messageType": message_type, "messages": messages}, separators=(",", ":")
     )
+
+
+# -- pushes ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CommandFields:
+    """Which fields of a toDevice message name the action, the local device and the cloud's id."""
+
+    command_types: tuple[str, ...]
+    action_field: str
+    device_field: str
+    id_field: str
+    command_device: str
+
+
+@dataclass(frozen=True, slots=True)
+class PushCommand:
+    """A pushed message read as a command (`problem` empty), or why it is none."""
+
+    id: str
+    device: str = ""
+    action: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    problem: str = ""
+
+
+def read_pushes(envelopes: list[Any], f: CommandFields, arrival: str) -> list[PushCommand]:
+    """Pushed envelopes (in issue order) as commands. Never raises.
+
+    Pushes carry no id (mms.md A.4), and MMS delivers each once (a GET drains, a socket push is
+    sent once), so a message without the `id_field` gets an id unique to its arrival
+    (`arrival` plus its ordinal): a deliberate repeat runs again. A message that names an id
+    keeps it, and the dispatcher then runs a redelivery of the same id and content once.
+    """
+    out: list[PushCommand] = []
+    ordinal = 0
+    for env in envelopes:
+        if not isinstance(env, dict) or not isinstance(env.get("messages"), list):
+            out.append(PushCommand(_content_id(env, arrival, ordinal), problem="not a push envelope"))
+            ordinal += 1
+            continue
+        mtype = env.get("messageType")
+        for message in env["messages"]:
+            out.append(_read_one(mtype, env.get("sender"), message, f, _content_id(
+                [mtype, message], arrival, ordinal)))
+            ordinal += 1
+    return out
+
+
+def _read_one(mtype: Any, sender: Any, message: Any, f: CommandFields, synthetic: str) -> PushCommand:
+    cmd_id = synthetic
+    if isinstance(message, dict):
+        own = message.get(f.id_field)
+        if isinstance(own, str | int) and not isinstance(own, bool) and str(own):
+            cmd_id = str(own)[:200]
+    if mtype not in f.command_types:
+        return PushCommand(cmd_id, problem=f"message type {str(mtype)[:60]!r} is not a command type")
+    if not isinstance(message, dict):
+        return PushCommand(cmd_id, problem="a command message must be an object")
+    action = message.get(f.action_field)
+    if not isinstance(action, str) or not action:
+        return PushCommand(cmd_id, problem=f"missing action field {f.action_field!r}")
+    device = f.command_device
+    if f.device_field and isinstance(message.get(f.device_field), str):
+        device = message[f.device_field]
+    reserved = {f.action_field, f.id_field, f.device_field}
+    params = {k: v for k, v in message.items() if k not in reserved and v is not None}
+    return PushCommand(cmd_id, device, action, params)
+
+
+def _content_id(content: Any, arrival: str, ordinal: int) -> str:
+    try:
+        text = json.dumps(content, sort_keys=True, default=str)
+    except (ValueError, RecursionError):
+        text = repr(type(content))
+    return f"mms-{hashlib.sha256(text.encode()).hexdigest()[:12]}-{arrival}-{ordinal}"

@@ -75,7 +75,6 @@ class MmsConfig:
     id_field: str = "cmd_id"
     result_message_type: str = ""  # fromDevice type for results; "" logs them only
     result_timestamp_format: Literal["s", "ms", "iso"] = "s"
-    dedupe_window: Duration = 10.0
     poll_interval: Annotated[Duration, Range(0.05, 3600)] = 5.0  # http transport
     ws_poll_interval: Duration = 60.0  # ws transport: GET for method-"http" pushes; 0: only
     # once after each (re)connect
@@ -85,9 +84,6 @@ class MmsConfig:
     treat_sync_202_as_delivered: bool = False
     check_ack_url: bool = True
     sync_202_max_wait: Duration = 60.0
-    # A 500 "Processing ... failed" is retried (it may be the server's passing trouble); a site
-    # that knows it is deterministic may quarantine a batch after this many in a row. 0: never.
-    max_5xx_retries: Annotated[int, Range(0, 1_000_000)] = 0
     max_rate: Annotated[float, Range(0, None)] = 0.0  # readings/s sent at most; 0: no limit
     ws_async_answers: bool = True  # the server answers async frames; false: confirm on write
     backoff_base: Duration = 1.0
@@ -110,7 +106,7 @@ class MmsConfig:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"host: not a usable URL: {self.host!r}")
 
-    def check_devices(self, names: set[str]) -> list[str]:
+    def check(self, names: set[str]) -> list[str]:
         """Problems with the local device names the maps and commands use, as key paths."""
         problems = [
             f"messages[{i}].devices[{j}]: no device or actuator named {name!r} in this config"

@@ -27,7 +27,8 @@ def primary_mac() -> str:
     """
     candidates: list[str] = []
     try:
-        for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+        # /proc/self/net, not /proc/net: the unit's ProcSubset=pid hides the /proc/net link.
+        for line in Path("/proc/self/net/route").read_text().splitlines()[1:]:
             fields = line.split()
             if len(fields) > 1 and fields[1] == "00000000":
                 candidates.append(fields[0])

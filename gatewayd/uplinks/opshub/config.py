@@ -95,7 +95,6 @@ class OpsHubConfig:
     gps: GpsMap | None = None
     commands: list[CommandPattern] = field(default_factory=list)
     result_sensor: str = "gateway"  # result channel of commands sent to the gateway channel
-    dedupe_window: Duration = 60.0
     backoff_base: Duration = 1.0
     backoff_cap: Duration = 300.0
     min_login_interval: Duration = 1.0  # logins at least this far apart, more while tokens die young
@@ -119,7 +118,7 @@ class OpsHubConfig:
         if self.backoff_cap < self.backoff_base:
             raise ValueError("backoff_cap must be at least backoff_base")
 
-    def check_devices(self, names: set[str]) -> list[str]:
+    def check(self, names: set[str]) -> list[str]:
         """Problems with the local device names the maps and commands use, as key paths."""
         def missing(name: str) -> str:
             return f"no device or actuator named {name!r} in this config"

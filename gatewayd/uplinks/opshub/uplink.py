@@ -1,21 +1,23 @@
-"""GE Operations Hub uplink: the M2M device REST API (login, publish, subscribe).
+"""GE Operations Hub uplink on the delivery engine: the M2M device REST API (login, publish,
+subscribe).
 
-Session: log in on start and keep the token in memory only. Any sign that the token is no
-longer valid (error code 2 as a number or a string, HTTP 401/403, a 200 whose body is not JSON)
-leads to one silent re-login and one retry of the same call; only a refused re-login counts as an
-error (`auth_failed`, then the full backoff cap).
+Session: log in (paced, see `LoginPacer`) and keep the token in memory only. Any sign that the
+token is no longer valid leads to a silent re-login and a retry of the same call; only a
+refused login counts as an error (`auth_failed`, then the full backoff cap).
 
-Publish: a lease becomes one request with one message per data channel
+Publish: a lease is one packet; it becomes one request with one message per data channel
 (`Account/Gateway/Sensor`) and, per channel, one `data` entry per sampling time and position.
-Channels answered with code 1 are done; a channel answered with code 0, or a whole body refused
-with error code 1, is split in halves until the single reading the server refuses is found and
-quarantined, so a poison reading never wedges the outbox. Channels the reply does not name are
-sent again.
+Channels answered with code 1 are accepted. Channels answered with code 0, or a body refused
+with error code 1, are split in halves here (the answer is per channel, not per reading) until
+the single readings the server refuses are found: their verdict is `rejected`. Channels the
+answer does not confirm go again one channel per publish, and so does everything once the
+server answered several channels with one object [open]; still unconfirmed, the packet is a
+retry.
 
 Commands: `subscribe` is polled for the gateway channel. Each command string is matched against
-the configured patterns (regexes with named groups); a match becomes a `Command` for the
-dispatcher, with an id hashed from the channel, the string and its ordinal among identical
-commands in the same poll, deduplicated within a window. Each result is published as metric
+the configured patterns (regexes with named groups). Commands carry no id [open: returned once
+or until confirmed]: the uplink learns which from the polls, so a command the server keeps
+returning runs once while a deliberate repeat runs again. Each result is published as metric
 `cmd_result` on the command's channel.
 """
 
@@ -24,19 +26,17 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
-from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Iterable, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from drivers.base import Command, CommandResult, Quality, Reading, Value, now_ms
-from gatewayd.backoff import Backoff
 from gatewayd.errors import UplinkAuthError, UplinkError, UplinkRejectedError, UplinkUnavailableError
-from gatewayd.uplinks.base import Item, Lease, Uplink, UplinkContext, UplinkState
+from gatewayd.uplinks.base import Item, UplinkContext, UplinkState
+from gatewayd.uplinks.engine import ACCEPTED, DeliveryUplink, Malformed, Packet, Session, Verdict, rejected
 from gatewayd.uplinks.opshub.codec import (
     Metric,
-    PolledCommand,
     TimeFormat,
     build_messages,
     command_key,
@@ -52,29 +52,32 @@ from gatewayd.uplinks.ratelog import RateLimitedLog
 
 RESULT_METRIC = "cmd_result"
 _POLL_BACKOFF_CAP_S = 60.0
-_MAX_PENDING_COMMANDS = 1000
 _PROBE_LEVELS = 3  # split levels tried before "everything refused" means a config error
 _QUALITY_NAMES = {int(q): q.name.lower() for q in Quality}
+_SKIPPED = ACCEPTED  # a reading the config says not to publish (GPS fixes, unmapped devices)
 
 
-# -- the uplink ---------------------------------------------------------------------------------
+class Unconfirmed(UplinkUnavailableError):
+    """A publish was answered, but the answer left a channel without a verdict."""
 
 
-@dataclass(slots=True)
-class _Pending:
-    """A command handed to the dispatcher, remembered for its result."""
+@dataclass(frozen=True, slots=True)
+class ReplyTo:
+    """Where a command's result goes: its channel, and the command string it answers."""
 
     dc: str
     command: str
 
 
-class OpsHubUplink(Uplink):
+class OpsHubUplink(DeliveryUplink):
     """The Operations Hub uplink (config type "opshub")."""
 
     Config = OpsHubConfig
 
     def __init__(self, name: str, config: OpsHubConfig, ctx: UplinkContext) -> None:
         super().__init__(name, config, ctx)
+        self.batch = config.max_batch
+        self.backoff_base_s, self.backoff_cap_s = config.backoff_base, config.backoff_cap
         self.account = config.account or config.username
         self.gateway_id = config.gateway_id or primary_mac()
         self.gateway_dc = f"{self.account}/{self.gateway_id}"
@@ -84,91 +87,98 @@ class OpsHubUplink(Uplink):
         self._patterns = [(p, re.compile(p.pattern)) for p in config.commands]
         self._sensor_to_device = {(m.sensor or d): d for d, m in config.devices.items()}
         self._position: dict[str, str] = {}  # last GPS fix: "lat"/"long"/"alt" -> value
+        self._packed: dict[int, Metric | Verdict] = {}  # seq -> what it became, for resends
         self._accepted_once = False  # the server took something: a refusal is then the data's
         self._one_channel = False  # one channel per publish (the server answers one object)
         self._rl = RateLimitedLog(self.log)
         self._pacer = LoginPacer(config.min_login_interval, config.backoff_cap)
-        self._seen: dict[str, float] = {}  # command id -> monotonic time last seen
-        # command id -> where its result goes; bounded, as a refused-busy command gets no reply
-        self._pending: OrderedDict[str, _Pending] = OrderedDict()
-        self._results: deque[Metric] = deque(maxlen=1000)
-        self._results_ready = asyncio.Event()
+        self._last_poll: set[str] = set()  # command keys of the previous poll
+        self._last_problems: set[tuple[str, str]] = set()  # and its malformed parts
+        self._keeps: bool | None = None  # the server returns a command until...? (learnt)
         self._unmapped_logged: set[str] = set()
         self.counters: Counter[str] = Counter()
         self.polls = 0
+        self.publishes = 0  # publish requests (a packet may take several: split, one channel)
         self.commands_received = 0
-        self.quarantined = 0
-        self.results_dropped = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    async def run(self) -> None:
-        backoff = Backoff(self.config.backoff_base, self.config.backoff_cap,
-                          floor_s=min(0.05, self.config.backoff_base))
-        self.log.info("opshub_starting", url=self.config.url, gateway_dc=self.gateway_dc)
+    async def connect(self) -> Session:
+        api = OpsHubApi(self.config, self.log, self.counters, self._pacer)
+        await api.__aenter__()
         try:
-            await self.connection_loop(self._session, backoff)
-        finally:
-            self.set_state(UplinkState.STOPPED)
-
-    async def _session(self) -> None:
-        async with OpsHubApi(self.config, self.log, self.counters, self._pacer) as api:
-            self.api = api
-            try:
-                self.set_state(UplinkState.AUTHENTICATING)
-                await api.ensure_login()
-                self.set_state(UplinkState.CONNECTED)
-                loops = [("publish", self.pump(self._send, self.config.max_batch)),
-                         ("results", self._results_loop())]
-                if self.config.poll_interval > 0:
-                    loops.append(("poll", self._poll_loop()))
-                await _first_failure(self.name, loops)
-            finally:
-                self.api = None
+            self.set_state(UplinkState.AUTHENTICATING)
+            await api.ensure_login()
+        except BaseException:
+            await api.__aexit__(None, None, None)
+            raise
+        self.api = api
+        return OpsHubSession(self, api)
 
     def status(self) -> dict[str, Any]:
         return {**super().status(), "gateway_dc": self.gateway_dc,
                 "logins": self.counters["logins"], "relogins": self.counters["relogins"],
-                "polls": self.polls, "commands_received": self.commands_received,
-                "results_pending": len(self._results), "quarantined": self.quarantined,
-                "one_channel_per_publish": self._one_channel}
+                "polls": self.polls, "publishes": self.publishes,
+                "commands_received": self.commands_received,
+                "one_channel_per_publish": self._one_channel,
+                "commands_kept_by_server": self._keeps}
 
     # -- publish --------------------------------------------------------------------------------
 
-    def metrics_for(self, items: Iterable[Item]) -> list[Metric]:
-        """Map queued readings to publishable metrics, attaching the GPS position in effect.
+    def entries(self, items: Sequence[Item]) -> list[Metric | Verdict]:
+        """What each queued reading becomes: a metric to publish, or its verdict right away.
 
-        GPS readings update the position (and are published only if `gps.publish`); readings
-        whose time cannot be formatted are quarantined here.
+        GPS readings update the position (and are published only if `gps.publish`); a reading
+        whose time cannot be formatted is rejected. A reading packed before (a resend after a
+        retry, a bisected half) becomes what it became then, from the same GPS fix.
         """
+        if items and items[0].seq in self._packed:
+            fresh = [it for it in items if it.seq not in self._packed]
+            self._entries(fresh)
+            return [self._packed[it.seq] for it in items]
+        out = self._entries(items)
+        if len(self._packed) > 4 * self.batch:
+            acked = getattr(self.ctx.outbox, "acked", 0)
+            self._packed = {s: e for s, e in self._packed.items() if s > acked}
+        return out
+
+    def metrics_for(self, items: Iterable[Item]) -> list[Metric]:
+        """The metrics to publish for `items` (see `entries`)."""
+        return [e for e in self.entries(list(items)) if isinstance(e, Metric)]
+
+    def _entries(self, items: Iterable[Item]) -> list[Metric | Verdict]:
         gps = self.config.gps
-        out: list[Metric] = []
+        out: list[Metric | Verdict] = []
         times: dict[int, str] = {}
         for item in items:
-            r = item.reading
-            if gps is not None and r.device == gps.device:
-                for key in ("lat", "long", "alt"):
-                    if r.point == getattr(gps, key) and r.value is not None:
-                        self._position[key] = self._coordinate(key, r.value)
-                if not gps.publish:
-                    continue
-            dev = self.config.devices.get(r.device)
-            if dev is None and not self.config.send_unmapped:
-                if r.device not in self._unmapped_logged:
-                    self._unmapped_logged.add(r.device)
-                    self.log.info("opshub_device_unmapped", device=r.device)
-                continue
-            stamp = times.get(r.ts_ms)
-            if stamp is None:
-                try:
-                    stamp = times[r.ts_ms] = self.time_format(r.ts_ms)
-                except (ValueError, OverflowError, OSError) as exc:
-                    self._quarantine(item, "bad_timestamp", str(exc))
-                    continue
-            out.append(Metric(item, self._dc((dev.sensor if dev else "") or r.device), stamp,
-                              tuple(sorted(self._position.items())),
-                              self._met(r, dev.points.get(r.point) if dev else None)))
+            entry = self._entry(item, gps, times)
+            self._packed[item.seq] = entry
+            out.append(entry)
         return out
+
+    def _entry(self, item: Item, gps: Any, times: dict[int, str]) -> Metric | Verdict:
+        r = item.reading
+        if gps is not None and r.device == gps.device:
+            for key in ("lat", "long", "alt"):
+                if r.point == getattr(gps, key) and r.value is not None:
+                    self._position[key] = self._coordinate(key, r.value)
+            if not gps.publish:
+                return _SKIPPED
+        dev = self.config.devices.get(r.device)
+        if dev is None and not self.config.send_unmapped:
+            if r.device not in self._unmapped_logged:
+                self._unmapped_logged.add(r.device)
+                self.log.info("opshub_device_unmapped", device=r.device)
+            return _SKIPPED
+        stamp = times.get(r.ts_ms)
+        if stamp is None:
+            try:
+                stamp = times[r.ts_ms] = self.time_format(r.ts_ms)
+            except (ValueError, OverflowError, OSError) as exc:
+                return rejected("bad_timestamp", str(exc)[:200])
+        return Metric(item, self._dc((dev.sensor if dev else "") or r.device), stamp,
+                      tuple(sorted(self._position.items())),
+                      self._met(r, dev.points.get(r.point) if dev else None))
 
     def _coordinate(self, key: str, value: Value) -> str:
         gps = self.config.gps
@@ -195,21 +205,13 @@ class OpsHubUplink(Uplink):
             met["gen2"] = _QUALITY_NAMES.get(r.quality, f"quality_{r.quality}")
         return met
 
-    async def _send(self, lease: Lease) -> None:
-        position = dict(self._position)
-        try:
-            await self.deliver(self.metrics_for(lease.items))
-        except BaseException:
-            self._position = position  # the lease goes again: replay it from the same fix
-            raise
-
-    async def deliver(self, metrics: list[Metric]) -> None:
-        """Publish `metrics` until every one is accepted or quarantined as refused.
+    async def deliver(self, metrics: list[Metric]) -> list[Metric]:
+        """Publish `metrics` until each is accepted or known refused; returns the refused ones.
 
         Refused metrics are split in halves, breadth first, until each refused single one is
-        known. Raises UplinkError (the session ends, the lease goes again later) for transient
-        failures, and if the server refused everything before it ever accepted anything: that
-        is a wrong account or gateway id, not poison data, and nothing is quarantined.
+        known. Raises UplinkUnavailableError if an answer left a channel unconfirmed, and
+        UplinkRejectedError if the server refused everything before it ever accepted anything:
+        that is a wrong account or gateway id, not poison data.
         """
         refused = await self._publish_answered(metrics)
         groups, singles, level = ([refused] if refused else []), [], 0
@@ -230,12 +232,7 @@ class OpsHubUplink(Uplink):
                 raise UplinkRejectedError(f"server refused every channel ({metrics[0].dc}, ...):"
                                           " check account and gateway_id")
             groups = deeper
-        for m in singles:
-            if m.item is not None:
-                self._quarantine(m.item, "refused", f"{m.dc} {m.met}")
-            else:
-                self.results_dropped += 1
-                self.log.warning("opshub_result_refused", dc=m.dc, met=m.met)
+        return singles
 
     async def _publish_answered(self, metrics: list[Metric]) -> list[Metric]:
         """Publish until every channel has a verdict; returns the refused metrics.
@@ -257,7 +254,7 @@ class OpsHubUplink(Uplink):
                 unsure += [m for m in group if m.dc not in verdicts]
             pending = unsure
         if pending:
-            raise UplinkUnavailableError(f"publish answer did not confirm channel {pending[0].dc}")
+            raise Unconfirmed(f"publish answer did not confirm channel {pending[0].dc}")
         return refused
 
     async def _publish_group(self, group: list[Metric]) -> dict[str, bool]:
@@ -279,11 +276,6 @@ class OpsHubUplink(Uplink):
                              channels=[c for c in channels if c not in verdicts][:5])
         return verdicts
 
-    def _quarantine(self, item: Item, reason: str, detail: str) -> None:
-        """Count and log it as dropped (the outbox logs, rate-limited); the lease acks past it."""
-        self.quarantined += 1
-        self.ctx.outbox.quarantine(item, reason, detail[:200])
-
     async def _publish(self, metrics: Sequence[Metric],
                        channels: Sequence[str]) -> tuple[dict[str, bool], bool]:
         assert self.api is not None
@@ -291,90 +283,71 @@ class OpsHubUplink(Uplink):
         fields = b'"messages":' + json.dumps(messages, separators=(",", ":"),
                                               ensure_ascii=False).encode()
         answer = await self.api.call("publish", fields)
-        self.messages += 1
+        self.publishes += 1
         return publish_verdicts(answer, channels)
 
     # -- commands -------------------------------------------------------------------------------
 
-    async def _poll_loop(self) -> None:
-        assert self.api is not None
-        fields = b'"payload":' + json.dumps({"dc": self.gateway_dc, "request_type": "subscribe"},
-                                            separators=(",", ":")).encode()
-        failures = 0
-        while True:
-            try:
-                answer = await self.api.call("subscribe", fields)
-            except UplinkAuthError:
-                raise
-            except (BodyRejected, UplinkError) as exc:
-                # commands are broken, data may not be: keep the session (publish fails on
-                # its own if the server is really gone) and poll again more slowly
-                failures += 1
-                self.count_error("poll")
-                self.log.warning("opshub_poll_failed", error=str(exc), failures=failures)
-                await asyncio.sleep(min(_POLL_BACKOFF_CAP_S,
-                                        self.config.poll_interval * 2 ** min(failures, 10)))
-                continue
-            failures = 0
-            self.polls += 1
-            self.handle_poll(answer)
-            await asyncio.sleep(self.config.poll_interval)
+    def handle_poll(self, answer: Any) -> list[tuple[Command | Malformed, ReplyTo]]:
+        """One subscribe answer as (command, reply_to) pairs, malformed ones included.
 
-    def handle_poll(self, answer: Any) -> None:
-        """Turn one subscribe answer into commands for the dispatcher (or error results)."""
+        A command has no id; its key is a hash of channel, string and ordinal among identical
+        ones in this answer. [open] whether the server returns a command once or until it is
+        confirmed: learnt from the first poll after one that had commands (all of them back
+        again: kept). Where kept, a key seen in the previous poll is the same command again
+        and is skipped; otherwise every sighting is new, so a deliberate repeat runs again.
+        Each new one gets an id of its own, so the dispatcher runs it.
+        """
         commands, problems = parse_subscribe(answer)
-        now = time.monotonic()
-        self._seen = {k: t for k, t in self._seen.items()
-                      if now - t < self.config.dedupe_window}
+        out: list[tuple[Command | Malformed, ReplyTo]] = []
+        last_problems, self._last_problems = self._last_problems, set(problems)
         for dc, reason in problems:
-            key = command_key(dc, reason, -1)
-            if key in self._seen:  # the same broken answer again: one error result per window
-                self._seen[key] = now
-                continue
-            self._seen[key] = now
-            self.log.warning("opshub_command_malformed", dc=dc or None, reason=reason)
-            self._add_result(dc or self._dc(self.config.result_sensor), "", "", 400, reason)
+            if (dc, reason) in last_problems:
+                continue  # the same broken answer poll after poll: one error result
+            self._rl.warning("opshub_command_malformed", key=reason[:40], dc=dc or None,
+                             reason=reason)
+            cid = f"oh-{command_key(dc, reason, -1)}-{self.polls}"
+            out.append((Malformed(cid, reason), ReplyTo(dc or self._dc(self.config.result_sensor), "")))
         payload = answer.get("payload") if isinstance(answer, dict) else None
         if isinstance(payload, dict) and str(payload.get("request_type", "")).strip() == "result":
             self.log.info("opshub_subscribe_result", payload=str(payload)[:300])
         ordinals: dict[tuple[str, str], int] = {}
+        keys: list[str] = []
         for pc in commands:
             ordinal = ordinals[(pc.dc, pc.command)] = ordinals.get((pc.dc, pc.command), -1) + 1
-            key = command_key(pc.dc, pc.command, ordinal)
-            if key in self._seen:
-                self._seen[key] = now  # still being redelivered: the window restarts
-                self.log.info("opshub_command_duplicate", key=key, dc=pc.dc)
+            keys.append(command_key(pc.dc, pc.command, ordinal))
+        if self._keeps is None and self._last_poll:
+            self._keeps = self._last_poll <= set(keys)
+            self.log.info("opshub_commands_learnt",
+                          server=("returns a command until confirmed" if self._keeps
+                                  else "returns each command once"))
+        previous, self._last_poll = self._last_poll, set(keys)
+        for pc, key in zip(commands, keys, strict=True):
+            if key in previous and self._keeps is not False:
+                self.log.debug("opshub_command_again", key=key, dc=pc.dc)
                 continue
-            self._seen[key] = now
             self.commands_received += 1
-            # A sighting after the window is a new command: it gets a new id, so the
-            # dispatcher (which dedupes ids for its own, longer window) runs it again.
-            self._submit(f"oh-{key}-{self.commands_received}", pc)
+            out.append(self._command(f"oh-{key}-{self.polls}-{self.commands_received}", pc.dc,
+                                     pc.command))
+        return out
 
-    def _submit(self, cid: str, pc: PolledCommand) -> None:
-        parts = pc.dc.split("/")
+    def _command(self, cid: str, dc: str, text: str) -> tuple[Command | Malformed, ReplyTo]:
+        parts = dc.split("/")
         if parts[:2] != self.gateway_dc.split("/") or len(parts) > 3:
-            self.log.warning("opshub_command_foreign", id=cid, dc=pc.dc)
-            self._add_result(self._dc(self.config.result_sensor), cid, pc.command, 404,
-                             f"channel {pc.dc} is not this gateway's")
-            return
+            self._rl.warning("opshub_command_foreign", id=cid, dc=dc)
+            return (Malformed(cid, f"channel {dc} is not this gateway's"),
+                    ReplyTo(self._dc(self.config.result_sensor), text))
         sensor = parts[2] if len(parts) == 3 else ""
-        result_dc = pc.dc if sensor else self._dc(self.config.result_sensor)
+        reply_to = ReplyTo(dc if sensor else self._dc(self.config.result_sensor), text)
         channel_device = self._sensor_to_device.get(sensor, sensor)
         try:
-            device, action, params = self.parse_command(pc.command, channel_device)
+            device, action, params = self.parse_command(text, channel_device)
         except ValueError as exc:
-            self.log.warning("opshub_command_unparsed", id=cid, dc=pc.dc, command=pc.command[:200],
-                             reason=str(exc))
-            if self.ctx.metrics is not None:
-                self.ctx.metrics.commands.labels(self.name, "unparsed").inc()
-            self._add_result(result_dc, cid, pc.command, 400, str(exc))
-            return
-        self._pending[cid] = _Pending(result_dc, pc.command)
-        if len(self._pending) > _MAX_PENDING_COMMANDS:
-            self._pending.popitem(last=False)
-        self.log.info("opshub_command_received", id=cid, dc=pc.dc, device=device, action=action)
-        self.ctx.submit_command(Command(cid, self.name, device, action, params, now_ms()))
+            self._rl.warning("opshub_command_unparsed", key=text[:40], id=cid, dc=dc,
+                             command=text[:200], reason=str(exc))
+            return Malformed(cid, str(exc)), reply_to
+        self.log.info("opshub_command_received", id=cid, dc=dc, device=device, action=action)
+        return Command(cid, self.name, device, action, params, now_ms()), reply_to
 
     def parse_command(self, text: str, channel_device: str) -> tuple[str, str, dict[str, Any]]:
         """(device, action, params) from a command string via the first matching pattern.
@@ -400,43 +373,85 @@ class OpsHubUplink(Uplink):
             return device, action, params
         raise ValueError(f"no command pattern matches {text[:80]!r}")
 
-    async def reply(self, command: Command, result: CommandResult) -> None:
-        """Queue the result as a `cmd_result` metric on the command's channel; never raises."""
-        pending = self._pending.pop(command.id, None)
-        if pending is None:
-            sensor = next((s for s, d in self._sensor_to_device.items() if d == command.device),
-                          command.device or self.config.result_sensor)
-            pending = _Pending(self._dc(sensor), "")
-        self.log.info("opshub_command_result", id=command.id, ok=result.ok, code=result.code)
-        self._add_result(pending.dc, command.id, pending.command, result.code,
-                         result.message or ("ok" if result.ok else "error"))
+    def result_metric(self, reply_to: Any, result: CommandResult) -> Metric:
+        """A command result as the `cmd_result` metric on the command's channel."""
+        if not isinstance(reply_to, ReplyTo):
+            reply_to = ReplyTo(self._dc(self.config.result_sensor), "")
+        message = result.message or ("ok" if result.ok else "error")
+        met = {"met": RESULT_METRIC, "val": str(result.code), "type": "Number", "desc": message[:500]}
+        if result.command_id:
+            met["gen1"] = result.command_id
+        if reply_to.command:
+            met["gen2"] = reply_to.command[:500]
+        return Metric(None, reply_to.dc, self.time_format(now_ms()), (), met)
 
-    def _add_result(self, dc: str, cid: str, command: str, code: int, message: str) -> None:
-        if len(self._results) == self._results.maxlen:
-            self.results_dropped += 1
-            self.log.warning("opshub_result_dropped", dc=self._results[0].dc, reason="full")
-        met = {"met": RESULT_METRIC, "val": str(code), "type": "Number", "desc": message[:500]}
-        if cid:
-            met["gen1"] = cid
-        if command:
-            met["gen2"] = command[:500]
-        self._results.append(Metric(None, dc, self.time_format(now_ms()), (), met))
-        self._results_ready.set()
 
-    async def _results_loop(self) -> None:
-        if self._results:
-            self._results_ready.set()  # left over from the previous session
-        while True:
-            await self._results_ready.wait()
-            self._results_ready.clear()
-            batch = list(self._results)
-            self._results.clear()
+class OpsHubSession(Session):
+    """One logged-in REST session: publishes leases, polls for commands, publishes results."""
+
+    def __init__(self, up: OpsHubUplink, api: OpsHubApi) -> None:
+        self.up = up
+        self.api = api
+
+    def pack(self, items: list[Item]) -> list[Packet]:
+        return [Packet(items, self.up.entries(items))]
+
+    async def send(self, packet: Packet) -> Verdict | Sequence[Verdict]:
+        entries: list[Metric | Verdict] = packet.payload
+        metrics = [e for e in entries if isinstance(e, Metric)]
+        refused: dict[int, Metric] = {}
+        if metrics:
             try:
-                await self.deliver(batch)
-            except BaseException:
-                # keep them for the next session, ahead of anything newer
-                self._results.extendleft(reversed(batch))
+                refused = {id(m): m for m in await self.up.deliver(metrics)}
+            except Unconfirmed as exc:  # the server answered, but not for every channel
+                return Verdict("retry", "unconfirmed", str(exc))
+        out: list[Verdict] = []
+        for e in entries:
+            if isinstance(e, Verdict):
+                out.append(e)
+            elif id(e) in refused:
+                out.append(rejected("refused", f"{e.dc} {e.met}"[:200]))
+            else:
+                out.append(ACCEPTED)
+        return out
+
+    async def reply(self, reply_to: Any, result: CommandResult) -> None:
+        up = self.up
+        up.log.info("opshub_command_result", id=result.command_id, ok=result.ok, code=result.code)
+        metric = up.result_metric(reply_to, result)
+        if await up.deliver([metric]):
+            up.results_dropped += 1
+            up._rl.warning("opshub_result_refused", dc=metric.dc, met=metric.met)
+
+    async def commands(self) -> AsyncIterator[tuple[Command | Malformed, Any]]:
+        up, interval = self.up, self.up.config.poll_interval
+        if interval <= 0:
+            await asyncio.Event().wait()
+        fields = b'"payload":' + json.dumps({"dc": up.gateway_dc, "request_type": "subscribe"},
+                                            separators=(",", ":")).encode()
+        failures = 0
+        while True:
+            try:
+                answer = await self.api.call("subscribe", fields)
+            except UplinkAuthError:
                 raise
+            except (BodyRejected, UplinkError) as exc:
+                # commands are broken, data may not be: keep the session (publish fails on
+                # its own if the server is really gone) and poll again more slowly
+                failures += 1
+                up.count_error("poll")
+                up._rl.warning("opshub_poll_failed", error=str(exc), failures=failures)
+                await asyncio.sleep(min(_POLL_BACKOFF_CAP_S, interval * 2 ** min(failures, 10)))
+                continue
+            failures = 0
+            up.polls += 1
+            for pair in up.handle_poll(answer):
+                yield pair
+            await asyncio.sleep(interval)
+
+    async def close(self) -> None:
+        self.up.api = None
+        await self.api.__aexit__(None, None, None)
 
 
 def _by_channel(metrics: list[Metric]) -> list[list[Metric]]:
@@ -447,20 +462,4 @@ def _by_channel(metrics: list[Metric]) -> list[list[Metric]]:
     return list(groups.values())
 
 
-async def _first_failure(name: str, loops: list[tuple[str, Any]]) -> None:
-    """Run coroutines as named tasks until the first one fails; cancel the rest, re-raise it."""
-    tasks = [asyncio.create_task(coro, name=f"opshub[{name}].{what}") for what, coro in loops]
-    try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    for t in done:
-        exc = t.exception()
-        if exc is not None:
-            raise exc
-    raise UplinkError("a session loop ended")
-
-
-__all__ = ["OpsHubUplink"]
+__all__ = ["OpsHubSession", "OpsHubUplink", "ReplyTo"]

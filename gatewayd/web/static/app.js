@@ -154,6 +154,11 @@
     var c = q.caps, st = q.storage || { condition: "unknown" }, frag = document.createDocumentFragment();
     function row(k, v) { frag.appendChild(h("dt", { text: k })); frag.appendChild(h("dd", null, v)); }
     row("Storage", h("span", { "data-storage": st.condition }, badge(st.condition.replace(/_/g, " "), st.condition === "ok" ? "ok" : "bad")));
+    if (st.condition !== "ok") {
+      if (st.since) row("Since", since(st.since));
+      if (st.detail) row("Error", h("span", { "class": "err", text: (st.where ? st.where + ": " : "") + st.detail }));
+      if (st.held !== undefined) row("Held in memory", st.held + " readings" + (st.acks_pending ? ", " + st.acks_pending + " acks" : ""));
+    }
     row("Rows", q.rows.toLocaleString() + " of " + c.max_rows.toLocaleString());
     row("Bytes", bytes(q.bytes) + " of " + bytes(c.max_bytes) + (c.max_file_size ? " (file cap " + bytes(c.max_file_size) + ")" : ""));
     row("Max age", ago(c.max_age_s));
@@ -183,7 +188,11 @@
     S = JSON.parse(ev.data); series = {};
     Object.keys(S.devices).forEach(function (d) {
       var pts = S.devices[d].points;
-      Object.keys(pts).forEach(function (p) { series[d + "\u0000" + p] = pts[p].series || []; delete pts[p].series; });
+      Object.keys(pts).forEach(function (p) {
+        var sr = pts[p].series, out = [];  // {t0, step, v: "1.5,,2"}: one value per bucket
+        if (sr && sr.v !== "") sr.v.split(",").forEach(function (x, i) { out.push([sr.t0 + i * sr.step, x === "" ? null : +x]); });
+        series[d + "\u0000" + p] = out; delete pts[p].series;
+      });
     });
     setupCommands(); connState(true); render();
   }
