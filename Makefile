@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install install-system run test test-floor lint bench clean docker-wheels docker-run docker-down docker-test dist
+.PHONY: install install-system run test test-floor lint bench fleet clean docker-wheels docker-run docker-down docker-test dist
 
 $(STAMP): pyproject.toml sim/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ test-floor:
 lint: $(STAMP)
 	$(VENV)/bin/ruff check gatewayd drivers sim tests bench docker
 	$(VENV)/bin/mypy gatewayd drivers sim/gatewayd_sim
+
+# N gateways against one simulator set (README "Fleet bench"); under the bench lock
+fleet: $(STAMP)
+	flock /tmp/gatewayd-bench.lock $(PY) bench/fleet/fleet.py $(FLEET_ARGS)
 
 # sdist and wheel of both distributions in dist/ (offline: the build backend is the venv's)
 dist: $(STAMP)

@@ -7,6 +7,7 @@ with a bad CRC fails the read and is counted in `crc_errors`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +20,8 @@ _COMMANDS: dict[str, dict[str, tuple[bytes, float]]] = {
               "low": (b"\x24\x16", 0.0045)},
     "sht4x": {"high": (b"\xfd", 0.0083), "medium": (b"\xf6", 0.0045), "low": (b"\xe0", 0.0016)},
 }
+_BREAK = b"\x30\x93"  # SHT3x: stop periodic mode
+_BREAK_S = 0.001  # datasheet: the break takes up to 1 ms
 _MARGIN_S = 0.002  # the chip NACKs reads until done; a little margin saves a retry
 _READ_TRIES = 5
 
@@ -84,6 +87,12 @@ class SHT(Driver):
         c = self.config
         self._dev = dev = open_i2c_device(self.buses, self.name, c.bus, c.address, c.variant)
         command, length = (b"\xf3\x2d", 3) if c.variant == "sht3x" else (b"\x89", 6)
+        if c.variant == "sht3x":
+            # a chip left in periodic mode (by another program, or before a restart) refuses
+            # everything but fetch, break and reset: break first (ACKed when idle too)
+            with contextlib.suppress(DriverError):
+                await dev.send(_BREAK)
+                await asyncio.sleep(_BREAK_S)
         try:
             await dev.send(command)
             await asyncio.sleep(_MARGIN_S)

@@ -115,8 +115,10 @@ class Gateway:
         assert self.queue is not None
         cls = drivers.load(drivers.DRIVERS, d.driver)
         driver: Driver = cls(d.name, d.options, self.buses)
-        return Sampler(driver, d.interval, d.timeout, d.jitter, d.backoff_max,
-                       _Observed(self.queue, self.recent.record), self.metrics,
+        # The status page's recent values are fed as readings are submitted (if it is served).
+        queue: Any = (_Observed(self.queue, self.recent.record) if self.config.health.enabled
+                      else self.queue)
+        return Sampler(driver, d.interval, d.timeout, d.jitter, d.backoff_max, queue, self.metrics,
                        on_state=self._device_state, ports=self.port_loads)
 
     async def _open_actuator(self, a: ActuatorConfig) -> None:

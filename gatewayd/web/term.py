@@ -20,12 +20,16 @@ from pathlib import Path
 from typing import Any
 
 EX_OK, EX_FAILING, EX_UNREACHABLE = 0, 1, 2
-DEFAULT_URL = os.environ.get("GATEWAYD_URL", "http://127.0.0.1:9847")
+DEFAULT_URL = "http://127.0.0.1:9847"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--url", default=DEFAULT_URL,
-                   help=f"the daemon's health server (default: $GATEWAYD_URL or {DEFAULT_URL})")
+    p.add_argument("--url", default=None,
+                   help="the daemon's health server (default: $GATEWAYD_URL, else from the "
+                        f"config's [health] listen and auth, else {DEFAULT_URL})")
+    p.add_argument("-c", "--config", default=os.environ.get("GATEWAYD_CONFIG", "/etc/gatewayd/gatewayd.toml"),
+                   help="config whose [health] gives the address and credentials, if readable "
+                        "(default: $GATEWAYD_CONFIG or /etc/gatewayd/gatewayd.toml)")
     p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
                    help="refresh in place every SECONDS (default 2) until Ctrl-C")
     p.add_argument("--user", default=os.environ.get("GATEWAYD_USER", ""),
@@ -133,8 +137,35 @@ def render(doc: dict[str, Any], width: int = 120, color: bool = False) -> str:
     return "\n".join(out)
 
 
+def from_config(path: str) -> tuple[str, str, str] | None:
+    """(url, user, password) from a config's [health], or None if it cannot be read."""
+    import tomllib
+
+    from gatewayd.config import HealthSection
+    from gatewayd.schema import Builder
+
+    try:
+        doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return None
+    health = Builder(base_dir=Path(path).parent).build(HealthSection, doc.get("health", {}), "health")
+    if health is None:
+        return None
+    host = health.host if health.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+    url = f"http://[{host}]:{health.port}" if ":" in host else f"http://{host}:{health.port}"
+    if health.auth is None:
+        return url, "", ""
+    return url, health.auth.user, health.auth.password.reveal()
+
+
 def run(args: argparse.Namespace) -> int:
     password = ""
+    if args.url is None:
+        args.url = os.environ.get("GATEWAYD_URL")
+    if args.url is None:
+        found = from_config(args.config)
+        args.url, user, password = found if found else (DEFAULT_URL, "", "")
+        args.user = args.user or user
     if args.password_file:
         try:
             password = Path(args.password_file).read_text().strip()

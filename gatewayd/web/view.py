@@ -90,6 +90,7 @@ class View:
         self._clients: set[asyncio.Queue[str | None]] = set()
         self._ticker: asyncio.Task[None] | None = None
         self._closed = False
+        self._error_logged_at = -math.inf
         observers = getattr(gateway.dispatcher, "observers", None)
         if observers is not None:
             observers.append(self.on_command)
@@ -222,8 +223,11 @@ class View:
             await asyncio.sleep(TICK_S)
             try:
                 doc = await self.build(history=False, points_since=seq)
-            except Exception:  # a bug here must not stop the daemon; say so once per tick
-                log.exception("status_page_update_failed")
+            except Exception as exc:  # a bug here must not stop the daemon: log it once a minute
+                now = time.monotonic()
+                if now - self._error_logged_at >= 60:
+                    self._error_logged_at = now
+                    log.exception("status_page_update_failed", error=repr(exc))
                 continue
             seq = doc["seq"]
             body = _dumps(doc)

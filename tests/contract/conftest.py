@@ -315,7 +315,134 @@ class EnosHarness(Harness):
                                      "device_secret_env": "SUB_SECRET"}}}
 
 
-HARNESSES: dict[str, type[Harness]] = {h.name: h for h in (JsonlHarness, MqttHarness, EnosHarness)}
+# -- mms --------------------------------------------------------------------------------------
+
+_MMS_DATA = "c0n0t0r0a0c0t0d0a0t1"  # fromDevice: sensor, value (double), timestamp
+_MMS_CMDS = "c0n0t0r0a0c0t0c0m0d1"  # toDevice: cmd_id, device, action, on (boolean)
+
+
+class MmsHarness(Harness):
+    name = "mms"
+    features = frozenset({"commands", "auth", "poison", "unknown_answer"})
+
+    async def start_cloud(self) -> None:
+        from gatewayd_sim.mms import FieldDef, MessageType, MmsSimulator
+        self.sim = MmsSimulator(port=0)
+        self.sim.add_message_type(MessageType(_MMS_DATA, "fromDevice", (
+            FieldDef(1, "sensor", "string"), FieldDef(2, "value", "double"),
+            FieldDef(3, "timestamp", "long"))))
+        self.sim.add_message_type(MessageType(_MMS_CMDS, "toDevice", (
+            FieldDef(1, "cmd_id", "string"), FieldDef(2, "device", "string"),
+            FieldDef(3, "action", "string"), FieldDef(4, "on", "boolean"))))
+        await self.sim.start()
+
+    async def stop_cloud(self) -> None:
+        await self.sim.stop()
+
+    async def outage_begin(self) -> None:
+        await self.sim.stop()
+
+    async def outage_end(self) -> None:
+        await self.sim.start()  # the same port; stored rows are kept
+
+    def make(self, ctx: UplinkContext, **kw: Any) -> DeliveryUplink:
+        from gatewayd.uplinks.mms import MessageMap, MmsConfig, MmsUplink
+        from gatewayd_sim.mms import DEFAULT_DEVICE_ID, DEFAULT_TOKEN, RESULT_TYPE
+        token = "wrong" if kw.pop("bad_auth", False) else DEFAULT_TOKEN
+        cfg = MmsConfig(device_id=DEFAULT_DEVICE_ID, token=Secret(token), host=self.sim.url,
+                        messages=[MessageMap(_MMS_DATA)], command_types=[_MMS_CMDS],
+                        action_field="action", device_field="device",
+                        result_message_type=RESULT_TYPE, request_timeout=2.0, batch_size=100,
+                        backoff_base=0.05, **{"backoff_cap": 1.0, **kw})
+        return MmsUplink("up", cfg, ctx)
+
+    async def delivered(self) -> list[tuple[str, str, Any]]:
+        out = []
+        for r in self.sim.rows(_MMS_DATA):
+            device, _, point = r["C_SENSOR"].partition(".")
+            out.append((device, point, r["C_VALUE"]))
+        return out
+
+    def poison(self) -> Reading:
+        return Reading(self.device, self.point, "not a number", 1_700_000_000_000)  # 400
+
+    def unknown_answers(self, n: int) -> None:
+        # Answer frames in words the notes do not quote, without a status: never understood.
+        self.sim.ws_answer_code, self.sim.wording = False, "other"
+
+    async def command(self, cmd_id: str, on: bool) -> None:
+        from gatewayd_sim.mms import DEFAULT_DEVICE_ID
+        await self.sim.push(DEFAULT_DEVICE_ID, {"method": "ws", "sender": "contract",
+                                                "messageType": _MMS_CMDS, "messages": [
+                                                    {"cmd_id": cmd_id, "device": "relay",
+                                                     "action": "switch", "on": on}]})
+
+    async def results(self) -> list[Result]:
+        from gatewayd_sim.mms import RESULT_TYPE
+        return [(r["C_CMD_ID"], r["C_OK"], r["C_CODE"]) for r in self.sim.rows(RESULT_TYPE)]
+
+    def uplink_doc(self, device: str) -> dict[str, Any]:
+        return {"type": "mms", "host": "https://iotmmsacme.hana.ondemand.com", "device_id": "d",
+                "token_env": "MMS_TOKEN", "messages": [{"message_type": _MMS_DATA,
+                                                        "devices": [device]}]}
+
+
+# -- opshub -----------------------------------------------------------------------------------
+
+_OH_ACCOUNT, _OH_PASSWORD, _OH_GATEWAY = "CONTRACT", "contract-pw", "gw-contract"
+
+
+class OpsHubHarness(Harness):
+    """Operations Hub commands carry no id, so the id-based command tests do not apply; its
+    command paths are covered in tests/opshub."""
+
+    name = "opshub"
+    features = frozenset({"auth", "poison", "unknown_answer"})
+
+    async def start_cloud(self) -> None:
+        from gatewayd_sim.opshub import OpsHubSimulator
+        self.sim = OpsHubSimulator({_OH_ACCOUNT: _OH_PASSWORD}, idle_timeout_s=600)
+        self.sim.reject_vals = {"not a number"}  # the poison's value: refused with code 0
+        await self.sim.start()
+
+    async def stop_cloud(self) -> None:
+        await self.sim.stop()
+
+    async def outage_begin(self) -> None:
+        await self.sim.stop()
+
+    async def outage_end(self) -> None:
+        await self.sim.start()
+
+    def make(self, ctx: UplinkContext, **kw: Any) -> DeliveryUplink:
+        from gatewayd.uplinks.opshub import OpsHubConfig, OpsHubUplink
+        password = "wrong" if kw.pop("bad_auth", False) else _OH_PASSWORD
+        cfg = OpsHubConfig(url=self.sim.url, allow_http=True, username=_OH_ACCOUNT,
+                           password=Secret(password), gateway_id=_OH_GATEWAY, poll_interval=0,
+                           request_timeout=2.0, max_batch=100, backoff_base=0.05,
+                           min_login_interval=0.05, **{"backoff_cap": 1.0, **kw})
+        return OpsHubUplink("up", cfg, ctx)
+
+    async def delivered(self) -> list[tuple[str, str, Any]]:
+        prefix = f"{_OH_ACCOUNT}/{_OH_GATEWAY}/"
+        return [(r["dc"][len(prefix):], r["metric"], float(r["data"])) for r in self.sim.rows()
+                if r["dc"].startswith(prefix) and r["data"] != "not a number"]
+
+    def poison(self) -> Reading:
+        return Reading(self.device, self.point, "not a number", 1_700_000_000_000)
+
+    def unknown_answers(self, n: int) -> None:
+        for _ in range(n):  # a code that is neither 0 nor 1, nothing stored
+            self.sim.inject("raw", "publish", count=1,
+                            body='{"handshake":{"stage":"publish","code":"7"}}')
+
+    def uplink_doc(self, device: str) -> dict[str, Any]:
+        return {"type": "opshub", "url": "https://opshub.example.com", "username": "u",
+                "password_env": "OPSHUB_PW", "devices": {device: {"sensor": "s1"}}}
+
+
+HARNESSES: dict[str, type[Harness]] = {h.name: h for h in (
+    JsonlHarness, MqttHarness, EnosHarness, MmsHarness, OpsHubHarness)}
 
 
 def with_feature(feature: str) -> list[str]:

@@ -108,3 +108,112 @@ def test_raw_generator_inverts_the_model() -> None:
 def test_config_rejects_bad_address() -> None:
     with pytest.raises(ValueError, match="0x76 or 0x77"):
         bme.BME280Config(address=0x40)
+
+
+def _xfer(sim: SimI2CBus, addr: int, write: bytes, n: int = 0) -> bytes:
+    return sim.transfer(addr, write, n)
+
+
+def _wait_status_idle(sim: SimI2CBus, addr: int) -> None:
+    import time
+
+    deadline = time.monotonic() + 5
+    while _xfer(sim, addr, bytes([bme.REG_STATUS]), 1)[0] & bme.STATUS_MEASURING:
+        assert time.monotonic() < deadline, "measurement never completed"
+        time.sleep(0.001)
+
+
+def _raw(sim: SimI2CBus, addr: int = 0x76) -> tuple[int, int, int]:
+    return bme.split_raw(_xfer(sim, addr, bytes([bme.REG_DATA]), bme.DATA_LEN))
+
+
+async def test_iir_filter_16_takes_a_step_one_sixteenth_at_a_time(buses: BusManager, sim: SimI2CBus) -> None:
+    chip = sim.attach(0x76, BME280Chip())
+    chip.temperature_c = 20.0
+    drv = bme.BME280("attic", bme.BME280Config(bus=f"sim:{sim.name}", filter=16), buses)
+    await drv.open()
+    first = {r.point: r.value for r in await drv.read()}
+    assert first["temperature_c"] == pytest.approx(20.0, abs=0.01)  # the filter starts at the input
+    chip.temperature_c = 30.0
+    step = {r.point: r.value for r in await drv.read()}
+    assert step["temperature_c"] == pytest.approx(20.625, abs=0.02)  # 20 + 10/16
+    again = {r.point: r.value for r in await drv.read()}
+    assert again["temperature_c"] == pytest.approx(20 + 10 * (1 - (15 / 16) ** 2), abs=0.02)
+
+
+async def test_without_filter_a_step_reads_at_once(buses: BusManager, sim: SimI2CBus) -> None:
+    chip = sim.attach(0x76, BME280Chip())
+    drv = bme.BME280("attic", bme.BME280Config(bus=f"sim:{sim.name}", oversampling_t=16), buses)
+    await drv.read()
+    chip.temperature_c = 30.0
+    assert (await drv.read())[0].value == pytest.approx(30.0, abs=0.01)
+
+
+def test_normal_mode_measures_cyclically(sim: SimI2CBus) -> None:
+    chip = sim.attach(0x76, BME280Chip())
+    chip.temperature_c = 25.0
+    _xfer(sim, 0x76, bytes([bme.REG_CONFIG, 0b000_000_00]))  # t_sb 0.5 ms, filter off
+    _xfer(sim, 0x76, bytes([bme.REG_CTRL_HUM, 1]))
+    _xfer(sim, 0x76, bytes([bme.REG_CTRL_MEAS, 0b101_101_11]))  # x16, x16, normal mode
+    import time
+
+    deadline = time.monotonic() + 5
+    while _raw(sim)[0] == bme.SKIPPED_20:  # the first cycle has not completed yet
+        assert time.monotonic() < deadline, "normal mode never produced a result"
+        time.sleep(0.005)
+    adc_t, adc_p, adc_h = _raw(sim)
+    assert float_t(adc_t, CAL)[0] == pytest.approx(25.0, abs=0.01)
+    assert adc_p != bme.SKIPPED_20 and adc_h != bme.SKIPPED_16
+    # the chip stays in normal mode and keeps measuring: a new temperature shows up unasked
+    assert _xfer(sim, 0x76, bytes([bme.REG_CTRL_MEAS]), 1)[0] & 0b11 == 0b11
+    chip.temperature_c = 31.0
+    while float_t(_raw(sim)[0], CAL)[0] < 30.99:
+        assert time.monotonic() < deadline + 5, "normal mode stopped measuring"
+        time.sleep(0.005)
+    assert chip.measurements >= 2
+
+
+def test_burst_write_is_address_data_pairs(sim: SimI2CBus) -> None:
+    # datasheet 6.2.1: no auto-increment on writes; ctrl_meas and config in one burst is
+    # [0xF4, meas, 0xF5, config]
+    sim.attach(0x76, BME280Chip())
+    _xfer(sim, 0x76, bytes([bme.REG_CTRL_MEAS, 0b001_001_00, bme.REG_CONFIG, 0b101_100_00]))
+    assert _xfer(sim, 0x76, bytes([bme.REG_CTRL_MEAS]), 2) == bytes([0b001_001_00, 0b101_100_00])
+    # an auto-increment style burst [0xF4, meas, config] loses config: 0xF5 would be read as an
+    # address with no data
+    sim.attach(0x77, BME280Chip())
+    _xfer(sim, 0x77, bytes([bme.REG_CTRL_MEAS, 0b001_001_00, 0b101_100_00]))
+    assert _xfer(sim, 0x77, bytes([bme.REG_CTRL_MEAS]), 2) == bytes([0b001_001_00, 0])
+
+
+@pytest.mark.parametrize("osrs,filt,bits", [(1, 0, 16), (2, 0, 17), (8, 0, 19), (16, 0, 20), (1, 4, 20)])
+def test_result_resolution_follows_oversampling_and_filter(
+        sim: SimI2CBus, osrs: int, filt: int, bits: int) -> None:
+    # datasheet 3.4.3/3.5: without the filter, 16 + (osrs - 1) bits; with the filter, 20 bits
+    chip = sim.attach(0x76, BME280Chip())
+    field = bme.OVERSAMPLING[osrs]
+    zero_mask = (1 << (20 - bits)) - 1
+    nonzero = 0
+    for i in range(8):
+        chip.temperature_c = 21.0 + i * 0.37
+        chip.pressure_hpa = 1000.0 + i * 1.13
+        _xfer(sim, 0x76, bytes([bme.REG_RESET, bme.RESET_WORD]))
+        _xfer(sim, 0x76, bytes([bme.REG_CONFIG, bme.FILTER[filt] << 2]))
+        _xfer(sim, 0x76, bytes([bme.REG_CTRL_MEAS, (field << 5) | (field << 2) | bme.MODE_FORCED]))
+        _wait_status_idle(sim, 0x76)
+        adc_t, adc_p, _ = _raw(sim)
+        assert adc_t & zero_mask == 0 and adc_p & zero_mask == 0, (hex(adc_t), hex(adc_p))
+        nonzero |= (adc_t | adc_p) & 0x0F
+    if bits == 20:
+        assert nonzero  # full resolution does use the low bits
+    if bits == 16:
+        assert _xfer(sim, 0x76, bytes([bme.REG_DATA + 2]), 1)[0] & 0xF0 == 0  # press_xlsb 7:4
+        assert _xfer(sim, 0x76, bytes([bme.REG_DATA + 5]), 1)[0] & 0xF0 == 0  # temp_xlsb 7:4
+
+
+def test_config_writes_are_ignored_in_normal_mode(sim: SimI2CBus) -> None:
+    sim.attach(0x76, BME280Chip())
+    _xfer(sim, 0x76, bytes([bme.REG_CONFIG, bme.FILTER[2] << 2]))
+    _xfer(sim, 0x76, bytes([bme.REG_CTRL_MEAS, 0b001_001_11]))
+    _xfer(sim, 0x76, bytes([bme.REG_CONFIG, bme.FILTER[16] << 2]))
+    assert _xfer(sim, 0x76, bytes([bme.REG_CONFIG]), 1)[0] == bme.FILTER[2] << 2

@@ -99,3 +99,26 @@ async def test_bad_params_are_refused(buses: BusManager, sim: SimI2CBus, action:
 def test_unknown_channel_in_config_is_rejected() -> None:
     with pytest.raises(ValueError, match=r"channels \[8\] do not exist"):
         PCF8574("r", PCF8574Config(outputs=[8]), BusManager())
+
+
+def test_mcp23017_pullups_and_input_polarity(sim: SimI2CBus) -> None:
+    chip = sim.attach(0x20, MCP23017Chip())
+
+    def gpio_word() -> int:
+        data = sim.transfer(0x20, b"\x12", 2)
+        return data[0] | data[1] << 8
+
+    assert gpio_word() == 0x0000  # all inputs, nothing connected, no pull-ups
+    sim.transfer(0x20, bytes([0x0C, 0xFF, 0x0F]), 0)  # GPPUA = 0xFF, GPPUB = 0x0F
+    assert gpio_word() == 0x0FFF  # an input with its pull-up on reads high
+    chip.drive(3, False)  # type: ignore[attr-defined]  # a switch pulls A3 to ground
+    assert gpio_word() == 0x0FF7
+    sim.transfer(0x20, bytes([0x02, 0x0F, 0x00]), 0)  # IPOLA = 0x0F: A0-A3 reported inverted
+    assert gpio_word() == 0x0FF8
+    # IPOL does not touch outputs: A0 as an output driven high reads high
+    sim.transfer(0x20, bytes([0x00, 0xFE]), 0)  # IODIRA: A0 an output
+    sim.transfer(0x20, bytes([0x14, 0x01]), 0)  # OLATA = 1
+    assert gpio_word() & 1 == 1
+    chip.drive(3, None)  # type: ignore[attr-defined]  # released: the pull-up wins again
+    assert gpio_word() & 0x08 == 0  # (inverted by IPOL: the pin is high)
+    assert chip.pin_levels() & 0x08  # type: ignore[attr-defined]

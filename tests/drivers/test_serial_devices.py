@@ -206,3 +206,28 @@ def test_open_errors_name_the_fix() -> None:
     assert "add the user to the 'dialout' group" in describe_serial_error(denied, "/dev/ttyUSB0")
     busy = OSError(16, "Device or resource busy")
     assert "another program" in describe_serial_error(busy, "/dev/ttyAMA0")
+
+
+@pytest.mark.parametrize("value,lat,text", [
+    (52.99999999, True, ("5300.0000", "N")),  # rounds up: carry into the degrees
+    (52.999998, True, ("5259.9999", "N")),
+    (-13.99999999, False, ("01400.0000", "W")),
+    (179.999999999, False, ("18000.0000", "E")),
+    (0.5, True, ("0030.0000", "N")),
+])
+def test_nmea_minutes_round_then_carry(value: float, lat: bool, text: tuple[str, str]) -> None:
+    from drivers.nmea import _coord
+    from gatewayd_sim.hw.serial import _ddmm
+
+    assert _ddmm(value, lat) == text
+    assert _coord(*text, lat) == pytest.approx(value, abs=1e-6)
+
+
+def test_nmea_emitter_just_below_a_degree_parses(gps: NMEASim) -> None:
+    from drivers.nmea import parse_sentence
+
+    gps.lat, gps.lon = 52.99999999, -0.999999999
+    gga = gps.sentences()[0]
+    assert b"5300.0000,N" in gga and b"00100.0000,W" in gga
+    _, fix = parse_sentence(gga)
+    assert fix["lat"] == pytest.approx(53.0) and fix["long"] == pytest.approx(-1.0)

@@ -73,3 +73,97 @@ async def test_open_identifies_the_chip(buses: BusManager, sim: SimI2CBus, varia
     chip.vanish()
     with pytest.raises(DeviceNotFoundError, match=f"no {variant.upper()} answering at 0x44"):
         await drv.open()
+
+
+def _cmd(sim: SimI2CBus, word: int) -> None:
+    sim.transfer(0x44, bytes([word >> 8, word & 0xFF]), 0)
+
+
+def _status(sim: SimI2CBus) -> int:
+    _cmd(sim, 0xF32D)
+    return check_words(sim.transfer(0x44, b"", 3))[0]
+
+
+def test_sht3x_break_is_accepted_idle_and_stops_periodic_mode(sim: SimI2CBus) -> None:
+    chip = sim.attach(0x44, SHTChip())
+    _cmd(sim, 0x3093)  # break on an idle chip: a driver's reset sends it first
+    _cmd(sim, 0x2737)  # periodic, 10 mps, high repeatability
+    with pytest.raises(OSError):
+        _cmd(sim, 0x2400)  # single shot is refused while periodic
+    with pytest.raises(OSError):
+        _cmd(sim, 0xF32D)  # and so is the status read
+    assert chip.measurements == 0
+    _cmd(sim, 0x3093)
+    _cmd(sim, 0x2400)  # after the break, single shot is taken again
+    assert chip.measurements == 1
+
+
+def test_sht3x_periodic_fetch_returns_each_result_once(sim: SimI2CBus) -> None:
+    import time
+
+    chip = sim.attach(0x44, SHTChip())
+    chip.temperature_c = 24.5  # type: ignore[attr-defined]
+    _cmd(sim, 0x2737)  # 10 mps
+    deadline = time.monotonic() + 5
+    while True:
+        _cmd(sim, 0xE000)
+        try:
+            data = sim.transfer(0x44, b"", 6)
+            break
+        except OSError:  # no new data yet: the read header is NACKed
+            assert time.monotonic() < deadline, "periodic mode never produced a result"
+            time.sleep(0.01)
+    raw_t, raw_h = check_words(data)
+    assert convert(raw_t, raw_h, "sht3x")[0] == pytest.approx(24.5, abs=0.01)
+    _cmd(sim, 0xE000)  # at once again: that result was fetched already
+    with pytest.raises(OSError):
+        sim.transfer(0x44, b"", 6)
+
+
+def test_sht3x_art_mode_and_break(sim: SimI2CBus) -> None:
+    chip = sim.attach(0x44, SHTChip())
+    _cmd(sim, 0x2B32)
+    assert chip.periodic == (4.0, 0.0155)  # type: ignore[attr-defined]
+    _cmd(sim, 0x3093)
+    assert chip.periodic is None  # type: ignore[attr-defined]
+    _cmd(sim, 0x2400)  # single shot works again
+
+
+def test_sht3x_heater_and_clear_status(sim: SimI2CBus) -> None:
+    import time
+
+    chip = sim.attach(0x44, SHTChip())
+    assert _status(sim) == 0x8010  # after power-up: alert pending, reset detected
+    _cmd(sim, 0x3041)  # clear status
+    assert _status(sim) == 0x0000
+    _cmd(sim, 0x306D)  # heater on
+    assert _status(sim) & 0x2000
+    _cmd(sim, 0x2C06)  # single shot with clock stretching: the read waits for the result
+    raw_t, _ = check_words(sim.transfer(0x44, b"", 6))
+    assert convert(raw_t, 0, "sht3x")[0] == pytest.approx(chip.temperature_c + chip.heater_rise_c,  # type: ignore[attr-defined]
+                                                          abs=0.01)
+    _cmd(sim, 0x3066)  # heater off
+    assert not _status(sim) & 0x2000
+    _cmd(sim, 0x30A2)  # soft reset: "reset detected" again
+    time.sleep(0.002)
+    assert _status(sim) == 0x8010
+
+
+async def test_driver_opens_a_chip_left_in_periodic_mode(buses: BusManager, sim: SimI2CBus) -> None:
+    # another program (or an earlier firmware) left the chip measuring periodically: only a
+    # break brings it back to single shot, which the driver sends before identifying it
+    chip = sim.attach(0x44, SHTChip())
+    chip.temperature_c = 19.25  # type: ignore[attr-defined]
+    _cmd(sim, 0x2130)
+    drv = SHT("room", SHTConfig(bus=f"sim:{sim.name}"), buses)
+    await drv.open()
+    got = {r.point: r.value for r in await drv.read()}
+    assert got["temperature_c"] == pytest.approx(19.25, abs=0.01)
+
+
+def test_sht4x_heater_commands_measure_after_the_pulse(sim: SimI2CBus) -> None:
+    chip = sim.attach(0x44, SHTChip(variant="sht4x"))
+    sim.transfer(0x44, b"\x15", 0)  # 20 mW for 0.1 s, then a high-precision measurement
+    with pytest.raises(OSError):
+        sim.transfer(0x44, b"", 6)  # still heating
+    assert chip.measurements == 1

@@ -74,5 +74,5 @@ def test_cli_refuses_a_bad_registry_with_ex_config(tmp_path: Path,
     sim_enos.add_arguments(parser)
     path = tmp_path / "registry.toml"
     path.write_text("[products.P]\n")
-    assert sim_enos.run(parser.parse_args(["--registry", str(path)])) == 78
+    assert sim_enos.run(parser.parse_args(["--registry", str(path)])) == 2  # kit.EXIT_USAGE
     assert "missing or malformed" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import subprocess
 import sys
 import textwrap
@@ -82,6 +83,19 @@ def test_with_auth_unauthenticated_requests_get_401(tmp_path: Path, daemons: lis
     assert _get(base + "/view.json", "tech", "s3cret")[0] == 200
     assert _get(base + "/", "tech", "s3cret")[0] == 200
     assert _get(base + "/healthz")[0] == 200  # liveness probes carry no credentials
+    # read-only unless allow_commands: no form on the page, no POST /commands
+    req = urllib.request.Request(base + "/view.json?history=0")
+    req.add_header("Authorization", "Basic " + base64.b64encode(b"tech:s3cret").decode())
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        view = json.loads(resp.read())
+    assert view["commands_allowed"] is False and view["command_actions"] == []
+    req = urllib.request.Request(base + "/commands", data=b'{"action": "x"}', method="POST")
+    req.add_header("Authorization", "Basic " + base64.b64encode(b"tech:s3cret").decode())
+    try:
+        urllib.request.urlopen(req, timeout=10)
+        raise AssertionError("POST /commands answered without allow_commands")
+    except urllib.error.HTTPError as exc:
+        assert exc.code in (404, 405)
     d.find(lambda e: e.get("event") == "queue_committed")
     status = [sys.executable, "-m", "gatewayd", "status", "--url", base]
     r = subprocess.run(status, capture_output=True, text=True, timeout=60, cwd=ROOT)
@@ -89,5 +103,10 @@ def test_with_auth_unauthenticated_requests_get_401(tmp_path: Path, daemons: lis
     r = subprocess.run([*status, "--user", "tech", "--password-file", str(tmp_path / "health.pw")],
                        capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr  # all ok: exit 0
+    assert "probe" in r.stdout and "all ok" in r.stdout
+    # or with neither: the address and the credentials from the config's [health]
+    r = subprocess.run([sys.executable, "-m", "gatewayd", "status", "-c", str(cfg)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
     assert "probe" in r.stdout and "all ok" in r.stdout
     assert d.stop() == 0

@@ -9,6 +9,7 @@ import shutil
 import urllib.request
 from pathlib import Path
 
+from tests.web.bidi import Firefox
 from tests.web.cdp import Browser
 from tests.web.conftest import Bench
 
@@ -65,6 +66,19 @@ async def test_page_shows_every_device_and_uplink_live(bench: Bench, tmp_path: P
         if SCREENSHOT_COPY:  # for docs/: let the sparklines grow first (the test needs no wait)
             await b.wait_for(f"(Number({sel}.dataset.ts) > {first} + 25000)", within=60)
         shot = await b.screenshot(tmp_path / "status-page.png")
+        # the page's command form (shown: allow_commands = true) goes through the command map
+        assert await b.evaluate("document.getElementById('cmd').hidden") is False
+        await b.evaluate("""(() => { const f = document.getElementById('cmdform');
+            f.action.value = 'set_relay'; f.params.value = '{"channel": 4, "on": true}';
+            f.requestSubmit(); })()""")
+        result = await b.wait_for("document.getElementById('cmdresult').textContent.startsWith('200') && "
+                                  "document.getElementById('cmdresult').textContent")
+        assert '"ok": true' in result
+        await b.evaluate("""(() => { const f = document.getElementById('cmdform');
+            f.params.value = '{"channel": 99, "on": true}'; f.requestSubmit(); })()""")
+        refused = await b.wait_for("document.getElementById('cmdresult').textContent.startsWith('422') && "
+                                   "document.getElementById('cmdresult').textContent")
+        assert '"code": 400' in refused  # out of the mapped range: refused, never executed
         # a phone: the same page fits its width (wide tables scroll inside their own box)
         await b.send("Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=2,
                      mobile=True)
@@ -95,6 +109,30 @@ async def test_page_reconnects_after_daemon_restart(bench: Bench, tmp_path: Path
         reads = await b.wait_for("""(() => { const e = document.querySelector('[data-device="boiler"] .muted:last-child');
             return e && e.textContent; })()""")
         assert "reads" in reads
+
+
+async def test_page_in_firefox(bench: Bench, tmp_path: Path) -> None:
+    """The same page in Firefox: states, the failing device's error, a live value change."""
+    async with Firefox(tmp_path / "firefox") as b:
+        await b.goto(bench.url + "/")
+        await b.wait_for("document.getElementById('conn').textContent === 'live'")
+        states = json.loads(await b.wait_for(f"""(() => {{
+            const s = {{}};
+            document.querySelectorAll('[data-device]').forEach(e => s[e.dataset.device] = e.dataset.state);
+            return Object.keys(s).length === {len(bench.devices)} && !Object.values(s).includes('starting')
+                ? JSON.stringify(s) : null;
+        }})()"""))
+        assert set(states) == set(bench.devices) and states["broken-meter"] == "failing"
+        assert "simulated fault" in await b.evaluate(
+            "document.querySelector('[data-error=\"broken-meter\"]').textContent")
+        assert await b.evaluate("document.querySelectorAll('tr[data-uplink]').length") == 2
+        await b.evaluate("window.__sameDocument = 5")
+        sel = "document.querySelector('[data-point=\"boiler/temperature_c\"]')"
+        first = await b.wait_for(f"{sel} && {sel}.dataset.ts")
+        assert await b.wait_for(f"{sel}.dataset.ts !== '{first}'")
+        assert await b.evaluate("window.__sameDocument") == 5
+        shot = await b.screenshot(tmp_path / "status-page-firefox.png")
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_assets_are_small_and_local(bench: Bench) -> None:

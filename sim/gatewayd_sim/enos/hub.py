@@ -17,10 +17,10 @@ from typing import Any
 
 import structlog
 
-from gatewayd.uplinks.enos import protocol as P
-from gatewayd.uplinks.enos.sign import login_params, parse_client_id, verify
 from gatewayd_sim.enos import mqtt
+from gatewayd_sim.enos import wire as P
 from gatewayd_sim.enos.registry import Device, Key, Product, Registry
+from gatewayd_sim.kit import Faults
 
 log = structlog.get_logger("gatewayd_sim.enos")
 
@@ -75,6 +75,7 @@ class CommandRecord:
     raw: bytes | None = None  # replaces the JSON envelope (malformed commands in tests)
     sent_at: float = 0.0
     reply: dict[str, Any] | None = None
+    raw_reply: bytes | None = None  # the device's answer to a raw (down_raw) command
     replied_at: float = 0.0
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -91,6 +92,7 @@ class ConnState:
     secure_mode: str
     logged_in: set[Key] = field(default_factory=set)
     activation: CommandRecord | None = None
+    persistent_id: str | None = None  # client id of a clean_session=0 session
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +104,13 @@ class HubOptions:
     max_login_batch: int = 0  # OPEN: undocumented cap on combine.login.batch; 0 = none
     command_qos: int = 1  # OPEN: the QoS of pushed commands is undocumented
     drop_replies: int = 0  # test aid: lose the replies to this many data requests
+    # OPEN: the docs give a heartbeat range (60-300 s) but not what the hub does outside it:
+    # "refuse" (CONNACK 5), "clamp" (drop after 1.5 x the nearest bound of silence) or "accept"
+    keepalive: str = "refuse"
+    keepalive_range: tuple[int, int] = P.KEEPALIVE_RANGE_S
+    # OPEN: every SDK connects with clean_session=1; for 0 the hub either keeps the session
+    # (subscriptions survive a reconnect, CONNACK session-present) or refuses (CONNACK 5)
+    clean_session_zero: str = "keep"
 
 
 def _truthy(v: Any) -> bool:
@@ -139,10 +148,17 @@ class Hub:
         self.commands: dict[str, CommandRecord] = {}
         self.events: list[tuple[Key, str, Any, int]] = []
         self._pending: dict[Key, list[CommandRecord]] = {}
+        self.kept_sessions: dict[str, dict[str, int]] = {}  # client id -> its subscriptions
         self._attempts: dict[Key, deque[float]] = {}
         self._blocked_until: dict[Key, float] = {}
         self._cmd_ids = itertools.count(1)
+        # command ids must not repeat across hub restarts: a device may still hold a reply to
+        # an old "cmd-1"; every process (and every Hub) gets its own prefix
+        self.id_prefix = secrets.token_hex(3)
+        self.on_state_change: Callable[[], None] | None = None  # --state: save the registry
         self.drop_replies = self.options.drop_replies
+        # the shared simulator kit's faults; stage = a request's topic path, or "connect"
+        self.faults = Faults(FAULTS, stages={"connect", *_REQUEST_PATHS})
         self._changed = asyncio.Condition()
         self._handlers: dict[str, Handler] = {
             "thing/measurepoint/post": self._mp_single,
@@ -162,7 +178,22 @@ class Hub:
             "combine/login": self._login,
             "combine/login/batch": self._login_batch,
             "combine/logout": self._logout,
+            "thing/tsltemplate/get": self._tsl_template,
+            "ota/device/inform": self._ota_inform,
+            "ota/device/progress": self._ota_progress,
+            "ota/device/getversion": self._ota_getversion,
         }
+        self.firmware: dict[Key, str] = {}  # what each device reported via ota/device/inform
+        self.ota_progress: list[tuple[Key, str, str]] = []  # (device, step, desc)
+        self.firmwares: dict[str, list[dict[str, Any]]] = {}  # product -> offered firmwares
+        self.raw_up: list[tuple[Key, bytes]] = []
+        # the answer to a raw upload (a cloud decoding script's output); default: an echo
+        self.raw_reply: Callable[[Key, bytes], bytes | None] = lambda key, payload: payload
+
+    def state_changed(self) -> None:
+        """The registry changed (topology, secrets, devices...): persist it if asked to."""
+        if self.on_state_change is not None:
+            self.on_state_change()
 
     # -- waiting, for tests --------------------------------------------------------------------
 
@@ -197,6 +228,8 @@ class Hub:
     async def authenticate(self, conn: mqtt.Connection, req: mqtt.ConnectRequest) -> int:
         """CONNACK code for an EnOS CONNECT (§1.6): 4 for a bad sign, 5 for the rest."""
         code, key, mode = self._check_connect(conn, req)
+        if code == mqtt.ACCEPTED and self.faults.take("refuse_connect", "connect") is not None:
+            code = mqtt.SERVER_UNAVAILABLE
         self.connects.append(ConnectRecord(key[0], key[1], mode, code, req.tls, time.time()))
         if code != mqtt.ACCEPTED:
             log.info("sim_connect_refused", device=key, code=code)
@@ -208,6 +241,15 @@ class Hub:
             self._drop(old)
             old.close()
         conn.state = ConnState(key, mode)
+        if req.clean_session:
+            self.kept_sessions.pop(req.client_id, None)
+        else:  # a persistent session: its subscriptions come back, and go away kept
+            conn.state.persistent_id = req.client_id
+            saved = self.kept_sessions.get(req.client_id)
+            if saved is not None:
+                for filt, qos in saved.items():
+                    conn.subscribe(filt, qos)
+                conn.session_present = True
         self.sessions[key] = conn
         return code
 
@@ -218,7 +260,7 @@ class Hub:
         if not sep or not pk or not dk or req.password is None:
             return mqtt.BAD_CREDENTIALS, key, ""
         try:
-            sign_cid, attrs = parse_client_id(req.client_id)
+            sign_cid, attrs = P.split_client_id(req.client_id)
         except ValueError:
             return mqtt.BAD_CLIENT_ID, key, ""
         mode, method, ts = (attrs.get("securemode", ""), attrs.get("signmethod", ""),
@@ -243,8 +285,14 @@ class Hub:
             return mqtt.NOT_AUTHORIZED, key, mode
         if secret is None:
             return mqtt.NOT_AUTHORIZED, key, mode
-        if not verify(login_params(pk, dk, sign_cid, ts), secret, method, req.password):
+        if not P.sign_ok(pk, dk, sign_cid, ts, secret, method, req.password):
             return mqtt.BAD_CREDENTIALS, key, mode
+        low, high = self.options.keepalive_range
+        if self.options.keepalive == "refuse" and not low <= req.keepalive_s <= high:
+            log.info("sim_keepalive_refused", device=key, keepalive_s=req.keepalive_s)
+            return mqtt.NOT_AUTHORIZED, key, mode
+        if not req.clean_session and self.options.clean_session_zero == "refuse":
+            return mqtt.NOT_AUTHORIZED, key, mode
         return mqtt.ACCEPTED, key, mode
 
     async def on_connected(self, conn: mqtt.Connection) -> None:
@@ -267,6 +315,8 @@ class Hub:
         st: ConnState | None = conn.state
         if st is None:
             return
+        if st.persistent_id is not None:
+            self.kept_sessions[st.persistent_id] = dict(conn.subscriptions)
         for sub in st.logged_in:
             if self.sub_owner.get(sub) is conn:
                 del self.sub_owner[sub]
@@ -286,10 +336,17 @@ class Hub:
             self._device_reply(conn, topic_name, payload)
             await self._notify()
             return
+        if topic is not None and topic.root == "sys" and topic.path == "thing/model/up_raw" \
+                and self._may_publish(st, topic):
+            self._up_raw(conn, topic_name, topic, payload)
+            await self._notify()
+            return
         msg_id, code, data, message = "", P.OK, None, ""
         try:
             if len(payload) > P.MAX_PAYLOAD_BYTES:
-                # OPEN: the real hub discards the message; we still answer 1008 if we can.
+                # OPEN: the real hub discards the message; we still answer 1008, with the id
+                # when the envelope's head names it, so the client can tell which request
+                msg_id = P.peek_id(payload)
                 raise _Refusal(P.TOO_LARGE, f"message of {len(payload)} bytes exceeds 512 KB")
             env = P.parse_envelope(payload)
             msg_id = P.envelope_id(env)
@@ -299,9 +356,12 @@ class Hub:
             if handler is None:
                 raise _Refusal(P.NO_PERMISSION, f"unsupported topic {topic_name}")
             method = env.get("method")
-            if self.options.strict_methods and method != topic.method:
+            if self.options.strict_methods and method != topic.method and \
+                    method not in _METHOD_ALIASES.get(topic.path, ()):
                 raise _Refusal(P.METHOD_MISMATCH, "Methods not consistent")
             data = handler(conn, topic, env)
+            if topic.path in _STATE_PATHS:
+                self.state_changed()
         except _Refusal as exc:
             code, data, message = exc.code, exc.data, exc.message
         except P.EnvelopeError as exc:
@@ -329,8 +389,12 @@ class Hub:
                 message: str) -> None:
         reply_topic = topic + P.REPLY_SUFFIX
         delivered = self.options.lenient_replies or conn.subscribed(reply_topic)
-        if delivered and self.drop_replies > 0 and "/measurepoint/" in topic:
-            self.drop_replies -= 1
+        parsed_topic = P.Topic.parse(topic)
+        stage = parsed_topic.path if parsed_topic is not None else "*"
+        if delivered and ((self.drop_replies > 0 and "/measurepoint/" in topic)
+                          or self.faults.take("drop_reply", stage) is not None):
+            if self.drop_replies > 0 and "/measurepoint/" in topic:
+                self.drop_replies -= 1
             delivered = False
             self.counts["replies_dropped"] += 1
         if delivered:
@@ -437,6 +501,63 @@ class Hub:
                             self._item_time(params)))
         return {}
 
+    # -- thing model, OTA and raw data (the SDK topics beyond measure points) -----------------
+
+    def _tsl_template(self, conn: mqtt.Connection, topic: P.Topic, env: dict[str, Any]) -> Any:
+        """The thing model of the device's product. OPEN: the real template is a large TSL
+        document; its measure points with their data types are what clients read from it."""
+        model = self._product((topic.pk, topic.dk)).model or {}
+        return {"modelId": topic.pk, "measurepoints": {
+            name: {"identifier": name, "dataType": {"type": kind}} for name, kind in model.items()}}
+
+    def _ota_inform(self, conn: mqtt.Connection, topic: P.Topic, env: dict[str, Any]) -> Any:
+        params = env.get("params")
+        version = params.get("version") if isinstance(params, dict) else None
+        if not isinstance(version, str) or not version:
+            raise _Refusal(P.PAYLOAD_FORMAT_ERROR, "params.version must be a non-empty string")
+        self.firmware[(topic.pk, topic.dk)] = version
+        return {}
+
+    def _ota_progress(self, conn: mqtt.Connection, topic: P.Topic, env: dict[str, Any]) -> Any:
+        params = env.get("params")
+        step = params.get("step") if isinstance(params, dict) else None
+        text = str(step) if isinstance(step, str | int) and not isinstance(step, bool) else ""
+        try:
+            value = int(text.strip())
+        except ValueError:
+            value = None
+        # a percentage, or a failure cause -1 (undefined) .. -5 (device ignored it), notes §3.6
+        if value is None or not (0 <= value <= 100 or -5 <= value <= -1):
+            raise _Refusal(P.PAYLOAD_FORMAT_ERROR, "params.step must be 0..100 or -1..-5")
+        desc = params.get("desc") if isinstance(params, dict) else ""
+        self.ota_progress.append(((topic.pk, topic.dk), text.strip(), str(desc or "")))
+        return {}
+
+    def _ota_getversion(self, conn: mqtt.Connection, topic: P.Topic, env: dict[str, Any]) -> Any:
+        """The firmwares offered to the device's product: {version, signMethod, sign, fileUrl,
+        fileSize} each (notes §3.6); none by default."""
+        return list(self.firmwares.get(topic.pk, []))
+
+    def _up_raw(self, conn: mqtt.Connection, topic_name: str, topic: P.Topic,
+                payload: bytes) -> None:
+        """Opaque bytes with no envelope and no id: the answer is raw too, on `_reply`."""
+        key = (topic.pk, topic.dk)
+        if len(payload) > P.MAX_PAYLOAD_BYTES:
+            self.counts["raw_too_large"] += 1  # no id to answer with: discarded, as the hub does
+            return
+        self.raw_up.append((key, payload))
+        self.counts["raw_up"] += 1
+        answer = self.raw_reply(key, payload)
+        reply_topic = topic_name + P.REPLY_SUFFIX
+        delivered = answer is not None and (self.options.lenient_replies
+                                            or conn.subscribed(reply_topic))
+        if delivered and answer is not None:
+            conn.publish(reply_topic, answer, qos=0)
+        else:
+            self.counts["replies_undelivered"] += 1
+        self.requests.append(RequestRecord(conn.conn_id, topic_name, "thing.model.up_raw", "",
+                                           P.OK, delivered))
+
     # -- attributes and tags -------------------------------------------------------------------
 
     def _device(self, topic: P.Topic) -> Device:
@@ -541,7 +662,9 @@ class Hub:
             return P.NOT_THIS_GATEWAY, "not a sub-device of this gateway", dev
         if not dev.enabled:
             return P.DEVICE_DISABLED, "Device is disable", dev
-        if not all(isinstance(v, str) and v for v in (client_id, timestamp, given)):
+        # the Node.js SDK sends `timestamp` as a JSON number and signs its decimal text
+        client_id, timestamp = P.sign_text(client_id), P.sign_text(timestamp)
+        if client_id is None or timestamp is None or not isinstance(given, str) or not given:
             return P.SIGN_CHECK_FAILED, "sign check failed: missing clientId/timestamp/sign", dev
         if secure_mode == "3":
             if not self._product(sub).dynamic_activation:
@@ -549,8 +672,8 @@ class Hub:
             secret = self._product(sub).secret
         else:
             secret = dev.secret or ""
-        params = login_params(sub[0], sub[1], client_id, timestamp)
-        if not secret or not verify(params, secret, str(method or "sha256"), given):
+        if not secret or not P.sign_ok(sub[0], sub[1], client_id, timestamp, secret,
+                                       str(method or "sha256"), given):
             return P.SIGN_CHECK_FAILED, "sign check failed", dev
         return P.OK, "", dev
 
@@ -690,7 +813,7 @@ class Hub:
 
         `payload` replaces the JSON envelope (to send malformed commands in tests).
         """
-        msg_id = msg_id or f"cmd-{next(self._cmd_ids)}"
+        msg_id = msg_id or f"cmd-{self.id_prefix}-{next(self._cmd_ids)}"
         rec = CommandRecord(msg_id, key, topic, method, params, payload)
         self.commands[msg_id] = rec
         conn = self.owner(key)
@@ -714,6 +837,10 @@ class Hub:
 
     def _device_reply(self, conn: mqtt.Connection, reply_topic: str, payload: bytes) -> None:
         """A device answered a command; record it. Device replies are never forwarded."""
+        parsed = P.Topic.parse(reply_topic)
+        if parsed is not None and parsed.path == "thing/model/down_raw":
+            self._raw_device_reply(reply_topic, payload)
+            return
         try:
             env = P.parse_envelope(payload)
         except P.EnvelopeError:
@@ -730,9 +857,20 @@ class Hub:
             dev = self.registry.devices[st.key]
             dev.secret = rec.params["deviceSecret"]
             log.info("sim_device_activated", device=st.key)
+            self.state_changed()
             # OPEN: what the hub does with the mode-3 connection is undocumented; closing it
             # makes the device reconnect with its new secret.
             conn.close()
+
+    def _raw_device_reply(self, reply_topic: str, payload: bytes) -> None:
+        """A raw reply has no id: it answers the oldest unanswered raw command on its topic."""
+        for rec in self.commands.values():
+            if rec.topic + P.REPLY_SUFFIX == reply_topic and rec.raw is not None \
+                    and rec.raw_reply is None and rec.sent_at > 0:
+                rec.raw_reply, rec.replied_at = payload, time.perf_counter()
+                rec.done.set()
+                return
+        self.counts["unmatched_device_replies"] += 1
 
     def _push_activation(self, conn: mqtt.Connection) -> None:
         st: ConnState = conn.state
@@ -740,12 +878,40 @@ class Hub:
         dev = self.registry.devices[st.key]
         params = {"assetId": dev.asset_id, "productKey": pk, "deviceKey": dk,
                   "deviceSecret": secrets.token_urlsafe(12)}
-        rec = CommandRecord(f"act-{next(self._cmd_ids)}", st.key,
+        rec = CommandRecord(f"act-{self.id_prefix}-{next(self._cmd_ids)}", st.key,
                             P.session_topic(pk, dk, "thing/activate/info"), "thing.activate.info",
                             params)
         self.commands[rec.msg_id] = rec
         st.activation = rec
         self._deliver(conn, rec)
+
+
+FAULTS = {
+    "drop_reply": "the hub handles the request but its reply is lost (stage: the topic path, "
+                  "e.g. thing/measurepoint/post)",
+    "refuse_connect": "a valid CONNECT is refused with CONNACK 3, server unavailable "
+                      "(stage: connect)",
+}
+_REQUEST_PATHS = frozenset({
+    "thing/measurepoint/post", "thing/measurepoint/resume", "thing/measurepoint/post/batch",
+    "thing/measurepoint/resume/batch", "thing/attribute/update", "thing/attribute/query",
+    "thing/attribute/delete", "thing/tag/update", "thing/tag/query", "thing/tag/delete",
+    "thing/device/register", "thing/topo/add", "thing/topo/get", "thing/topo/delete",
+    "combine/login", "combine/login/batch", "combine/logout", "thing/tsltemplate/get",
+    "ota/device/inform", "ota/device/progress", "ota/device/getversion", "thing/model/up_raw"})
+
+# method names the SDKs send that differ from the topic's (notes §2.2: Python's OTA names)
+_METHOD_ALIASES: dict[str, frozenset[str]] = {
+    "ota/device/inform": frozenset({"ota.inform"}),
+    "ota/device/progress": frozenset({"ota.progress"}),
+    "ota/device/getversion": frozenset({"Ota.device.getversion"}),
+}
+
+# requests whose success changes the registry (`--state` saves it after them)
+_STATE_PATHS = frozenset({
+    "thing/device/register", "thing/topo/add", "thing/topo/delete", "combine/login",
+    "combine/login/batch", "thing/attribute/update", "thing/attribute/delete",
+    "thing/tag/update", "thing/tag/delete"})
 
 
 def _fits(kind: str | None, value: Any) -> bool:

@@ -28,6 +28,7 @@ SUBSCRIBE, SUBACK, UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 8, 9, 
 ACCEPTED = 0
 BAD_PROTOCOL = 1
 BAD_CLIENT_ID = 2
+SERVER_UNAVAILABLE = 3
 BAD_CREDENTIALS = 4
 NOT_AUTHORIZED = 5
 
@@ -117,10 +118,12 @@ class Connection:
     writer: asyncio.StreamWriter
     conn_id: int
     tls: bool
-    subscriptions: dict[str, int] = field(default_factory=dict)
+    subscriptions: dict[str, int] = field(default_factory=dict)  # filter -> granted QoS
     state: Any = None
+    session_present: bool = False  # CONNACK flag: an earlier session was resumed
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     _packet_ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+    _wildcards: set[str] = field(default_factory=set)
 
     @property
     def peer(self) -> str:
@@ -128,8 +131,20 @@ class Connection:
         return f"{info[0]}:{info[1]}" if info else "?"
 
     def subscribed(self, topic: str) -> bool:
-        """True if one of this connection's filters matches `topic`."""
-        return any(topic_matches(f, topic) for f in self.subscriptions)
+        """True if one of this connection's filters matches `topic`: a set lookup for the
+        exact filters (the SDKs subscribe one `_reply` topic each), then the few wildcards."""
+        if topic in self.subscriptions:  # a topic name has no wildcards: an exact filter
+            return True
+        return any(topic_matches(f, topic) for f in self._wildcards)
+
+    def subscribe(self, filt: str, qos: int) -> None:
+        self.subscriptions[filt] = qos
+        if "+" in filt or "#" in filt:
+            self._wildcards.add(filt)
+
+    def unsubscribe(self, filt: str) -> None:
+        self.subscriptions.pop(filt, None)
+        self._wildcards.discard(filt)
 
     def publish(self, topic: str, payload: bytes, qos: int = 0) -> None:
         """Queue a PUBLISH to the client (QoS 0 or 1; PUBACKs are accepted and not tracked)."""
@@ -181,6 +196,7 @@ class MqttServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._ids = conn_ids or itertools.count(1)  # shared across restarts by the owner
         self.connections: set[Connection] = set()
+        self.clamp_keepalive: tuple[int, int] | None = None  # see idle_limit_s
 
     async def listen(self, host: str, port: int, ssl_ctx: ssl.SSLContext | None = None) -> int:
         """Start listening; returns the bound port (pass 0 for a free one)."""
@@ -238,14 +254,15 @@ class MqttServer:
             if req is None:
                 return
             code = await self._authenticate(conn, req)
-            conn._write(CONNACK << 4, bytes([0, code]))
+            present = 1 if code == ACCEPTED and conn.session_present else 0
+            conn._write(CONNACK << 4, bytes([present, code]))
             await conn.drain()
             if code != ACCEPTED:
                 return
             accepted = True
             self.connections.add(conn)
             await self._on_connected(conn)
-            await self._packet_loop(conn, req.keepalive_s)
+            await self._packet_loop(conn, self.idle_limit_s(req.keepalive_s))
         except (ProtocolError, struct.error, asyncio.IncompleteReadError, ConnectionError,
                 TimeoutError, ssl.SSLError) as exc:
             log.debug("sim_connection_closed", conn=conn.conn_id,
@@ -289,9 +306,16 @@ class MqttServer:
         return ConnectRequest(client_id, username, password, keepalive, bool(flags & 0x02), cn,
                               conn.tls)
 
-    async def _packet_loop(self, conn: Connection, keepalive_s: int) -> None:
-        # MQTT 3.1.1 §3.1.2.10: the server disconnects after 1.5 keepalive periods of silence.
-        idle_s = keepalive_s * 1.5 if keepalive_s else None
+    def idle_limit_s(self, keepalive_s: int) -> float | None:
+        """Seconds of silence after which the connection is dropped: 1.5 keepalive periods
+        (MQTT 3.1.1 §3.1.2.10). With `clamp_keepalive`, the period is first brought into the
+        hub's range (EnOS: 60-300 s), so keepalive 0 or 600 still gets dropped after 450 s."""
+        if self.clamp_keepalive is not None:
+            low, high = self.clamp_keepalive
+            keepalive_s = min(max(keepalive_s, low), high) if keepalive_s else high
+        return keepalive_s * 1.5 if keepalive_s else None
+
+    async def _packet_loop(self, conn: Connection, idle_s: float | None) -> None:
         while True:
             async with asyncio.timeout(idle_s):
                 ptype, flags, body = await self._read_packet(conn)
@@ -344,7 +368,7 @@ class MqttServer:
             if not valid_filter(filt) or qos > 2:
                 granted.append(0x80)
                 continue
-            conn.subscriptions[filt] = min(qos, 1)
+            conn.subscribe(filt, min(qos, 1))
             granted.append(min(qos, 1))
         if not granted:
             raise ProtocolError("SUBSCRIBE without filters")
@@ -358,5 +382,5 @@ class MqttServer:
         pos = 2
         while pos < len(buf):
             filt, pos = _read_str(buf, pos)
-            conn.subscriptions.pop(filt, None)
+            conn.unsubscribe(filt)
         conn._write(UNSUBACK << 4, struct.pack("!H", packet_id))

@@ -128,3 +128,82 @@ class Registry:
         except (KeyError, TypeError, AttributeError) as exc:
             raise RegistryError(f"{where}: missing or malformed field {exc}") from None
         return reg
+
+
+# -- the hub's run-time state (`--state FILE`) ------------------------------------------------
+
+STATE_VERSION = 1
+
+
+def _key_text(key: Key) -> str:
+    return f"{key[0]}/{key[1]}"
+
+
+def device_state(dev: Device) -> dict[str, Any]:
+    return {"product_key": dev.product_key, "device_key": dev.device_key, "secret": dev.secret,
+            "node_type": dev.node_type, "enabled": dev.enabled,
+            "sub_devices": sorted(map(_key_text, dev.sub_devices)),
+            "topology": sorted(map(_key_text, dev.topology)), "asset_id": dev.asset_id,
+            "attributes": dev.attributes, "tags": dev.tags, "name": dev.name}
+
+
+def registry_state(reg: Registry) -> dict[str, Any]:
+    """Everything the hub changes at run time: devices with their secrets (activation,
+    registration), topology, attributes, tags, enabled flags and asset ids."""
+    return {"version": STATE_VERSION, "devices": [device_state(d) for d in reg.devices.values()]}
+
+
+def apply_state(reg: Registry, state: dict[str, Any], where: str = "state") -> None:
+    """Lay a saved state over the registry: saved devices replace or join the file's ones."""
+    if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+        raise RegistryError(f"{where}: not a version {STATE_VERSION} simulator state")
+    try:
+        for i, d in enumerate(state["devices"]):
+            at = f"{where}: devices[{i}]"
+            if d["product_key"] not in reg.products:
+                continue  # its product left the registry file: the device goes with it
+            reg.add_device(Device(
+                d["product_key"], d["device_key"], d.get("secret"), d["node_type"],
+                bool(d["enabled"]), {_key(s, at) for s in d["sub_devices"]},
+                {_key(s, at) for s in d["topology"]}, str(d["asset_id"]),
+                dict(d["attributes"]), dict(d["tags"]), str(d.get("name", d["device_key"]))))
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise RegistryError(f"{where}: missing or malformed field {exc}") from None
+
+
+class StateFile:
+    """The hub's state on disk, written whole and atomically (temp file, fsync, rename) after
+    each change, so a kill at any moment leaves the previous or the new state."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.writes = 0
+        self._last = b""
+
+    def load_into(self, reg: Registry) -> bool:
+        """Apply the saved state if the file exists; False if there was none."""
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return False
+        try:
+            state = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RegistryError(f"{self.path}: {exc}") from None
+        apply_state(reg, state, str(self.path))
+        return True
+
+    def save(self, reg: Registry) -> None:
+        import os
+
+        data = json.dumps(registry_state(reg), sort_keys=True, indent=1).encode()
+        if data == self._last:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self._last = data
+        self.writes += 1

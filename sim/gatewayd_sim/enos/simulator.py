@@ -12,10 +12,11 @@ from typing import Any, Self
 import structlog
 from aiohttp import web
 
-from gatewayd.uplinks.enos import protocol as P
+from gatewayd_sim.enos import wire as P
 from gatewayd_sim.enos.hub import Accepted, CommandRecord, Hub, HubOptions
 from gatewayd_sim.enos.mqtt import MqttServer
-from gatewayd_sim.enos.registry import Key, Registry
+from gatewayd_sim.enos.registry import Key, Registry, StateFile
+from gatewayd_sim.kit import add_fault_routes
 
 log = structlog.get_logger("gatewayd_sim.enos")
 
@@ -49,8 +50,15 @@ class EnosSimulator:
 
     def __init__(self, registry: Registry, *, host: str = "127.0.0.1", port: int = 0,
                  tls: TlsFiles | None = None, tls_port: int = 0, http_port: int | None = None,
-                 options: HubOptions | None = None) -> None:
+                 options: HubOptions | None = None, state_file: Path | None = None) -> None:
+        self.state = StateFile(state_file) if state_file is not None else None
+        if self.state is not None:
+            self.state.load_into(registry)  # the run-time state of an earlier process wins
         self.hub = Hub(registry, options)
+        if self.state is not None:
+            state = self.state
+            self.hub.on_state_change = lambda: state.save(registry)
+            state.save(registry)
         self.host = host
         self.port = port
         self.tls = tls
@@ -59,6 +67,7 @@ class EnosSimulator:
         self._server: MqttServer | None = None
         self._conn_ids = itertools.count(1)  # connection ids stay unique across restarts
         self._http: web.AppRunner | None = None
+        self._back_online: asyncio.Task[None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -77,12 +86,15 @@ class EnosSimulator:
         hub = self.hub
         self._server = MqttServer(hub.authenticate, hub.on_publish, hub.on_connected,
                                   hub.on_closed, self._conn_ids)
+        if hub.options.keepalive == "clamp":
+            self._server.clamp_keepalive = hub.options.keepalive_range
         self.port = await self._server.listen(self.host, self.port)
         if self.tls is not None:
             self.tls_port = await self._server.listen(self.host, self.tls_port or 0,
                                                       self.tls.context())
 
     async def stop(self) -> None:
+        self._cancel_back_online()
         if self._server is not None:
             await self._server.close()
             self._server = None
@@ -102,8 +114,26 @@ class EnosSimulator:
             self._server = None
         log.info("sim_offline", port=self.port)
 
+    async def offline_for(self, seconds: float) -> None:
+        """Go offline now and come back by itself after `seconds`."""
+        self._cancel_back_online()
+        await self.go_offline()
+
+        async def later() -> None:
+            await asyncio.sleep(seconds)
+            self._back_online = None
+            await self.go_online()
+
+        self._back_online = asyncio.create_task(later(), name="enos-sim-back-online")
+
+    def _cancel_back_online(self) -> None:
+        if self._back_online is not None:
+            self._back_online.cancel()
+            self._back_online = None
+
     async def go_online(self) -> None:
         """Listen again on the same ports."""
+        self._cancel_back_online()
         if self._server is None:
             await self._listen()
         log.info("sim_online", port=self.port)
@@ -171,6 +201,7 @@ class EnosSimulator:
                 gw = self.registry.devices.get(gateway)
                 if gw is not None:
                     gw.topology.discard(sub)
+        self.hub.state_changed()
         params = [{"productKey": pk, "deviceKey": dk} for pk, dk in subs]
         return self.hub.send_command(gateway, P.session_topic(*gateway, f"combine/{action}"),
                                      f"combine.{action}", params)
@@ -195,7 +226,37 @@ class EnosSimulator:
         app.router.add_get("/devices", self._h_devices)
         app.router.add_post("/commands", self._h_command)
         app.router.add_get("/commands/{id}", self._h_command_get)
+        add_fault_routes(app, self.hub.faults)
+        app.router.add_post("/sim/restart", self._h_restart)
+        app.router.add_post("/sim/offline", self._h_offline)
+        app.router.add_post("/sim/online", self._h_online)
         return app
+
+    async def _h_restart(self, request: web.Request) -> web.Response:
+        """Drop every connection and listen again; registry, state and records are kept."""
+        await self.restart()
+        return web.json_response({"restarted": True, "port": self.port})
+
+    async def _h_offline(self, request: web.Request) -> web.Response:
+        """?seconds=N: offline for N seconds, then back by itself; without it, until
+        POST /sim/online."""
+        raw = request.query.get("seconds")
+        if raw is None:
+            await self.go_offline()
+            return web.json_response({"offline": True, "seconds": None})
+        try:
+            seconds = float(raw)
+            if not 0 <= seconds <= 86_400:
+                raise ValueError(raw)
+        except ValueError:
+            return web.json_response({"error": "seconds must be a number from 0 to 86400"},
+                                     status=400)
+        await self.offline_for(seconds)
+        return web.json_response({"offline": True, "seconds": seconds})
+
+    async def _h_online(self, request: web.Request) -> web.Response:
+        await self.go_online()
+        return web.json_response({"offline": False, "port": self.port})
 
     async def _h_stats(self, request: web.Request) -> web.Response:
         return web.json_response({"counts": dict(self.hub.counts),
@@ -258,4 +319,5 @@ class EnosSimulator:
 def _command_json(rec: CommandRecord) -> dict[str, Any]:
     rtt_ms = round((rec.replied_at - rec.sent_at) * 1000, 3) if rec.reply is not None else None
     return {"id": rec.msg_id, "topic": rec.topic, "method": rec.method, "reply": rec.reply,
+            "raw_reply": rec.raw_reply.hex() if rec.raw_reply is not None else None,
             "delivered": rec.sent_at > 0, "rtt_ms": rtt_ms}

@@ -92,8 +92,16 @@ def bme280_raw(temperature_c: float, pressure_hpa: float, humidity_pct: float,
     return adc_t, adc_p, adc_h
 
 
+# standby time between normal-mode measurements, config bits 7:5 (datasheet table 27), seconds
+_BME_T_SB_S = (0.0005, 0.0625, 0.125, 0.25, 0.5, 1.0, 0.010, 0.020)
+_BME_CATCH_UP = 200  # normal-mode measurements replayed at most (the filter has settled by then)
+
+
 class BME280Chip(RegisterChip):
-    """BME280: chip id, calibration NVM, forced mode with datasheet timing, soft reset."""
+    """BME280 (datasheet BST-BME280-DS002): chip id, calibration NVM, soft reset; sleep, forced
+    and normal mode with datasheet timing; the IIR filter on temperature and pressure; result
+    resolution per oversampling and filter (section 3.4.3/3.5); writes taken as address/data
+    pairs (section 6.2.1: no auto-increment on writes), reads auto-increment."""
 
     model = "bme280"
 
@@ -106,8 +114,6 @@ class BME280Chip(RegisterChip):
         self.pressure_hpa = 1013.25
         self.humidity_pct = 45.0
         self.measurements = 0
-        self._done_at = 0.0
-        self._pending: bytes | None = None
         self.regs[bme.REG_CHIP_ID] = address_id
         tp, h = bme.encode_calibration(calibration)
         self.regs[bme.REG_CALIB_TP:bme.REG_CALIB_TP + len(tp)] = tp
@@ -120,7 +126,20 @@ class BME280Chip(RegisterChip):
         self._ctrl_hum_active = 0
         # data registers hold the "skipped" values until the first measurement
         self.regs[bme.REG_DATA:bme.REG_DATA + 8] = bytes([0x80, 0, 0, 0x80, 0, 0, 0x80, 0])
-        self._pending = None
+        self._iir: list[float] | None = None  # filter memory (raw t, raw p); None after reset
+        self._forced_done_at: float | None = None  # a forced measurement in progress ends then
+        self._normal_start = 0.0
+        self._normal_done = 0  # normal-mode measurements already put in the data registers
+
+    # -- the I2C side ----------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Address/data pairs; a trailing lone byte only sets the read pointer."""
+        for i in range(0, len(data) - 1, 2):
+            self.pointer = data[i]
+            self.write_register(data[i], data[i + 1])
+        if len(data) % 2:
+            self.pointer = data[-1]
 
     def physical(self) -> tuple[float, float, float]:
         if not self.animate:
@@ -128,19 +147,53 @@ class BME280Chip(RegisterChip):
         return (self.temperature_c + 2.0 * _wave(600), self.pressure_hpa + 1.5 * _wave(900, 1.0),
                 min(100.0, max(0.0, self.humidity_pct + 5.0 * _wave(700, 2.0))))
 
+    @property
+    def mode(self) -> int:
+        return self.regs[bme.REG_CTRL_MEAS] & 0b11
+
+    def _oversampling(self) -> tuple[int, int, int]:
+        factor = {v: k for k, v in bme.OVERSAMPLING.items()}
+        meas = self.regs[bme.REG_CTRL_MEAS]
+        fields = ((meas >> 5) & 0x07, (meas >> 2) & 0x07, self._ctrl_hum_active)
+        osrs_t, osrs_p, osrs_h = (factor.get(min(f, 5), 16) for f in fields)
+        return osrs_t, osrs_p, osrs_h
+
+    def _t_measure_s(self) -> float:
+        return bme.measurement_time_s(*self._oversampling())
+
     def _settle(self) -> None:
-        if self._pending is not None and time.monotonic() >= self._done_at:
-            self.regs[bme.REG_DATA:bme.REG_DATA + 8] = self._pending
-            self._pending = None
+        now = time.monotonic()
+        if self._forced_done_at is not None and now >= self._forced_done_at:
+            self._forced_done_at = None
+            self._measure()
             self.regs[bme.REG_CTRL_MEAS] &= 0b1111_1100  # forced mode returns to sleep
+        elif self.mode == 0b11:
+            t_meas = self._t_measure_s()
+            period = t_meas + _BME_T_SB_S[self.regs[bme.REG_CONFIG] >> 5]
+            elapsed = now - self._normal_start - t_meas
+            done = int(elapsed // period) + 1 if elapsed >= 0 else 0
+            for _ in range(max(0, min(done - self._normal_done, _BME_CATCH_UP))):
+                self._measure()
+            self._normal_done = done
+
+    def _measuring(self) -> bool:
+        now = time.monotonic()
+        if self._forced_done_at is not None:
+            return True
+        if self.mode == 0b11:
+            t_meas = self._t_measure_s()
+            period = t_meas + _BME_T_SB_S[self.regs[bme.REG_CONFIG] >> 5]
+            return (now - self._normal_start) % period < t_meas
+        return False
 
     def read_register(self, reg: int) -> int:
         self._settle()
         if reg == bme.REG_STATUS:
-            return bme.STATUS_MEASURING if self._pending is not None else 0
+            return bme.STATUS_MEASURING if self._measuring() else 0
         return self.regs[reg]
 
     def write_register(self, reg: int, value: int) -> None:
+        self._settle()
         if reg == bme.REG_RESET:
             if value == bme.RESET_WORD:
                 self._reset()
@@ -148,29 +201,48 @@ class BME280Chip(RegisterChip):
         if reg == bme.REG_CTRL_HUM:
             self.regs[reg] = value & 0x07
         elif reg == bme.REG_CTRL_MEAS:
+            was = self.mode
             self.regs[reg] = value
             self._ctrl_hum_active = self.regs[bme.REG_CTRL_HUM]
-            if value & 0b11 in (0b01, 0b10):
-                self._start(value)
-        elif reg in (bme.REG_CONFIG,):
-            self.regs[reg] = value
-        # calibration, id and data registers are read-only
+            if value & 0b11 in (0b01, 0b10) and self._forced_done_at is None:
+                self._forced_done_at = time.monotonic() + self._t_measure_s()
+            elif value & 0b11 == 0b11 and was != 0b11:
+                self._normal_start = time.monotonic()  # the first cycle starts at once
+                self._normal_done = 0
+        elif reg == bme.REG_CONFIG:
+            if self.mode != 0b11:  # "writes to config in normal mode may be ignored" (5.4.6)
+                self.regs[reg] = value & 0b1111_1101
+        # calibration, id, status and data registers are read-only
 
-    def _start(self, ctrl_meas: int) -> None:
-        factor = {v: k for k, v in bme.OVERSAMPLING.items()}
-        fields = ((ctrl_meas >> 5) & 0x07, (ctrl_meas >> 2) & 0x07, self._ctrl_hum_active)
-        osrs_t, osrs_p, osrs_h = (factor.get(min(f, 5), 16) for f in fields)
+    # -- one measurement -------------------------------------------------------------------------
+
+    def _measure(self) -> None:
+        """Sample, filter, quantise and latch one measurement into the data registers."""
+        osrs_t, osrs_p, osrs_h = self._oversampling()
         adc_t, adc_p, adc_h = bme280_raw(*self.physical(), self.calibration)
-        if not osrs_t:
-            adc_t = bme.SKIPPED_20
-        if not osrs_p:
-            adc_p = bme.SKIPPED_20
+        coefficient = (1, 2, 4, 8, 16, 16, 16, 16)[(self.regs[bme.REG_CONFIG] >> 2) & 0x07]
+        if coefficient > 1:
+            if self._iir is None:
+                self._iir = [float(adc_t), float(adc_p)]
+            else:  # datasheet 3.4.4: (old * (c - 1) + new) / c
+                self._iir = [(old * (coefficient - 1) + new) / coefficient
+                             for old, new in zip(self._iir, (adc_t, adc_p), strict=True)]
+            adc_t, adc_p = (round(x) for x in self._iir)
+        else:
+            self._iir = [float(adc_t), float(adc_p)]
+
+        def resolution_mask(osrs: int) -> int:
+            bits = 20 if coefficient > 1 else 15 + osrs.bit_length()  # x1: 16 bits ... x16: 20
+            return ((1 << bits) - 1) << (20 - bits)
+
+        adc_t = adc_t & resolution_mask(osrs_t) if osrs_t else bme.SKIPPED_20
+        adc_p = adc_p & resolution_mask(osrs_p) if osrs_p else bme.SKIPPED_20
         if not osrs_h:
             adc_h = bme.SKIPPED_16
-        self._pending = bytes([adc_p >> 12, (adc_p >> 4) & 0xFF, (adc_p & 0x0F) << 4,
-                               adc_t >> 12, (adc_t >> 4) & 0xFF, (adc_t & 0x0F) << 4,
-                               adc_h >> 8, adc_h & 0xFF])
-        self._done_at = time.monotonic() + bme.measurement_time_s(osrs_t, osrs_p, osrs_h)
+        self.regs[bme.REG_DATA:bme.REG_DATA + 8] = bytes([
+            adc_p >> 12, (adc_p >> 4) & 0xFF, (adc_p & 0x0F) << 4,
+            adc_t >> 12, (adc_t >> 4) & 0xFF, (adc_t & 0x0F) << 4,
+            adc_h >> 8, adc_h & 0xFF])
         self.measurements += 1
 
 
@@ -187,10 +259,42 @@ def sht_words(temperature_c: float, humidity_pct: float, variant: str) -> tuple[
     return max(0, min(0xFFFF, raw_t)), max(0, min(0xFFFF, raw_h))
 
 
-class SHTChip(SimChip):
-    """SHT3x or SHT4x: single-shot commands, measurement time, CRC-8 on every word.
+# SHT3x periodic mode: command -> (measurements per second, measurement time at that repeatability)
+_SHT3X_PERIODIC = {
+    0x2032: (0.5, 0.0155), 0x2024: (0.5, 0.0065), 0x202F: (0.5, 0.0045),
+    0x2130: (1.0, 0.0155), 0x2126: (1.0, 0.0065), 0x212D: (1.0, 0.0045),
+    0x2236: (2.0, 0.0155), 0x2220: (2.0, 0.0065), 0x222B: (2.0, 0.0045),
+    0x2334: (4.0, 0.0155), 0x2322: (4.0, 0.0065), 0x2329: (4.0, 0.0045),
+    0x2737: (10.0, 0.0155), 0x2721: (10.0, 0.0065), 0x272A: (10.0, 0.0045),
+    0x2B32: (4.0, 0.0155),  # ART: accelerated response time, 4 Hz
+}
+# single shot: command -> (measurement time, clock stretching)
+_SHT3X_SINGLE = {0x2400: (0.0155, False), 0x240B: (0.0065, False), 0x2416: (0.0045, False),
+                 0x2C06: (0.0155, True), 0x2C0D: (0.0065, True), 0x2C10: (0.0045, True)}
+_SHT3X_STATUS_AFTER_RESET = 0x8010  # alert pending (bit 15), system reset detected (bit 4)
+_SHT3X_STATUS_HEATER = 0x2000
+_SHT3X_STATUS_COMMAND_FAILED = 0x0002
+# SHT4x: command -> (measurement time incl. a heater pulse, heater power or 0)
+_SHT4X_MEASURE = {0xFD: (0.0083, 0), 0xF6: (0.0045, 0), 0xE0: (0.0017, 0),
+                  0x39: (1.1, 200), 0x32: (0.11, 200), 0x2F: (1.1, 110), 0x24: (0.11, 110),
+                  0x1E: (1.1, 20), 0x15: (0.11, 20)}
 
-    `corrupt_crc` (fault switch) flips the CRC bytes of the next responses.
+
+class SHTChip(SimChip):
+    """SHT3x or SHT4x with the datasheets' command sets and a CRC-8 on every word.
+
+    SHT3x: single shot (with and without clock stretching), periodic mode at 0.5-10 mps with
+    fetch (0xE000), ART (0x2B32), break (0x3093), soft reset (0x30A2), heater on/off
+    (0x306D/0x3066), status (0xF32D) and clear status (0x3041), serial number (0x3780). In
+    periodic mode only fetch, break and soft reset are taken; other commands are NACKed and the
+    status' "command failed" bit is set. The alert-limit commands are not modelled.
+    SHT4x: the three precisions, the six heater commands (with a measurement after the pulse),
+    serial number (0x89) and soft reset (0x94).
+
+    A read before the result is ready is NACKed (no clock stretching), except after a
+    clock-stretching single-shot command, where the read waits for the result.
+    The heater warms the sensor by `heater_rise_c`. `corrupt_crc` (fault switch) flips the CRC
+    bytes of the next responses.
     """
 
     model = "sht3x"
@@ -201,47 +305,95 @@ class SHTChip(SimChip):
         self.animate = animate
         self.temperature_c = 22.0
         self.humidity_pct = 50.0
+        self.heater_rise_c = 3.0
         self.corrupt_crc = False
         self.serial = 0x1A2B3C4D
         self.measurements = 0
         self._out: bytes | None = None
         self._ready_at = 0.0
+        self._stretch = False
+        self._soft_reset()
+
+    def _soft_reset(self) -> None:
+        self.status = _SHT3X_STATUS_AFTER_RESET
+        self.heater = False
+        self.periodic: tuple[float, float] | None = None  # (measurements/s, duration) or idle
+        self._periodic_start = 0.0
+        self._periodic_fetched = 0
+        self._out = None
 
     def write(self, data: bytes) -> None:
         if self.variant == "sht4x":
-            if len(data) != 1:
-                raise _busy()
-            cmd = data[0]
-            durations = {0xFD: 0.0083, 0xF6: 0.0045, 0xE0: 0.0016}
-            if cmd in durations:
-                self._measure(durations[cmd])
-            elif cmd == 0x89:
-                self._respond(self.serial >> 16, self.serial & 0xFFFF, 0.0)
-            elif cmd == 0x94:
-                self._out = None
-            else:
-                raise _busy()
+            self._write_sht4x(data)
             return
         if len(data) != 2:
             raise _busy()
         cmd = (data[0] << 8) | data[1]
-        durations = {0x2400: 0.015, 0x240B: 0.006, 0x2416: 0.004,
-                     0x2C06: 0.015, 0x2C0D: 0.006, 0x2C10: 0.004}
-        if cmd in durations:
-            self._measure(durations[cmd])
+        if self.periodic is not None and cmd not in (0xE000, 0x3093, 0x30A2):
+            self.status |= _SHT3X_STATUS_COMMAND_FAILED
+            raise _busy()  # periodic mode takes only fetch, break and reset
+        if cmd in _SHT3X_SINGLE:
+            duration, self._stretch = _SHT3X_SINGLE[cmd]
+            self._measure(duration)
+        elif cmd in _SHT3X_PERIODIC:
+            self.periodic = _SHT3X_PERIODIC[cmd]
+            self._periodic_start = time.monotonic()
+            self._periodic_fetched = 0
+            self._out = None
+        elif cmd == 0xE000:  # fetch data: the latest periodic result, once
+            self._fetch()
+        elif cmd == 0x3093:  # break: stop periodic mode, back to single shot
+            self.periodic = None
+            self._out = None
+        elif cmd == 0x30A2:  # soft reset
+            self._soft_reset()
+        elif cmd == 0x306D:
+            self.heater = True
+        elif cmd == 0x3066:
+            self.heater = False
         elif cmd == 0xF32D:  # read status register
-            self._respond(0x0000, None, 0.0)
+            self._respond(self.status | (_SHT3X_STATUS_HEATER if self.heater else 0), None, 0.0)
+        elif cmd == 0x3041:  # clear status: alert pending, tracking alerts, reset detected
+            self.status &= ~0x8C10 & 0xFFFF
         elif cmd == 0x3780:  # read serial number
             self._respond(self.serial >> 16, self.serial & 0xFFFF, 0.0)
-        elif cmd == 0x30A2:  # soft reset
+        else:
+            self.status |= _SHT3X_STATUS_COMMAND_FAILED
+            raise _busy()  # unknown commands are not acknowledged
+        if cmd not in (0xF32D,):
+            self.status &= ~_SHT3X_STATUS_COMMAND_FAILED & 0xFFFF
+
+    def _write_sht4x(self, data: bytes) -> None:
+        if len(data) != 1:
+            raise _busy()
+        cmd = data[0]
+        self._stretch = False
+        if cmd in _SHT4X_MEASURE:
+            duration, power = _SHT4X_MEASURE[cmd]
+            self._measure(duration, heated=power > 0)
+        elif cmd == 0x89:
+            self._respond(self.serial >> 16, self.serial & 0xFFFF, 0.001)
+        elif cmd == 0x94:
             self._out = None
         else:
-            raise _busy()  # unknown commands are not acknowledged
+            raise _busy()
 
-    def _measure(self, duration_s: float) -> None:
+    def _fetch(self) -> None:
+        assert self.periodic is not None
+        rate, duration = self.periodic
+        done = int((time.monotonic() - self._periodic_start - duration) * rate) + 1
+        if time.monotonic() - self._periodic_start < duration or done <= self._periodic_fetched:
+            self._out = None  # no new data: the read header is NACKed
+            return
+        self._periodic_fetched = done
+        self._measure(0.0)
+
+    def _measure(self, duration_s: float, heated: bool = False) -> None:
         t, h = self.temperature_c, self.humidity_pct
         if self.animate:
             t, h = t + 1.5 * _wave(500), min(100.0, max(0.0, h + 4 * _wave(650, 0.5)))
+        if self.heater or heated:
+            t += self.heater_rise_c
         raw_t, raw_h = sht_words(t, h, self.variant)
         self.measurements += 1
         self._respond(raw_t, raw_h, duration_s)
@@ -258,7 +410,9 @@ class SHTChip(SimChip):
         self._ready_at = time.monotonic() + delay_s
 
     def read(self, n: int) -> bytes:
-        # no clock stretching: the chip NACKs its read header until the result is ready
+        if self._out is not None and self._stretch:
+            time.sleep(max(0.0, self._ready_at - time.monotonic()))  # SCL held low meanwhile
+        # without clock stretching the chip NACKs its read header until the result is ready
         if self._out is None or time.monotonic() < self._ready_at:
             raise _busy()
         out, self._out = self._out[:n], None
@@ -362,8 +516,18 @@ class PCF8574Chip(SimChip):
         return bytes([self.latch & ~(self.pulled_low | self.stuck) & 0xFF]) * n
 
 
+_MCP_IPOLA, _MCP_IPOLB = 0x02, 0x03
+_MCP_GPPUA, _MCP_GPPUB = 0x0C, 0x0D
+
+
 class MCP23017Chip(RegisterChip):
-    """MCP23017 with IOCON.BANK=0: IODIR, GPIO and OLAT registers, sequential addressing."""
+    """MCP23017 with IOCON.BANK=0: IODIR, IPOL, GPPU, GPIO and OLAT, sequential addressing.
+
+    Pins driven from outside are `driven` (a mask) at the levels in `inputs`; setting `inputs`
+    drives every pin. An input nothing drives reads high with its GPPU pull-up (100 kOhm) and
+    low without (a floating CMOS input; the real level is undefined). IPOL inverts what GPIO
+    reports for input pins.
+    """
 
     model = "mcp23017"
 
@@ -371,16 +535,45 @@ class MCP23017Chip(RegisterChip):
         super().__init__(size=0x16)
         self.regs[gpio.MCP_IODIRA] = 0xFF
         self.regs[gpio.MCP_IODIRB] = 0xFF
-        self.inputs = 0x0000  # levels on input pins (A in the low byte)
+        self._inputs = 0x0000  # levels on driven pins (A in the low byte)
+        self.driven = 0x0000  # pins something outside drives; the rest float
         self.stuck = 0x0000  # output pins stuck low (fault)
+
+    @property
+    def inputs(self) -> int:
+        return self._inputs
+
+    @inputs.setter
+    def inputs(self, levels: int) -> None:
+        self._inputs = levels & 0xFFFF
+        self.driven = 0xFFFF
+
+    def drive(self, pin: int, level: bool | None) -> None:
+        """Drive `pin` (0-15) high or low from outside, or release it (None)."""
+        bit = 1 << pin
+        if level is None:
+            self.driven &= ~bit
+        else:
+            self.driven |= bit
+            self._inputs = (self._inputs | bit) if level else (self._inputs & ~bit)
+
+    def _word(self, low_reg: int) -> int:
+        return self.regs[low_reg] | (self.regs[low_reg + 1] << 8)
+
+    def pin_levels(self) -> int:
+        """The electrical level of all 16 pins."""
+        iodir = self._word(gpio.MCP_IODIRA)
+        outputs = self._word(gpio.MCP_OLATA) & ~iodir & ~self.stuck
+        pullup = self._word(_MCP_GPPUA)
+        external = (self._inputs & self.driven) | (pullup & ~self.driven)
+        return (outputs | (external & iodir)) & 0xFFFF
 
     def read_register(self, reg: int) -> int:
         if reg in (gpio.MCP_GPIOA, gpio.MCP_GPIOB):
             shift = 0 if reg == gpio.MCP_GPIOA else 8
-            iodir = self.regs[gpio.MCP_IODIRA if shift == 0 else gpio.MCP_IODIRB]
-            olat = self.regs[gpio.MCP_OLATA if shift == 0 else gpio.MCP_OLATB]
-            pins = (olat & ~iodir) | ((self.inputs >> shift) & iodir)
-            return pins & ~(self.stuck >> shift) & 0xFF
+            iodir = self._word(gpio.MCP_IODIRA)
+            value = self.pin_levels() ^ (self._word(_MCP_IPOLA) & iodir)
+            return (value >> shift) & 0xFF
         return self.regs[reg]
 
     def write_register(self, reg: int, value: int) -> None:

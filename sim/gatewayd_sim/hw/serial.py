@@ -372,9 +372,10 @@ def nmea_sentence(body: str) -> bytes:
 
 def _ddmm(value: float, lat: bool) -> tuple[str, str]:
     hemi = ("N" if value >= 0 else "S") if lat else ("E" if value >= 0 else "W")
-    v = abs(value)
-    deg = int(v)
-    minutes = (v - deg) * 60
+    # round to the 4 decimals sent first, then carry into the degrees: 52.99999999 is
+    # "5300.0000", never "5260.0000" (minutes stay below 60)
+    deg, ten_thousandths = divmod(round(abs(value) * 60 * 10_000), 60 * 10_000)
+    minutes = ten_thousandths / 10_000
     return (f"{deg:02d}{minutes:07.4f}" if lat else f"{deg:03d}{minutes:07.4f}"), hemi
 
 
