@@ -46,7 +46,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon in the foreground",
-                         description="Run the daemon in the foreground until SIGTERM or SIGINT.")
+                         description="Run the daemon in the foreground until SIGTERM or SIGINT. SIGHUP "
+                                     "(systemctl reload) re-reads the config; an invalid one is "
+                                     "logged and the running config kept.")
     run.add_argument("-c", "--config", default=DEFAULT_CONFIG,
                      help=f"config file (default: $GATEWAYD_CONFIG or {DEFAULT_CONFIG})")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"],

@@ -115,3 +115,70 @@ def test_removed_uplink_keeps_its_cursor(tmp_path: Path, daemons: list[Daemon]) 
         d.event("queue_committed")
     assert d.stop() == 0
     wait_delivered(tmp_path / "out.jsonl", committed(d.events), 10)
+
+
+def test_changing_an_uplink_host_moves_delivery_without_a_loss(tmp_path: Path,
+                                                               daemons: list[Daemon]) -> None:
+    """An Operations Hub uplink pointed at another server: it restarts there on its cursor."""
+    import contextlib
+    import datetime
+    import json
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+    from collections.abc import Iterator
+
+    from .conftest import ROOT
+    from .opshub.test_daemon import CONFIG
+
+    @contextlib.contextmanager
+    def opshub_sim() -> Iterator[str]:
+        proc = subprocess.Popen([sys.executable, "-m", "gatewayd", "sim", "opshub", "--port", "0",
+                                 "--user", "OPS:field-pw"], stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if line.startswith(b'{"opshub_sim"'):
+                    yield json.loads(line)["opshub_sim"]
+                    break
+            else:
+                raise AssertionError("simulator exited before listening")
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+    def stored(url: str) -> list[str]:
+        with urllib.request.urlopen(f"{url}/sim/data?dc=OPS/gw-1/boiler1&limit=100000", timeout=5) as r:
+            return [row["timestamp"] for row in json.loads(r.read())["rows"]]
+
+    with opshub_sim() as a, opshub_sim() as b:
+        archive = tmp_path / "archive.jsonl"
+        text = CONFIG.format(url=a, gw="gw-1").replace('[gateway]\nid = "field-gw"', (
+            '[gateway]\nid = "field-gw"\nstop_timeout = "10s"')).replace(
+            '[log]\nformat = "json"', '[log]\nlevel = "debug"\nformat = "json"').replace(
+            'interval = "100ms"', 'interval = "20ms"') + \
+            f'\n[uplinks.archive]\ntype = "jsonl"\npath = "{archive}"\nlinger = "0s"\n'
+        cfg = tmp_path / "gw.toml"
+        cfg.write_text(text)
+        d = Daemon(cfg, tmp_path / "daemon.log", env={"OPSHUB_PASSWORD": "field-pw"}).start()
+        daemons.append(d)
+        d.event("gateway_ready")
+        d.wait_for(lambda e: e.get("event") == "uplink_state" and e.get("uplink") == "hub"
+                   and e.get("state") == "connected")
+        for _ in range(5):
+            d.event("queue_committed")
+        cfg.write_text(text.replace(f'url = "{a}"', f'url = "{b}"'))
+        assert d.proc is not None
+        d.proc.send_signal(signal.SIGHUP)
+        ev = d.wait_for(lambda e: e.get("event") == "config_reloaded")
+        assert ev["uplinks_changed"] == ["hub"], ev
+        for _ in range(5):
+            d.event("queue_committed")
+        assert d.stop() == 0
+        sampled = {r["ts_ms"] for r in read_jsonl_complete(archive) if r["device"] == "boiler"}
+        in_a, in_b = stored(a), stored(b)
+        assert in_a and in_b  # delivery moved from the first server to the second
+        got = {int(datetime.datetime.fromisoformat(t).timestamp() * 1000 + 0.5) for t in in_a + in_b}
+        assert sampled and sampled <= got, f"{len(sampled - got)} readings lost across the move"

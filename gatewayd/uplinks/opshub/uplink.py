@@ -87,7 +87,7 @@ class OpsHubUplink(DeliveryUplink):
         self._patterns = [(p, re.compile(p.pattern)) for p in config.commands]
         self._sensor_to_device = {(m.sensor or d): d for d, m in config.devices.items()}
         self._position: dict[str, str] = {}  # last GPS fix: "lat"/"long"/"alt" -> value
-        self._packed: dict[int, Metric | Verdict] = {}  # seq -> what it became, for resends
+        self._fixes: dict[int, dict[str, str]] = {}  # first seq of a lease -> GPS fix before it
         self._accepted_once = False  # the server took something: a refusal is then the data's
         self._one_channel = False  # one channel per publish (the server answers one object)
         self._rl = RateLimitedLog(self.log)
@@ -129,18 +129,18 @@ class OpsHubUplink(DeliveryUplink):
         """What each queued reading becomes: a metric to publish, or its verdict right away.
 
         GPS readings update the position (and are published only if `gps.publish`); a reading
-        whose time cannot be formatted is rejected. A reading packed before (a resend after a
-        retry, a bisected half) becomes what it became then, from the same GPS fix.
+        whose time cannot be formatted is rejected. A lease sent again (after a retry or a
+        reconnect) starts from the GPS fix it started from the first time.
         """
-        if items and items[0].seq in self._packed:
-            fresh = [it for it in items if it.seq not in self._packed]
-            self._entries(fresh)
-            return [self._packed[it.seq] for it in items]
-        out = self._entries(items)
-        if len(self._packed) > 4 * self.batch:
-            acked = getattr(self.ctx.outbox, "acked", 0)
-            self._packed = {s: e for s, e in self._packed.items() if s > acked}
-        return out
+        if items:
+            first = items[0].seq
+            if first in self._fixes:
+                self._position = dict(self._fixes[first])
+            else:
+                self._fixes[first] = dict(self._position)
+                if len(self._fixes) > 64:
+                    self._fixes.pop(next(iter(self._fixes)))
+        return self._entries(items)
 
     def metrics_for(self, items: Iterable[Item]) -> list[Metric]:
         """The metrics to publish for `items` (see `entries`)."""
@@ -151,9 +151,7 @@ class OpsHubUplink(DeliveryUplink):
         out: list[Metric | Verdict] = []
         times: dict[int, str] = {}
         for item in items:
-            entry = self._entry(item, gps, times)
-            self._packed[item.seq] = entry
-            out.append(entry)
+            out.append(self._entry(item, gps, times))
         return out
 
     def _entry(self, item: Item, gps: Any, times: dict[int, str]) -> Metric | Verdict:
@@ -405,6 +403,8 @@ class OpsHubSession(Session):
                 refused = {id(m): m for m in await self.up.deliver(metrics)}
             except Unconfirmed as exc:  # the server answered, but not for every channel
                 return Verdict("retry", "unconfirmed", str(exc))
+        if not refused and all(isinstance(e, Metric) or e.accepted for e in entries):
+            return ACCEPTED
         out: list[Verdict] = []
         for e in entries:
             if isinstance(e, Verdict):
