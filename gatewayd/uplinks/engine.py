@@ -204,6 +204,7 @@ class DeliveryUplink(Uplink):
         self.session: Session | None = None
         self.quarantined: dict[str, int] = {}
         self.results_dropped = 0
+        self.attempts = {"seen": 0, "unreachable": 0}  # connects the cloud saw / never saw
         self.on_batch_sent: list[Callable[[BatchSent], None]] = []
         self._results: deque[tuple[Any, CommandResult]] = deque()
         self._results_wanted = asyncio.Event()
@@ -252,11 +253,11 @@ class DeliveryUplink(Uplink):
         """One connect and session; returns the delay before the next attempt."""
         self.set_state(UplinkState.CONNECTING)
         started = time.monotonic()
-        seen = True
         try:
             session = await self.connect()
         except BaseException as exc:
             seen = not isinstance(exc, UplinkUnreachableError)
+            self.attempts["seen" if seen else "unreachable"] += 1
             if throttle is not None and seen:
                 throttle.record()
             if isinstance(exc, UplinkAuthError):
@@ -264,6 +265,7 @@ class DeliveryUplink(Uplink):
             if isinstance(exc, UplinkError | OSError | TimeoutError):
                 return self._note_failure(exc, _kind(exc), backoff.next_delay())
             raise
+        self.attempts["seen"] += 1
         if throttle is not None:
             throttle.record()
         task = asyncio.current_task()
@@ -524,7 +526,8 @@ class DeliveryUplink(Uplink):
     def status(self) -> dict[str, Any]:
         return {**super().status(), "quarantined": sum(self.quarantined.values()),
                 "quarantined_by_reason": dict(self.quarantined),
-                "results_buffered": len(self._results), "results_dropped": self.results_dropped}
+                "results_buffered": len(self._results), "results_dropped": self.results_dropped,
+                "connect_attempts": dict(self.attempts)}
 
 
 def _kind(exc: BaseException) -> str:

@@ -10,7 +10,6 @@ broker's PUBACK is the delivery confirmation. Commands arrive on `command_topic`
 
 from __future__ import annotations
 
-import asyncio
 import json
 import ssl
 import uuid
@@ -47,8 +46,7 @@ class MqttConfig:
     command_topic: str = "gatewayd/{gateway}/command"  # "" for no commands
     reply_topic: str = "gatewayd/{gateway}/result"
     devices: list[str] = field(default_factory=list)  # publish only these (default: all)
-    batch: Annotated[int, Range(1, 100_000)] = 2000  # readings leased at once
-    max_inflight: Annotated[int, Range(1, 65535)] = 1000  # QoS 1 messages awaiting PUBACK
+    batch: Annotated[int, Range(1, 100_000)] = 2000  # readings leased (and in flight) at once
     keepalive: Annotated[int, Range(5, 3600)] = 60
     connect_timeout: Duration = 10.0
     publish_timeout: Duration = 15.0
@@ -111,7 +109,8 @@ class MqttUplink(DeliveryUplink):
             password=cfg.password.reveal() if cfg.password else None,
             identifier=cfg.client_id or f"gatewayd-{self.ctx.gateway_id}-{self.name}",
             keepalive=cfg.keepalive, tls_context=tls, timeout=cfg.publish_timeout,
-            max_inflight_messages=cfg.max_inflight, max_queued_incoming_messages=1000)
+            # 0: no paho limit (its limit costs O(in flight) per PUBACK); a lease bounds it.
+            max_inflight_messages=0, max_queued_incoming_messages=1000)
         client.pending_calls_threshold = cfg.batch + 100  # a lease in flight is not a warning
         mqtt_wire.guard_wildcard_topics(client, self.drops)
         self.set_state(UplinkState.AUTHENTICATING)
@@ -142,6 +141,7 @@ def _reading(it: Item) -> dict[str, Any]:
 class _Link(Session):
     def __init__(self, up: MqttUplink, client: aiomqtt.Client) -> None:
         self.up, self.client, self.cfg = up, client, up.config
+        self.pipeline = mqtt_wire.Pipeline(client)
 
     def pack(self, items: list[Item]) -> list[Packet]:
         if self.up._wanted:
@@ -163,8 +163,7 @@ class _Link(Session):
                      json.dumps(_reading(it), separators=(",", ":")).encode())
                     for it in packet.items]
         # paho sends them in this order; all wait for their PUBACKs together.
-        await asyncio.gather(*(mqtt_wire.publish(self.client, t, p, cfg.qos, cfg.publish_timeout,
-                                                 cfg.retain) for t, p in msgs))
+        await self.pipeline.publish(msgs, cfg.qos, cfg.retain, cfg.publish_timeout)
         return ACCEPTED
 
     async def commands(self) -> AsyncIterator[tuple[Command | Malformed, Any]]:

@@ -139,6 +139,55 @@ async def publish(client: aiomqtt.Client, topic: str, payload: bytes, qos: int,
         raise UplinkUnavailableError(f"publish failed: {exc}") from exc
 
 
+class Pipeline:
+    """Publishes many messages at once straight through paho and waits for their PUBACKs.
+
+    aiomqtt's `publish` costs O(calls pending) per call (it scans every pending id), which
+    makes thousands of concurrent publishes quadratic; paho itself pipelines them in order.
+    """
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self._paho = client._client
+        self._waiting: dict[int, asyncio.Future[None]] = {}
+        self._early: set[int] = set()  # acked before `publish()` returned the mid
+        inner: Any = self._paho.on_publish
+        pending = client._pending_publishes
+
+        def on_publish(paho: Any, userdata: Any, mid: int, *rest: Any) -> None:
+            fut = self._waiting.pop(mid, None)
+            if fut is not None:
+                if not fut.done():
+                    fut.set_result(None)
+            elif mid in pending:
+                inner(paho, userdata, mid, *rest)
+            elif len(self._early) < 100_000:
+                self._early.add(mid)
+
+        self._paho.on_publish = on_publish
+
+    async def publish(self, msgs: Sequence[tuple[str, bytes]], qos: int, retain: bool,
+                      timeout_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        futs = []
+        for topic, payload in msgs:
+            info = self._paho.publish(topic, payload, qos, retain)
+            if info.rc != 0:
+                raise UplinkUnavailableError(f"publish failed: paho rc {info.rc}")
+            if info.mid in self._early:
+                self._early.discard(info.mid)
+                continue
+            fut = self._waiting[info.mid] = loop.create_future()
+            futs.append(fut)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.gather(*futs)
+        except TimeoutError:
+            raise UplinkUnavailableError(f"no PUBACK within {timeout_s:g} s") from None
+        finally:
+            for fut in futs:
+                fut.cancel()
+
+
 def _cancels() -> int:
     task = asyncio.current_task()
     return task.cancelling() if task is not None else 0

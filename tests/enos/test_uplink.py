@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from drivers.base import Reading
@@ -211,3 +213,25 @@ async def test_device_faults_are_posted_as_events(rig: Rig, sim: EnosSimulator) 
         (SUBS["meter1"], "deviceFault", True), (SUBS["meter1"], "deviceFault", False)]
     assert rig.outbox is not None and rig.outbox.quarantined[0][1] == "no_value"
     assert [p.value for p in sim.points()] == [20.0]
+
+
+async def test_short_outages_do_not_trip_the_login_throttle(rig: Rig, sim: EnosSimulator) -> None:
+    """The hub allows 4 logins per 2 min; attempts refused at TCP level never reached it, so
+    they must not count (they turned 0.5-5 s outages into 40-112 s stalls)."""
+    import time
+
+    from gatewayd.uplinks.base import UplinkState
+    uplink = rig.start_uplink(backoff_base=0.05, backoff_cap=0.3)
+    await rig.wait_state("connected")
+    for _ in range(2):
+        await sim.go_offline()
+        await uplink.wait_for_state(UplinkState.BACKING_OFF, UplinkState.CONNECTING)
+        before = uplink.status()["connect_attempts"]["unreachable"]
+        async with asyncio.timeout(10):
+            while uplink.status()["connect_attempts"]["unreachable"] < before + 5:
+                await asyncio.sleep(0.02)
+        await sim.go_online()
+        t0 = time.monotonic()
+        await rig.wait_state("connected")
+        assert time.monotonic() - t0 < 5
+    assert uplink.status()["connect_attempts"]["seen"] == 3
