@@ -61,6 +61,7 @@ docker-wheels: $(STAMP)
 docker-run: docker-wheels
 	bash -c 'set -e; source docker/engine.sh; ensure_tools; ensure_dockerd; build_images; \
 	  compose up -d; compose ps; \
+	  $(PY) docker/smoke.py --enos-http 18080 --opshub 8790 --mms 8443 --health 9847; \
 	  echo; echo "bench is up (host network, 127.0.0.1):"; \
 	  echo "  docker-compose logs -f gatewayd                      # the daemon, JSON lines"; \
 	  echo "  curl -s 127.0.0.1:9847/status | python3 -m json.tool  # devices, uplinks, backlog"; \

@@ -4,11 +4,12 @@ A device's fault only ever slows its own loop: each loop handles DriverError and
 itself, so one broken sensor never delays another.
 
 Every device has a slot every interval. A poll that comes due while the previous one is still
-running (a slow read, or a wait for a shared port) is made as soon as that one ends; slots
-that passed entirely are missed, counted (`gatewayd_device_missed_polls_total`) and never
-made up in a burst. Devices on one serial port queue for it in order (its lock is FIFO), so
-an over-subscribed port gives each of them the same share of the polls it can make, and
-`PortLoads` says which port cannot keep up and what rate it sustains.
+running (a slow read, or a wait for a shared port) is made as soon as that one ends (when the
+loop itself is behind, CPU-bound, at the next slot). Slots that pass entirely are missed,
+counted (`gatewayd_device_missed_polls_total`) and never made up in a burst. Devices on one
+serial port queue for it in order (its lock is FIFO), so an over-subscribed port gives each of
+them the same share of the polls it can make, and `PortLoads` says which port cannot keep up
+and what rate it sustains.
 """
 
 from __future__ import annotations
@@ -244,8 +245,10 @@ class Sampler:
                         assert st.opened is not None
                         st.opened.set()
                     need_open = False
+                started = time.monotonic()
                 async with asyncio.timeout(self.timeout_s):
                     readings = await self.driver.read()
+                took = time.monotonic() - started
             except (DriverError, TimeoutError) as exc:
                 self._polled()
                 error = (f"read timed out after {self.timeout_s:g}s" if isinstance(exc, TimeoutError)
@@ -262,7 +265,7 @@ class Sampler:
                 # Back off: the slots it sleeps through are missed, as any others (but they
                 # say nothing of the port's load).
                 await asyncio.sleep(self.backoff.next_delay())
-                backed_off = True
+                backed_off, took = True, 0.0
             else:
                 backed_off = False
                 self._polled()
@@ -280,14 +283,21 @@ class Sampler:
             next_at += interval
             now = time.monotonic()
             if next_at <= now:
-                # Late (a slow read, a wait for the port): the latest slot that came due is
-                # polled at once, the ones before it are missed; never a burst.
+                # Late. After a read that took an interval or more (a slow device, a wait for
+                # a shared port) the latest slot that came due is polled at once: devices of an
+                # over-subscribed port stay in its queue and get equal turns. Otherwise the
+                # loop itself is behind (CPU): wait for the next slot and leave it room.
+                # After a back-off the due slot is tried at once. The slots that passed are
+                # missed; never a burst.
                 missed = int((now - next_at) // interval)
+                if not backed_off and took < interval:
+                    missed += 1
                 if missed:
                     next_at += missed * interval
                     self._missed(missed, now, port_busy=not backed_off)
-                await asyncio.sleep(0)
-                continue
+                if next_at <= now:
+                    await asyncio.sleep(0)
+                    continue
             await asyncio.sleep(self._until_tick(next_at + self.rng.uniform(-spread, spread), now))
 
     def _polled(self) -> None:

@@ -223,15 +223,17 @@ async def test_a_slow_read_misses_the_slots_it_overran_and_polls_once_after() ->
         # hold the read until at least five slots passed (measured, not slept for exactly)
         await until(lambda: time.monotonic() - times[1] >= 0.1)
         gate.set()
-        await until(lambda: len(times) >= 5)
+        await until(lambda: len(times) >= 8)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     held = times[2] - times[1]
     overran = held / 0.02
     assert overran - 2 <= s.status.missed_polls <= overran + 1, (held, s.status.missed_polls)
-    assert times[3] - times[2] < 0.02  # the due slot is polled at once ...
-    assert times[4] - times[3] > 0.005  # ... and the one after waits for its time: no burst
+    # No burst: after the release, at most one poll per slot that came due (plus the due one),
+    # not the missed ones made up.
+    after = (times[-1] - times[2]) / 0.02
+    assert len(times) - 3 <= after + 2, (len(times), after)
 
 
 async def test_a_failing_device_backing_off_does_not_make_its_port_over_subscribed() -> None:
