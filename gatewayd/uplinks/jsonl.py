@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import structlog
+
 from drivers.base import ByteSize, CommandResult, Duration, Range
 from gatewayd.errors import UplinkUnavailableError
 from gatewayd.uplinks.base import UplinkContext
