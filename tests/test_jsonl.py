@@ -45,3 +45,30 @@ async def test_delivers_rotates_and_acks(tmp_path: Path) -> None:
     assert all(r["backlog"] for r in rows)  # queued while the archive was paused
     assert rows[-1] == {"seq": 500, "device": "d", "point": "p", "value": 499.0, "ts_ms": 1499,
                         "quality": 0, "backlog": True}
+
+
+async def test_line_half_written_by_a_crash_is_cut_before_appending(tmp_path: Path) -> None:
+    """A SIGKILL mid-write leaves a partial last line; the next batch must not be glued onto it."""
+    archive = tmp_path / "a.jsonl"
+    whole = json.dumps({"seq": 1, "device": "d", "point": "p", "value": 0.0, "ts_ms": 1000,
+                        "quality": 0, "backlog": False}) + "\n"
+    archive.write_text(whole + '{"seq":2,"device":"d","po')  # the crash cut the second line
+    q = Queue(tmp_path / "q.db", QueueConfig(commit_window=0.01), ["arch"])
+    await q.open()
+    up = JsonlUplink("arch", JsonlConfig(path="a.jsonl", batch=10),
+                     UplinkContext("gw", tmp_path, q.outbox("arch"), lambda c: None))
+    tasks = [asyncio.create_task(q.run()), asyncio.create_task(up.run())]
+    try:
+        await q.put([Reading("d", "p", float(i), 2000 + i) for i in range(3)])
+        async with asyncio.timeout(10):
+            while q.outbox("arch").pending():
+                await asyncio.sleep(0.01)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await q.close()
+    lines = archive.read_text().splitlines()
+    rows = [json.loads(x) for x in lines]  # every line parses
+    assert lines[0] == whole.rstrip("\n")
+    assert [r["ts_ms"] for r in rows] == [1000, 2000, 2001, 2002]

@@ -14,10 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
+import structlog
+
 from drivers.base import ByteSize, CommandResult, Duration, Range
 from gatewayd.errors import UplinkUnavailableError
 from gatewayd.uplinks.base import UplinkContext
 from gatewayd.uplinks.engine import ACCEPTED, DeliveryUplink, Packet, Session, Verdict
+
+log = structlog.get_logger("gatewayd.uplink.jsonl")
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +55,35 @@ class JsonlUplink(DeliveryUplink):
     async def connect(self) -> Session:
         await asyncio.to_thread(self._check_pause)
         await asyncio.to_thread(self.path.parent.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(self._repair_tail)
         return _FileSession(self)
+
+    def _repair_tail(self) -> None:
+        """Cut a line left half-written by a crash (its readings were never acked, so they go again).
+
+        Without this the next batch would be appended to the partial line, making it unreadable.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except FileNotFoundError:
+            return
+        try:
+            size = os.fstat(fd).st_size
+            end = size
+            while end > 0:
+                start = max(0, end - 65536)
+                chunk = os.pread(fd, end - start, start)
+                nl = chunk.rfind(b"\n")
+                if nl >= 0:
+                    end = start + nl + 1
+                    break
+                end = start
+            if end < size:
+                os.ftruncate(fd, end)
+                log.warning("jsonl_partial_line_cut", uplink=self.name, path=str(self.path),
+                            bytes=size - end)
+        finally:
+            os.close(fd)
 
     def _check_pause(self) -> None:
         if self.config.pause_file and os.path.exists(self.config.pause_file):
