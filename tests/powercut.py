@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .conftest import ROOT, Daemon
+from .test_daemon import committed
 
 LAZYFS = Path(__file__).with_name("lazyfs.py")
 
@@ -85,14 +86,6 @@ def config(tmp: Path, state: Path, fsync: str, pause: bool = False) -> Path:
     path = tmp / f"gatewayd-{fsync}.toml"
     path.write_text(text)
     return path
-
-
-def committed(events: list[dict[str, Any]]) -> set[int]:
-    out: set[int] = set()
-    for e in events:
-        if e.get("event") == "queue_committed":
-            out.update(range(e["first_seq"], e["last_seq"] + 1))
-    return out
 
 
 def archive(path: Path) -> list[dict[str, Any]]:
