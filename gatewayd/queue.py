@@ -74,7 +74,7 @@ STORAGE_STATES: tuple[StorageState, ...] = ("ok", "disk_full", "read_only", "io_
 
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
-    commit_window: Duration = 0.1  # group commit: one transaction per window
+    commit_window: Duration = 0.1  # upper bound on a reading's wait (the commit is adaptive)
     commit_max_rows: Annotated[int, Range(1, 1_000_000)] = 20_000  # commit early past this
     fsync: Literal["always", "normal", "off"] = "always"
     max_rows: Annotated[int, Range(1000, None)] = 10_000_000
@@ -257,7 +257,6 @@ class Queue:
         self._inflight = 0  # held readings in a probe commit right now
         self._dirty: dict[str, int] = {}  # cursors confirmed in memory but not yet written
         self._have_pending = asyncio.Event()
-        self._full = asyncio.Event()
         self._committed = asyncio.Condition()
         self._commit_lock = asyncio.Lock()  # one commit at a time: seq is assigned from `tail`
         self._outboxes: dict[str, Outbox] = {}
@@ -808,8 +807,6 @@ class Queue:
         self._pending.extend(readings)
         self._pending_futs.append(fut)
         self._have_pending.set()
-        if len(self._pending) >= self.config.commit_max_rows:
-            self._full.set()
         return fut
 
     def backpressure(self) -> bool:
@@ -834,15 +831,12 @@ class Queue:
             tg.create_task(self._gc_loop(), name="queue-gc")
 
     async def _commit_loop(self) -> None:
+        """Adaptive group commit, as databases do it: with the writer idle a submitted batch
+        commits at once; while a commit is in flight, new readings gather for the next one, so
+        a batch grows with the load and a reading waits about one commit, never a fixed window."""
         while True:
             if self.storage.ok:
                 await self._have_pending.wait()
-            if self.storage.ok:
-                try:
-                    async with asyncio.timeout(self.config.commit_window):
-                        await self._full.wait()
-                except TimeoutError:
-                    pass
             else:
                 await asyncio.sleep(self.probe_s)  # degraded: probe the disk now and then
             await self._commit()
@@ -867,7 +861,6 @@ class Queue:
             batch, rest = self._retry[:_PROBE_ROWS], self._retry[_PROBE_ROWS:]
         self._retry, self._pending, self._pending_futs = rest, [], []
         self._have_pending.clear()
-        self._full.clear()
         degraded = not self.storage.ok
         if degraded:
             self._inflight = len(batch)  # still held in memory (and counted) while it is tried
