@@ -1440,6 +1440,7 @@ class Outbox:
         self.dropped: dict[str, int] = {}
         self.quarantined: dict[str, int] = {}
         self.forgotten = 0  # confirmed readings forgotten past MAX_RANGES (sent again)
+        self.watchers: list[Callable[[], None]] = []  # called after every confirmation
         self.closed = False
         self._ack_lock = asyncio.Lock()
         self.acked = acked
@@ -1580,6 +1581,8 @@ class Outbox:
             self.acked, self.done = acked, done
             if q.metrics is not None and newly:
                 q.metrics.readings_acked.labels(self.name).inc(newly)
+            for watch in self.watchers:
+                watch()
 
     # -- lanes -------------------------------------------------------------------------------
 

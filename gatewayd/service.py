@@ -149,7 +149,8 @@ class Gateway:
         ctx = UplinkContext(gateway_id=cfg.gateway.id, state_dir=cfg.state_dir,
                             outbox=self.queue.outbox(u.name),
                             submit_command=self.dispatcher.submit, devices=self._infos,
-                            metrics=self.metrics)
+                            metrics=self.metrics, live_first=u.live_first,
+                            backlog_rate=u.backlog_rate)
         uplink: Uplink = load_uplink(u.type)(u.name, u.options, ctx)
         self.uplinks[u.name] = uplink
         self.dispatcher.repliers[u.name] = uplink.reply
