@@ -712,6 +712,9 @@ class DeliveryUplink(Uplink):
         for outcome in ("ok", "duplicate", "busy", "malformed", "result_dropped"):
             m.commands.labels(self.name, outcome)
         m.backlog_rows.labels(self.name)
+        m.backlog_drain_rate.labels(self.name)
+        m.backlog_eta.labels(self.name).set(-1)
+        m.backlog_ranges.labels(self.name)
         m.uplink_state(self.name, str(self.state))
 
     def _metric_commands(self, outcome: str) -> None:
