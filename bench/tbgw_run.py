@@ -104,6 +104,43 @@ def summarize_pyspy(path: Path, top: int = 25) -> None:
         print(f"  {100 * n / samples:5.1f}%  {f}")
 
 
+LOCK = "/tmp/gatewayd-bench.lock"
+
+
+def lock_held_by_ancestor(lock: str) -> bool:
+    """True when this process runs under `flock LOCK ...` (taking it again would deadlock)."""
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        if argv and os.path.basename(argv[0]) == b"flock" and lock.encode() in argv:
+            return True
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+    return False
+
+
+def install_simulator() -> None:
+    """The harness's counter imports gatewayd's EnOS simulator by its old name (`gatewayd.sim.enos`)
+    but installs only the daemon's distribution into its venv: put this checkout's sim/ next to
+    it (no deps: the daemon's install brings them; the plug-in never clears an existing venv) and
+    enable the old name (`gatewayd_sim._alias`) with a .pth line."""
+    venv = BASE / "venv-gatewayd"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "aiohttp>=3.10,<4"], check=True, timeout=900)
+    subprocess.run([*pip, "--force-reinstall", "--no-deps", str(ROOT / "sim")], check=True,
+                   timeout=900)
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    Path(site, "gatewayd_sim_alias.pth").write_text(
+        "import gatewayd_sim._alias; gatewayd_sim._alias.install()\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("gateway", choices=["gatewayd", "tbgw"])
@@ -114,8 +151,10 @@ def main() -> int:
     ap.add_argument("extra", nargs="*", help="more bench.py options (after --)")
     args = ap.parse_args()
     cmd = [str(HARNESS / "run.sh"), args.gateway, args.preset, *args.extra]
-    if not args.no_lock:
-        cmd = ["flock", "/tmp/gatewayd-bench.lock", *cmd]
+    if not args.no_lock and not lock_held_by_ancestor(LOCK):
+        cmd = ["flock", LOCK, *cmd]
+    if args.gateway == "gatewayd":
+        install_simulator()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     run_dir: Path | None = None
