@@ -11,11 +11,11 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from gatewayd.config import HealthSection
 from gatewayd.dispatch import local_command
 from gatewayd.httpd import HTTPServer, Request, Response, Router, error_response, json_response
+from gatewayd.metrics import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
     from gatewayd.httpd import Handler

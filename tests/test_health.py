@@ -72,9 +72,7 @@ def test_metrics_follow_the_conventions(running: tuple[Daemon, str]) -> None:
 
 
 def test_driver_counters_are_counters() -> None:
-    from prometheus_client import generate_latest
-
-    from gatewayd.metrics import Metrics
+    from gatewayd.metrics import Metrics, generate_latest
 
     m = Metrics()
     m.driver_events = lambda: [("meter", "crc_errors", 7)]
