@@ -168,11 +168,11 @@ class _RateLimitedLog:
         self._last: dict[str, float] = {}
         self._quiet: dict[str, int] = {}
 
-    def warning(self, kind: str, **kw: Any) -> None:
+    def warning(self, kind: str, level: str = "warning", **kw: Any) -> None:
         now = time.monotonic()
         if now - self._last.get(kind, -LOG_EVERY_S) >= LOG_EVERY_S:
             self._last[kind] = now
-            log.warning(kind, not_logged=self._quiet.pop(kind, 0), **kw)
+            getattr(log, level)(kind, not_logged=self._quiet.pop(kind, 0), **kw)
         else:
             self._quiet[kind] = self._quiet.get(kind, 0) + 1
 
@@ -477,8 +477,9 @@ class HTTPServer:
             return await self.app(req)
         except (HTTPError, _Closed, asyncio.CancelledError):
             raise
-        except Exception as exc:  # a bug: log it (at most once a minute) and answer 500
-            self.bad.warning("http_handler_failed", path=req.path[:200], error=repr(exc))
+        except Exception as exc:  # a bug: log it with its traceback (at most once a minute), 500
+            self.bad.warning("http_handler_failed", level="error", path=req.path[:200],
+                             error=repr(exc), exc_info=exc)
             return error_response(500, "internal error (logged)")
 
     def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -375,6 +375,8 @@ async def test_handler_bugs_get_500_and_bad_clients_do_not_flood_the_log(
             c.close()
     kinds = [e["event"] for e in logs]
     assert kinds.count("http_handler_failed") == 1 and kinds.count("http_bad_request") == 1, logs
+    failed = next(e for e in logs if e["event"] == "http_handler_failed")
+    assert failed["log_level"] == "error" and isinstance(failed["exc_info"], RuntimeError)
     # after the quiet period, one more line says how many were not logged
     monkeypatch.setattr(httpd, "LOG_EVERY_S", 0.0)
     with capture_logs() as logs:
