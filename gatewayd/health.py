@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import json
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -43,6 +42,8 @@ def _depth_over(obj: Any, limit: int) -> bool:
 
 
 def _basic_auth(user: str, password: str, handler: Handler) -> Handler:
+    import hmac  # only with auth configured: hashlib's OpenSSL parts cost memory otherwise
+
     expected = b"Basic " + base64.b64encode(f"{user}:{password}".encode())
 
     async def check(request: Request) -> Response:
