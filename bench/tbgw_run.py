@@ -3,7 +3,9 @@ own account of the run against the harness's.
 
     .venv/bin/python bench/tbgw_run.py gatewayd stress [--py-spy out.txt] [--harness DIR]
 
-It runs `flock /tmp/gatewayd-bench.lock <harness>/run.sh GATEWAY PRESET` from this checkout and
+It takes /tmp/gatewayd-bench.lock (unless a parent `flock` on that file already holds it: do not
+wrap it in `flock` yourself, but if you do, it runs under the parent's lock instead of waiting
+for it forever), runs `<harness>/run.sh GATEWAY PRESET` from this checkout and
 echoes the harness's summary line. For gatewayd it also, at the window's start and end (the
 harness prints "window" at its start), scrapes gatewayd's /metrics from inside the harness's
 network namespace (nsenter, when run as root), and then prints per unit:
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import fcntl
 import json
 import os
 import re
@@ -104,6 +107,40 @@ def summarize_pyspy(path: Path, top: int = 25) -> None:
         print(f"  {100 * n / samples:5.1f}%  {f}")
 
 
+LOCK = "/tmp/gatewayd-bench.lock"
+
+
+def parent_holds_lock(path: str = LOCK) -> bool:
+    """True if an ancestor process is `flock PATH ...` (it holds the lock we would wait for)."""
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        if argv and os.path.basename(argv[0]) == b"flock" and path.encode() in argv[1:]:
+            return True
+        pid = int(stat.rpartition(")")[2].split()[1])
+    return False
+
+
+def take_lock(path: str = LOCK) -> object:
+    """Hold the bench lock for this process's life (the file object keeps it)."""
+    f = open(path, "a")  # held until exit
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
+    except BlockingIOError:
+        pass
+    if parent_holds_lock(path):
+        print(f"# {path} is held by a parent flock: running under it", flush=True)
+        return f
+    print(f"# waiting for {path} (another benchmark is running)", flush=True)
+    fcntl.flock(f, fcntl.LOCK_EX)
+    return f
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("gateway", choices=["gatewayd", "tbgw"])
@@ -114,8 +151,7 @@ def main() -> int:
     ap.add_argument("extra", nargs="*", help="more bench.py options (after --)")
     args = ap.parse_args()
     cmd = [str(HARNESS / "run.sh"), args.gateway, args.preset, *args.extra]
-    if not args.no_lock:
-        cmd = ["flock", "/tmp/gatewayd-bench.lock", *cmd]
+    lock = None if args.no_lock else take_lock()  # noqa: F841 - held while the harness runs
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     run_dir: Path | None = None

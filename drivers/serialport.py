@@ -86,20 +86,25 @@ class SerialLinkConfig:
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.buffer = bytearray()
-        self.changed = asyncio.Event()
+        self.waiter: asyncio.Future[None] | None = None  # the reader waiting for bytes (one)
         self.lost = False
         self.error: BaseException | None = None
         self.rx_at = 0.0  # time.monotonic() when the last byte was seen
 
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
     def data_received(self, data: bytes) -> None:
         self.rx_at = time.monotonic()
         self.buffer += data
-        self.changed.set()
+        self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.error = exc
-        self.changed.set()
+        self._wake()
 
 
 class _FdTransport:
@@ -432,6 +437,7 @@ class SerialPort:
         await self.ensure_open(device)
         p = self._protocol
         assert p is not None
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
@@ -442,8 +448,13 @@ class SerialPort:
                         return out
                     if p.lost:
                         raise self._lost(device)
-                    p.changed.clear()
-                    await p.changed.wait()
+                    # One future per wait for bytes (the port's lock admits one reader);
+                    # data_received resolves it.
+                    p.waiter = loop.create_future()
+                    try:
+                        await p.waiter
+                    finally:
+                        p.waiter = None
         except TimeoutError as exc:
             raise ReadTimeoutError(
                 device, f"serial port {self.url}: no {what} within {timeout_s:g}s") from exc
