@@ -499,8 +499,17 @@ class _ModbusBase:
     buses: Buses
     name: str
 
+    _line_cached: ModbusLine | None = None
+    _line_gen: object = None
+
     def _line(self) -> ModbusLine:
-        line: ModbusLine = self.buses.modbus(self.config.port, **self.config.serial_settings())
+        # Looked up (and its settings checked against the line's) once, not every poll; again
+        # after the bus manager closed its lines (`generation` changes).
+        gen = getattr(self.buses, "generation", None)
+        line = self._line_cached
+        if line is None or gen != self._line_gen:
+            line = self.buses.modbus(self.config.port, **self.config.serial_settings())
+            self._line_cached, self._line_gen = line, gen
         return line
 
     def stats(self) -> dict[str, int]:

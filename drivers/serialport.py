@@ -86,7 +86,7 @@ class SerialLinkConfig:
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.buffer = bytearray()
-        self.waiter: asyncio.Future[None] | None = None  # the reader waiting for bytes (one)
+        self.waiter: asyncio.Future[bool | None] | None = None  # the reader waiting (one)
         self.lost = False
         self.error: BaseException | None = None
         self.rx_at = 0.0  # time.monotonic() when the last byte was seen
@@ -105,6 +105,11 @@ class _Protocol(asyncio.Protocol):
         self.lost = True
         self.error = exc
         self._wake()
+
+
+def _expire(fut: asyncio.Future[bool | None]) -> None:
+    if not fut.done():
+        fut.set_result(True)
 
 
 class _FdTransport:
@@ -438,26 +443,30 @@ class SerialPort:
         p = self._protocol
         assert p is not None
         loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    n = ready(p.buffer)
-                    if n:
-                        out = bytes(p.buffer[:n])
-                        del p.buffer[:n]
-                        return out
-                    if p.lost:
-                        raise self._lost(device)
-                    # One future per wait for bytes (the port's lock admits one reader);
-                    # data_received resolves it.
-                    p.waiter = loop.create_future()
-                    try:
-                        await p.waiter
-                    finally:
-                        p.waiter = None
-        except TimeoutError as exc:
-            raise ReadTimeoutError(
-                device, f"serial port {self.url}: no {what} within {timeout_s:g}s") from exc
+        deadline = loop.time() + timeout_s
+        expired = False
+        while True:
+            n = ready(p.buffer)
+            if n:
+                out = bytes(p.buffer[:n])
+                del p.buffer[:n]
+                return out
+            if p.lost:
+                raise self._lost(device)
+            if expired:
+                raise ReadTimeoutError(device, f"serial port {self.url}: no {what} within "
+                                               f"{timeout_s:g}s")
+            # One future per wait for bytes (the port's lock admits one reader), resolved by
+            # data_received (None) or at the deadline by the timer (True): no Timeout object
+            # per read.
+            fut: asyncio.Future[bool | None] = loop.create_future()
+            p.waiter = fut
+            timer = loop.call_at(deadline, _expire, fut)
+            try:
+                expired = bool(await fut)
+            finally:
+                timer.cancel()
+                p.waiter = None
 
     async def read_frame(self, ready: Callable[[bytearray], int], timeout_s: float, device: str,
                          what: str = "response") -> bytes:
