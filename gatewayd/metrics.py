@@ -433,6 +433,15 @@ class Metrics:
         self.backlog_age = Gauge("gatewayd_backlog_oldest_age_seconds",
                                  "Age of the oldest reading past an uplink's cursor",
                                  ["uplink"], registry=r)
+        self.backlog_drain_rate = Gauge("gatewayd_backlog_drain_rate",
+                                        "Backlog readings an uplink confirmed per second (last 30 s)",
+                                        ["uplink"], registry=r)
+        self.backlog_eta = Gauge("gatewayd_backlog_eta_seconds",
+                                 "Time until an uplink's backlog is drained at the current rate "
+                                 "(-1: not draining)", ["uplink"], registry=r)
+        self.backlog_ranges = Gauge("gatewayd_backlog_ranges",
+                                    "Unconfirmed seq ranges of an uplink (outages not yet drained)",
+                                    ["uplink"], registry=r)
         self.queue_rows = Gauge("gatewayd_queue_rows", "Rows in the queue", registry=r)
         self.uplink_connected = Gauge("gatewayd_uplink_state", "1 for the uplink's current state",
                                       ["uplink", "state"], registry=r)

@@ -107,6 +107,17 @@ class View:
 
     # -- the document --------------------------------------------------------------------------
 
+    def _drain_of(self, name: str, uplink: Any, rows: int, mono: float) -> dict[str, Any]:
+        """The engine's own drain progress (since the connection began) where the uplink has it,
+        else the page's estimate from the backlog's size over time."""
+        status = getattr(uplink, "drain_status", None)
+        if callable(status):
+            d = status()
+            if d.get("draining"):
+                return {"peak": d["total"], "pct": d["percent"], "rate_per_s": d["rate_per_s"],
+                        "eta_s": round(d["eta_s"]) if d.get("eta_s") is not None else None}
+        return self._drain.setdefault(name, _Drain()).update(rows, mono)
+
     async def _backlog_stats(self) -> dict[str, dict[str, Any]]:
         q = self.gateway.queue
         now = time.monotonic()
@@ -151,7 +162,7 @@ class View:
                 "dropped": sum((ob.dropped if ob is not None else {}).values()),
                 "backlog": {"rows": rows, "bytes": b.get("bytes", 0),
                             "oldest_ts_ms": int(now_ms - age * 1000) if rows and age else None,
-                            "drain": self._drain.setdefault(name, _Drain()).update(rows, mono)}}
+                            "drain": self._drain_of(name, u, rows, mono)}}
         actuators = {}
         for name, a in gw.actuators.items():
             actuators[name] = {"driver": type(a).__name__, "error": gw.actuator_errors.get(name, ""),
