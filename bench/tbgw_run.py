@@ -3,9 +3,7 @@ own account of the run against the harness's.
 
     .venv/bin/python bench/tbgw_run.py gatewayd stress [--py-spy out.txt] [--harness DIR]
 
-It takes /tmp/gatewayd-bench.lock (unless a parent `flock` on that file already holds it: do not
-wrap it in `flock` yourself, but if you do, it runs under the parent's lock instead of waiting
-for it forever), runs `<harness>/run.sh GATEWAY PRESET` from this checkout and
+It runs `flock /tmp/gatewayd-bench.lock <harness>/run.sh GATEWAY PRESET` from this checkout and
 echoes the harness's summary line. For gatewayd it also, at the window's start and end (the
 harness prints "window" at its start), scrapes gatewayd's /metrics from inside the harness's
 network namespace (nsenter, when run as root), and then prints per unit:
@@ -21,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import fcntl
 import json
 import os
 import re
@@ -110,8 +107,8 @@ def summarize_pyspy(path: Path, top: int = 25) -> None:
 LOCK = "/tmp/gatewayd-bench.lock"
 
 
-def parent_holds_lock(path: str = LOCK) -> bool:
-    """True if an ancestor process is `flock PATH ...` (it holds the lock we would wait for)."""
+def lock_held_by_ancestor(lock: str) -> bool:
+    """True when this process runs under `flock LOCK ...` (taking it again would deadlock)."""
     pid = os.getppid()
     while pid > 1:
         try:
@@ -119,26 +116,29 @@ def parent_holds_lock(path: str = LOCK) -> bool:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             return False
-        if argv and os.path.basename(argv[0]) == b"flock" and path.encode() in argv[1:]:
+        if argv and os.path.basename(argv[0]) == b"flock" and lock.encode() in argv:
             return True
-        pid = int(stat.rpartition(")")[2].split()[1])
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
     return False
 
 
-def take_lock(path: str = LOCK) -> object:
-    """Hold the bench lock for this process's life (the file object keeps it)."""
-    f = open(path, "a")  # held until exit
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return f
-    except BlockingIOError:
-        pass
-    if parent_holds_lock(path):
-        print(f"# {path} is held by a parent flock: running under it", flush=True)
-        return f
-    print(f"# waiting for {path} (another benchmark is running)", flush=True)
-    fcntl.flock(f, fcntl.LOCK_EX)
-    return f
+def install_simulator() -> None:
+    """The harness's counter imports gatewayd's EnOS simulator by its old name (`gatewayd.sim.enos`)
+    but installs only the daemon's distribution into its venv: put this checkout's sim/ next to
+    it (no deps: the daemon's install brings them; the plug-in never clears an existing venv) and
+    enable the old name (`gatewayd_sim._alias`) with a .pth line."""
+    venv = BASE / "venv-gatewayd"
+    py = venv / "bin" / "python"
+    if not py.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(py), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "aiohttp>=3.10,<4"], check=True, timeout=900)
+    subprocess.run([*pip, "--force-reinstall", "--no-deps", str(ROOT / "sim")], check=True,
+                   timeout=900)
+    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                          check=True, capture_output=True, text=True).stdout.strip()
+    Path(site, "gatewayd_sim_alias.pth").write_text(
+        "import gatewayd_sim._alias; gatewayd_sim._alias.install()\n")
 
 
 def main() -> int:
@@ -151,7 +151,10 @@ def main() -> int:
     ap.add_argument("extra", nargs="*", help="more bench.py options (after --)")
     args = ap.parse_args()
     cmd = [str(HARNESS / "run.sh"), args.gateway, args.preset, *args.extra]
-    lock = None if args.no_lock else take_lock()  # noqa: F841 - held while the harness runs
+    if not args.no_lock and not lock_held_by_ancestor(LOCK):
+        cmd = ["flock", LOCK, *cmd]
+    if args.gateway == "gatewayd":
+        install_simulator()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     run_dir: Path | None = None

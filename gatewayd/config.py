@@ -105,6 +105,8 @@ class UplinkCommon:
     type: str
     enabled: bool = True
     start: Literal["now", "oldest"] | None = None  # where a new cursor starts (default: queue's)
+    live_first: bool = True  # a live lane beside the backlog lane (False: strict queue order)
+    backlog_rate: Annotated[float, Range(0, None)] = 0.0  # backlog pace (0: unlimited)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +164,8 @@ class UplinkConfig:
     enabled: bool
     start: str | None
     options: Any  # the uplink's own Config instance
+    live_first: bool = True
+    backlog_rate: float = 0.0  # readings/s (messages/s for uplinks that count messages); 0: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,7 +329,8 @@ def _uplinks(b: Builder, raw: object) -> list[UplinkConfig]:
         options = b.build(cls.Config, {k: v for k, v in table.items() if k not in common_keys}, p,
                           also=frozenset(common_keys))
         if options is not None:
-            out.append(UplinkConfig(name, common.type, common.enabled, common.start, options))
+            out.append(UplinkConfig(name, common.type, common.enabled, common.start, options,
+                                    common.live_first, common.backlog_rate))
     return out
 
 

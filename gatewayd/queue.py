@@ -1,11 +1,13 @@
-"""The durable queue: SQLite in WAL mode, group commit, one delivery cursor per uplink.
+"""The durable queue: SQLite in WAL mode, adaptive group commit, confirmed ranges per uplink.
 
 Layout:
 - `readings(seq, ts, sid, val, vt, q, off)`: `seq` grows by one per reading (assigned at commit,
   so a failed commit leaves no gap; only a detected state loss skips numbers, see below); `sid`
   points into `series(sid, dev, pt)`; `vt` says how `val` is encoded (native, bool, JSON, null);
   `off` has bit `cursor.bit` set when that uplink was disconnected at enqueue time.
-- `cursors(name, bit, acked)`: everything up to `acked` was confirmed by that uplink's cloud.
+- `cursors(name, bit, acked, ranges)`: everything up to `acked` was confirmed by that uplink's
+  cloud, and so were the seq ranges in `ranges` (JSON) above it: with live-first delivery the
+  live lane confirms new readings while older ones still drain (see `Outbox`).
 - `meta(k, v)`: `last_seq`, so seq keeps growing after every row was collected; `queue_id`;
   `gaps`, the seq ranges skipped after a state loss.
 
@@ -41,6 +43,7 @@ import os
 import sqlite3
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -63,6 +66,7 @@ _GC_CHUNK = 50_000  # rows deleted per transaction, so GC never holds the writer
 _MAX_UPLINKS = 62  # bits in the `off` column
 _RESERVE = 100_000  # seqs reserved in the sidecar ahead of the tail (one fsync per this many)
 _PROBE_ROWS = 1000  # a degraded queue probes the disk with a commit this small
+_HOT_ROWS = 4096  # readings of the last commits kept in memory for live leases
 
 # SQLite primary result codes (the low byte of an extended code).
 _SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
@@ -74,7 +78,7 @@ STORAGE_STATES: tuple[StorageState, ...] = ("ok", "disk_full", "read_only", "io_
 
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
-    commit_window: Duration = 0.1  # group commit: one transaction per window
+    commit_window: Duration = 0.1  # upper bound on a reading's wait (the commit is adaptive)
     commit_max_rows: Annotated[int, Range(1, 1_000_000)] = 20_000  # commit early past this
     fsync: Literal["always", "normal", "off"] = "always"
     max_rows: Annotated[int, Range(1000, None)] = 10_000_000
@@ -208,6 +212,26 @@ def _decode(val: Any, vt: int) -> Any:
     return None
 
 
+def _load_ranges(text: Any, acked: int) -> list[tuple[int, int]]:
+    """Confirmed ranges from their JSON column: sorted, merged, above `acked`; bad text is []."""
+    try:
+        raw = json.loads(text or "[]")
+        pairs = sorted((int(a), int(b)) for a, b in raw)
+    except (TypeError, ValueError):
+        log.warning("uplink_ranges_unreadable", text=str(text)[:80])
+        return []
+    out: list[tuple[int, int]] = []
+    for a, b in pairs:
+        a = max(a, acked + 1)
+        if b < a:
+            continue
+        if out and a <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
 def _migrate_1(db: sqlite3.Connection) -> None:
     """0 -> 1: the original layout (files from before versioning have user_version 0 and
     these tables already: IF NOT EXISTS leaves them and their rows as they are)."""
@@ -229,8 +253,14 @@ def _migrate_2(db: sqlite3.Connection) -> None:
                " SELECT 'last_seq', coalesce(max(seq), 0) FROM readings")
 
 
+def _migrate_3(db: sqlite3.Connection) -> None:
+    """2 -> 3: an uplink's confirmations are a low-water mark (`acked`) plus the confirmed seq
+    ranges above it (`ranges`, JSON [[lo, hi], ...]): live-first delivery confirms out of order."""
+    db.execute("ALTER TABLE cursors ADD COLUMN ranges TEXT NOT NULL DEFAULT '[]'")
+
+
 # Ordered: _MIGRATIONS[n] takes a database from version n to n + 1. Append, never edit.
-_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_1, _migrate_2]
+_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_migrate_1, _migrate_2, _migrate_3]
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -255,12 +285,14 @@ class Queue:
         self._pending_futs: list[asyncio.Future[bool]] = []
         self._retry: list[Reading] = []  # readings the disk refused, held for the next commit
         self._inflight = 0  # held readings in a probe commit right now
-        self._dirty: dict[str, int] = {}  # cursors confirmed in memory but not yet written
+        # cursors confirmed in memory but not yet written: name -> (acked, ranges as JSON)
+        self._dirty: dict[str, tuple[int, str]] = {}
         self._have_pending = asyncio.Event()
-        self._full = asyncio.Event()
         self._committed = asyncio.Condition()
         self._commit_lock = asyncio.Lock()  # one commit at a time: seq is assigned from `tail`
         self._outboxes: dict[str, Outbox] = {}
+        self._hot: deque[tuple[int, list[Reading], int]] = deque()  # (first seq, batch, offline)
+        self._hot_rows = 0
         self._opened = False  # the writer's database is open (False in a degraded start)
         self.head = 1  # first seq present (head > tail: empty)
         self.tail = 0  # last committed seq
@@ -307,10 +339,10 @@ class Queue:
         except (sqlite3.Error, OSError) as exc:
             if classify(exc, self.path) is None:
                 raise
-            cursors = {name: (i, 0) for i, name in enumerate(self._uplink_names)}
+            cursors = {name: (i, 0, []) for i, name in enumerate(self._uplink_names)}
             deferred = exc
-        for name, (bit, acked) in cursors.items():
-            self._outboxes[name] = Outbox(self, name, bit, acked)
+        for name, (bit, acked, done) in cursors.items():
+            self._outboxes[name] = Outbox(self, name, bit, acked, done)
         if self._opened:
             log.info("queue_opened", path=str(self.path), rows=self.rows, head=self.head,
                      tail=self.tail, uplinks=list(self._outboxes), fsync=self.config.fsync)
@@ -323,9 +355,10 @@ class Queue:
         cursors, deferred = await self._on_writer(self._open_sync)
         await self._on_reader(self._open_reader_sync)
         self._opened = True
-        for name, (bit, acked) in cursors.items():
+        for name, (bit, acked, done) in cursors.items():
             ob = self._outboxes[name]
-            ob.bit, ob.acked, ob.next_seq = bit, acked, acked
+            ob.bit = bit
+            ob.reset(acked, done)
             ob.live_from = self.tail + 1
         log.info("queue_opened", path=str(self.path), rows=self.rows, head=self.head,
                  tail=self.tail, uplinks=list(self._outboxes), fsync=self.config.fsync,
@@ -436,7 +469,8 @@ class Queue:
 
     # -- opening --------------------------------------------------------------------------------
 
-    def _open_sync(self) -> tuple[dict[str, tuple[int, int]], BaseException | None]:
+    def _open_sync(self) -> tuple[dict[str, tuple[int, int, list[tuple[int, int]]]],
+                                  BaseException | None]:
         """Open the database, detect state loss, load cursors.
 
         Returns the cursors and a storage error met on a write that may wait (the sidecar, a
@@ -495,7 +529,7 @@ class Queue:
         cursors, deferred = self._reconcile_cursors(db)
         self._side = {"format": 1, "queue_id": qid, "committed": tail,
                       "reserved": max(int((side or {}).get("reserved", 0)), tail + _RESERVE),
-                      "acked": {n: a for n, (_, a) in cursors.items()}, "clean": False,
+                      "acked": {n: a for n, (_, a, _r) in cursors.items()}, "clean": False,
                       "fsync": self.config.fsync}
         try:
             self._write_sidecar_sync()
@@ -574,27 +608,29 @@ class Queue:
         return int(n) * _ROW_OVERHEAD + int(text)
 
     def _reconcile_cursors(self, db: sqlite3.Connection
-                           ) -> tuple[dict[str, tuple[int, int]], BaseException | None]:
-        existing = {n: (b, a) for n, b, a in db.execute("SELECT name, bit, acked FROM cursors")}
+                           ) -> tuple[dict[str, tuple[int, int, list[tuple[int, int]]]],
+                                      BaseException | None]:
+        existing = {n: (b, a, _load_ranges(r, a))
+                    for n, b, a, r in db.execute("SELECT name, bit, acked, ranges FROM cursors")}
         wanted = self._uplink_names
         gone = set(existing) - set(wanted)
-        used = {b for n, (b, _) in existing.items() if n in wanted}
-        out: dict[str, tuple[int, int]] = {}
+        used = {e[0] for n, e in existing.items() if n in wanted}
+        out: dict[str, tuple[int, int, list[tuple[int, int]]]] = {}
         created: list[tuple[str, int, int]] = []
         for name in wanted:
             if name in existing:
-                bit, acked = existing[name]
-            else:
-                free = [b for b in range(_MAX_UPLINKS) if b not in used]
-                if not free:
-                    raise ValueError(f"too many uplinks (at most {_MAX_UPLINKS})")
-                bit = free[0]
-                used.add(bit)
-                start = self._starts.get(name, self.config.new_uplink_start)
-                acked = self.tail if start == "now" else self.head - 1
-                created.append((name, bit, acked))
-                log.info("uplink_cursor_created", uplink=name, start=start, acked=acked)
-            out[name] = (bit, acked)
+                out[name] = existing[name]
+                continue
+            free = [b for b in range(_MAX_UPLINKS) if b not in used]
+            if not free:
+                raise ValueError(f"too many uplinks (at most {_MAX_UPLINKS})")
+            bit = free[0]
+            used.add(bit)
+            start = self._starts.get(name, self.config.new_uplink_start)
+            acked = self.tail if start == "now" else self.head - 1
+            created.append((name, bit, acked))
+            log.info("uplink_cursor_created", uplink=name, start=start, acked=acked)
+            out[name] = (bit, acked, [])
         if not (gone or created or self._meta_dirty):
             return out, None
         try:
@@ -611,7 +647,7 @@ class Queue:
             if classify(exc, self.path) is None:
                 raise
             # The disk refuses: new cursors are written with the first commit it takes.
-            self._dirty.update({name: acked for name, _, acked in created})
+            self._dirty.update({name: (acked, "[]") for name, _, acked in created})
             return out, exc
         self._meta_dirty = {}
         for name in gone:
@@ -763,8 +799,8 @@ class Queue:
             self._outboxes[name] = Outbox(self, name, bit, self.tail)
             return self._outboxes[name]
         cursors, deferred = await self._on_writer(self._reconcile_cursors, self._db)
-        bit, acked = cursors[name]
-        self._outboxes[name] = Outbox(self, name, bit, acked)
+        bit, acked, done = cursors[name]
+        self._outboxes[name] = Outbox(self, name, bit, acked, done)
         if deferred is not None:
             self._fault(deferred, "cursor")  # the new cursor is written once the disk allows
         return self._outboxes[name]
@@ -808,8 +844,6 @@ class Queue:
         self._pending.extend(readings)
         self._pending_futs.append(fut)
         self._have_pending.set()
-        if len(self._pending) >= self.config.commit_max_rows:
-            self._full.set()
         return fut
 
     def backpressure(self) -> bool:
@@ -834,15 +868,12 @@ class Queue:
             tg.create_task(self._gc_loop(), name="queue-gc")
 
     async def _commit_loop(self) -> None:
+        """Adaptive group commit, as databases do it: with the writer idle a submitted batch
+        commits at once; while a commit is in flight, new readings gather for the next one, so
+        a batch grows with the load and a reading waits about one commit, never a fixed window."""
         while True:
             if self.storage.ok:
                 await self._have_pending.wait()
-            if self.storage.ok:
-                try:
-                    async with asyncio.timeout(self.config.commit_window):
-                        await self._full.wait()
-                except TimeoutError:
-                    pass
             else:
                 await asyncio.sleep(self.probe_s)  # degraded: probe the disk now and then
             await self._commit()
@@ -867,7 +898,6 @@ class Queue:
             batch, rest = self._retry[:_PROBE_ROWS], self._retry[_PROBE_ROWS:]
         self._retry, self._pending, self._pending_futs = rest, [], []
         self._have_pending.clear()
-        self._full.clear()
         degraded = not self.storage.ok
         if degraded:
             self._inflight = len(batch)  # still held in memory (and counted) while it is tried
@@ -913,6 +943,7 @@ class Queue:
                 self.metrics.readings_queued.inc(len(batch))
             self.tail = last
             self.bytes_est += nbytes
+            self._keep_hot(first, batch, offline)
             log.debug("queue_committed", first_seq=first, last_seq=last, count=len(batch))
         if self._retry:
             self._have_pending.set()
@@ -930,20 +961,31 @@ class Queue:
         async with self._committed:
             self._committed.notify_all()
 
-    def _write_cursors(self, db: sqlite3.Connection, dirty: dict[str, int]) -> None:
-        for name, acked in dirty.items():
+    def _write_cursors(self, db: sqlite3.Connection, dirty: dict[str, tuple[int, str]]) -> None:
+        for name, (acked, ranges) in dirty.items():
             ob = self._outboxes.get(name)
             if ob is None:
                 continue
-            db.execute("INSERT INTO cursors(name, bit, acked) VALUES (?,?,?) ON CONFLICT(name)"
-                       " DO UPDATE SET acked=max(acked, excluded.acked)", (name, ob.bit, acked))
+            db.execute("INSERT INTO cursors(name, bit, acked, ranges) VALUES (?,?,?,?)"
+                       " ON CONFLICT(name) DO UPDATE SET acked=max(acked, excluded.acked),"
+                       " ranges=excluded.ranges", (name, ob.bit, acked, ranges))
 
-    def _write_cursors_sync(self, dirty: dict[str, int]) -> None:
+    def _write_cursors_sync(self, dirty: dict[str, tuple[int, str]]) -> None:
         db = self._db
         assert db is not None
-        self._write_cursors(db, dirty)  # one autocommit statement per cursor
+        if self.config.fsync != "always":
+            self._write_cursors(db, dirty)  # one autocommit statement per cursor
+            return
+        # A confirmation needs no fsync: if a power cut takes it, those readings are sent again
+        # (a duplicate, never a loss). It still reaches the WAL at once, so a crash keeps it, and
+        # the next commit's fsync makes it durable. Saves one fsync per delivered batch.
+        db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._write_cursors(db, dirty)
+        finally:
+            db.execute("PRAGMA synchronous=FULL")
 
-    def _commit_sync(self, batch: list[Reading], offline: int, dirty: dict[str, int]
+    def _commit_sync(self, batch: list[Reading], offline: int, dirty: dict[str, tuple[int, str]]
                      ) -> tuple[int, int, int]:
         db = self._db
         assert db is not None
@@ -1050,7 +1092,7 @@ class Queue:
         per_uplink: dict[str, int] = {}
         for name, ob in self._outboxes.items():
             if ob.acked < cut:
-                per_uplink[name] = self._count(max(ob.acked, self.head - 1) + 1, cut)
+                per_uplink[name] = ob.unconfirmed(max(ob.acked, self.head - 1) + 1, cut)
         first = self.head
         dirty = dict(self._dirty)
         removed_bytes = await self._on_writer(self._delete_through_sync, cut, per_uplink, dirty)
@@ -1061,8 +1103,7 @@ class Queue:
         self.bytes_est = max(0, self.bytes_est - removed_bytes)
         for name, count in per_uplink.items():
             ob = self._outboxes[name]
-            ob.acked = max(ob.acked, cut)
-            ob.next_seq = max(ob.next_seq, cut)
+            ob.advance_to(cut)
             ob.dropped[reason] = ob.dropped.get(reason, 0) + count
             self.dropped_total += count
             if self.metrics is not None:
@@ -1071,13 +1112,13 @@ class Queue:
                              reason=reason, count=count, through_seq=cut)
         return n
 
-    def _clean_dirty(self, written: dict[str, int]) -> None:
+    def _clean_dirty(self, written: dict[str, tuple[int, str]]) -> None:
         for name, acked in written.items():
             if self._dirty.get(name) == acked:
                 del self._dirty[name]
 
     def _delete_through_sync(self, cut: int, per_uplink: dict[str, int],
-                             dirty: dict[str, int]) -> int:
+                             dirty: dict[str, tuple[int, str]]) -> int:
         db = self._db
         assert db is not None
         removed = self._bytes_between(db, self.head, cut)
@@ -1153,8 +1194,47 @@ class Queue:
                 return False
         return self.tail > after_seq
 
+    def _keep_hot(self, first: int, batch: list[Reading], offline: int) -> None:
+        """Keep the last commits' readings (at most _HOT_ROWS) for live leases: a lane that
+        follows the tail is served from memory, without a reader-thread hop and a decode."""
+        hot = self._hot
+        hot.append((first, batch, offline))
+        self._hot_rows += len(batch)
+        while len(hot) > 1 and self._hot_rows - len(hot[0][1]) >= _HOT_ROWS:
+            self._hot_rows -= len(hot.popleft()[1])
+        if self._hot_rows > _HOT_ROWS * 4:  # one huge commit: not worth keeping
+            hot.clear()
+            self._hot_rows = 0
+
+    def _lease_hot(self, after: int, upto: int, max_items: int, max_bytes: int, bit: int,
+                   live_from: int, backlog: bool | None) -> list[Item] | None:
+        """`_lease_sync` from the hot commits, or None when they do not hold seq `after + 1`."""
+        hot = self._hot
+        if not hot or hot[0][0] > after + 1 or after >= upto:
+            return None
+        mask = 1 << bit
+        out: list[Item] = []
+        total = 0
+        for first, batch, offline in hot:
+            end = first + len(batch) - 1
+            if end <= after:
+                continue
+            off = bool(offline & mask)
+            for i in range(max(0, after + 1 - first), len(batch)):
+                seq = first + i
+                if seq > upto or len(out) >= max_items:
+                    return out
+                r = batch[i]
+                if max_bytes:
+                    v = r.value
+                    total += _ROW_OVERHEAD + (len(v) if isinstance(v, str) else 8)
+                    if total > max_bytes and out:
+                        return out
+                out.append(Item(seq, r, (off or seq < live_from) if backlog is None else backlog))
+        return out
+
     def _lease_sync(self, after: int, upto: int, max_items: int, max_bytes: int, bit: int,
-                    live_from: int) -> list[Item]:
+                    live_from: int, backlog: bool | None = None) -> list[Item]:
         db = self._rdb
         assert db is not None
         by_id = self._series_by_id
@@ -1172,7 +1252,8 @@ class Queue:
                 total += _ROW_OVERHEAD + (len(val) if isinstance(val, str) else 8)
                 if total > max_bytes and out:
                     break
-            out.append(Item(seq, Reading(dev, pt, val, ts, q), bool(off & mask) or seq < live_from))
+            out.append(Item(seq, Reading(dev, pt, val, ts, q),
+                            (bool(off & mask) or seq < live_from) if backlog is None else backlog))
         return out
 
     def oldest_ts_ms(self, after_seq: int) -> int | None:
@@ -1200,6 +1281,9 @@ class Queue:
                 "bytes": int(pending * avg),
                 "oldest_age_s": round((now_ms - oldest) / 1000, 3) if oldest else 0.0,
                 "acked_seq": ob.acked,
+                "backlog_rows": ob.backlog_rows(),
+                "ranges": len(ob.ranges()),  # unconfirmed runs (outages not yet drained)
+                "confirmed_ranges": len(ob.done),
                 "connected": ob.connected,
                 "dropped": dict(ob.dropped),
                 "quarantined": dict(ob.quarantined),
@@ -1237,77 +1321,308 @@ class _Deferred(Exception):
     """The ack waits in memory: the disk is known to refuse writes."""
 
 
-class Outbox:
-    """One uplink's cursor over the queue. See `gatewayd.uplinks.base.Outbox` for the contract.
+MAX_RANGES = 256  # confirmed ranges kept per uplink; past it the smallest is forgotten (resent)
 
-    Never raises a storage error into an uplink: a failed cursor write keeps the ack in memory
-    (written with the next write the disk takes), a failed read returns an empty lease.
+
+class Lane:
+    """One ordered stream over part of an uplink's unconfirmed rows.
+
+    `all`: everything in queue order (the single-lane uplinks, e.g. the jsonl archive).
+    `live`: what was committed since the current connection began (`lo` = its live_from).
+    `backlog`: everything older (`hi` = live_from - 1), oldest first, skipping what an earlier
+    connection's live lane already confirmed. A lane leases in seq order and confirms in order:
+    `ack(seq)` confirms everything of this lane up to `seq`.
     """
 
-    def __init__(self, queue: Queue, name: str, bit: int, acked: int) -> None:
+    def __init__(self, outbox: Outbox, kind: str, lo: int, hi: int | None) -> None:
+        self.outbox = outbox
+        self.kind = kind
+        self.lo, self.hi = lo, hi  # seqs [lo, hi]; hi None: open-ended
+        self.pos = lo - 1  # last seq leased
+        self.acked_to = lo - 1  # last seq confirmed through this lane
+        self.finished = False  # a bounded lane with nothing left
+        self.flag: bool | None = {"live": False, "backlog": True}.get(kind)
+
+    @property
+    def backlog(self) -> bool:
+        return self.kind == "backlog"
+
+    def rewind(self) -> None:
+        self.pos = self.acked_to
+
+    def available(self) -> int:
+        """Unconfirmed rows of this lane not yet leased."""
+        q = self.outbox.queue
+        hi = q.tail if self.hi is None else min(self.hi, q.tail)
+        return self.outbox.unconfirmed(max(self.pos, self.outbox.acked) + 1, hi)
+
+    def remaining(self) -> int:
+        """Unconfirmed rows of this lane (leased or not)."""
+        q = self.outbox.queue
+        hi = q.tail if self.hi is None else min(self.hi, q.tail)
+        return self.outbox.unconfirmed(max(self.lo - 1, self.outbox.acked) + 1, hi)
+
+    async def lease(self, max_items: int, max_bytes: int = 0, wait_s: float | None = None,
+                    linger_s: float = 0.0) -> Lease:
+        ob, q = self.outbox, self.outbox.queue
+        while True:
+            if ob.closed:
+                raise UplinkUnavailableError("the queue is closed")
+            after = max(self.pos, ob.acked, self.lo - 1)
+            a, b = ob.next_span(after)
+            if self.hi is not None:
+                if a > self.hi or a > q.tail:
+                    self.finished = True
+                    return Lease(ob.name, [])
+            else:
+                if not await q.wait_committed(a - 1, wait_s) or ob.closed:
+                    return Lease(ob.name, [])
+                if linger_s > 0 and q.tail - (a - 1) < max_items:
+                    # A trickle: wait a little for a fuller batch (fewer wake-ups and messages).
+                    await q.wait_committed(a - 1 + max_items - 1, linger_s)
+            upto = q.tail if b is None else min(b, q.tail)
+            if self.hi is not None:
+                upto = min(upto, self.hi)
+            try:
+                items = q._lease_hot(a - 1, upto, max_items, max_bytes, ob.bit, ob.live_from,
+                                     self.flag)
+                if items is None:
+                    items = await q._on_reader(q._lease_sync, a - 1, upto, max_items, max_bytes,
+                                               ob.bit, ob.live_from, self.flag)
+            except sqlite3.Error as exc:
+                q._rl.warning("queue_read_failed", key=ob.name, uplink=ob.name, error=str(exc))
+                await asyncio.sleep(min(1.0, wait_s if wait_s is not None else 1.0))
+                return Lease(ob.name, [])
+            if items:
+                self.pos = items[-1].seq
+                return Lease(ob.name, items)
+            # No rows in [a, upto]: seqs a state loss skipped, or rows the caps removed meanwhile.
+            # Nothing there to deliver: confirm the span so the low-water mark can pass it.
+            self.pos = upto
+            if self.acked_to == a - 1:
+                self.acked_to = upto
+            await ob.confirm(a, upto)
+            if wait_s is not None and wait_s <= 0 and self.hi is None:
+                return Lease(ob.name, [])
+
+    async def ack(self, seq: int) -> None:
+        if seq <= self.acked_to:
+            return
+        lo = self.acked_to + 1
+        self.acked_to = seq
+        await self.outbox.confirm(lo, seq)
+
+
+class Outbox:
+    """One uplink's confirmations over the queue. See `gatewayd.uplinks.base.Outbox` for the
+    contract.
+
+    What the uplink's cloud confirmed is `acked` (everything up to it) plus `done`, the
+    confirmed ranges above it: live-first delivery confirms new readings before old ones, so
+    confirmations are ranges, not one cursor. Both are durable (the `cursors` row) and survive
+    a restart: nothing confirmed is resent, nothing unconfirmed is lost. Adjacent ranges merge
+    and fold into `acked`; at most MAX_RANGES are kept (past that the smallest is forgotten and
+    its readings are sent again: a duplicate, never a loss).
+
+    `lanes(split)` gives a connection its lanes (`Lane`); `lease`/`ack`/`rewind` below are the
+    single `all` lane. Never raises a storage error into an uplink: a failed cursor write keeps
+    the confirmation in memory (written with the next write the disk takes), a failed read
+    returns an empty lease.
+    """
+
+    def __init__(self, queue: Queue, name: str, bit: int, acked: int,
+                 done: Sequence[tuple[int, int]] = ()) -> None:
         self.queue = queue
         self.name = name
         self.bit = bit
-        self.acked = acked  # confirmed cursor (durable unless in queue._dirty)
-        self.next_seq = acked  # last seq handed out by lease()
         self.connected = False
         self.live_from = queue.tail + 1  # seqs below this are backlog for the current connection
         self.dropped: dict[str, int] = {}
         self.quarantined: dict[str, int] = {}
+        self.forgotten = 0  # confirmed readings forgotten past MAX_RANGES (sent again)
+        self.watchers: list[Callable[[], None]] = []  # called after every confirmation
         self.closed = False
         self._ack_lock = asyncio.Lock()
+        self.acked = acked
+        self.done: list[tuple[int, int]] = []
+        self._default = Lane(self, "all", acked + 1, None)
+        self._lanes: list[Lane] = [self._default]
+        self.reset(acked, done)
 
-    async def lease(self, max_items: int, max_bytes: int = 0, wait_s: float | None = None,
-                    linger_s: float = 0.0) -> Lease:
+    def reset(self, acked: int, done: Sequence[tuple[int, int]] = ()) -> None:
+        """Load the durable confirmations (at open, or after a degraded start)."""
+        self.acked = acked  # confirmed low-water mark (durable unless in queue._dirty)
+        self.done = _load_ranges(json.dumps([list(r) for r in done]), acked)
+        self._fold()
+        self._default = Lane(self, "all", self.acked + 1, None)
+        self._lanes = [self._default]
+
+    # -- the confirmed set -------------------------------------------------------------------
+
+    def next_span(self, after: int) -> tuple[int, int | None]:
+        """The first unconfirmed seq after `after` and the last of its run (None: open)."""
+        a = max(after, self.acked) + 1
+        for d0, d1 in self.done:
+            if d1 < a:
+                continue
+            if d0 <= a:
+                a = d1 + 1
+                continue
+            return a, d0 - 1
+        return a, None
+
+    def unconfirmed(self, lo: int, hi: int) -> int:
+        """Rows with a seq in [lo, hi] not yet confirmed."""
         q = self.queue
-        if self.next_seq < self.acked:
-            self.next_seq = self.acked
-        if self.closed:
-            raise UplinkUnavailableError("the queue is closed")
-        if not await q.wait_committed(self.next_seq, wait_s) or self.closed:
-            return Lease(self.name, [])
-        if linger_s > 0 and q.tail - self.next_seq < max_items:
-            # A trickle: wait a little for a fuller batch (fewer wake-ups, messages and acks).
-            await q.wait_committed(self.next_seq + max_items - 1, linger_s)
-        try:
-            items = await q._on_reader(q._lease_sync, self.next_seq, q.tail, max_items, max_bytes,
-                                       self.bit, self.live_from)
-        except sqlite3.Error as exc:
-            q._rl.warning("queue_read_failed", key=self.name, uplink=self.name, error=str(exc))
-            await asyncio.sleep(min(1.0, wait_s if wait_s is not None else 1.0))
-            return Lease(self.name, [])
-        if items:
-            self.next_seq = items[-1].seq
-        return Lease(self.name, items)
+        lo = max(lo, self.acked + 1)
+        n = q._count(lo, hi)
+        if n <= 0:
+            return 0
+        for d0, d1 in self.done:
+            if d0 > hi:
+                break
+            a, b = max(lo, d0), min(hi, d1)
+            if b >= a:
+                n -= q._count(a, b)
+        return n
 
-    async def ack(self, seq: int) -> None:
+    def _fold(self) -> None:
+        """Merge confirmed ranges that reach the low-water mark (or a state-loss gap) into it."""
+        gaps = self.queue._gaps
+        moved = True
+        while moved:
+            moved = False
+            if self.done and self.done[0][0] <= self.acked + 1:
+                self.acked = max(self.acked, self.done.pop(0)[1])
+                moved = True
+            for g0, g1 in gaps:
+                if g0 <= self.acked + 1 <= g1:
+                    self.acked = g1
+                    moved = True
+        while self.done and self.done[0][1] <= self.acked:
+            self.done.pop(0)
+
+    def _with(self, lo: int, hi: int) -> tuple[int, list[tuple[int, int]]]:
+        """(acked, done) after confirming [lo, hi], without changing this outbox."""
+        keep = (self.acked, self.done)
+        done = list(self.done)
+        a, b = lo, hi
+        out: list[tuple[int, int]] = []
+        for d0, d1 in done:
+            if d1 + 1 < a or d0 > b + 1:
+                out.append((d0, d1))
+            else:
+                a, b = min(a, d0), max(b, d1)
+        out.append((a, b))
+        out.sort()
+        self.done = out
+        self._fold()
+        while len(self.done) > MAX_RANGES:
+            # Bounded memory: forget the smallest confirmed range (its readings go again).
+            small = min(range(len(self.done)), key=lambda i: self.done[i][1] - self.done[i][0])
+            d0, d1 = self.done.pop(small)
+            self.forgotten += self.queue._count(d0, d1)
+            self.queue._rl.warning("uplink_ranges_compacted", key=self.name, uplink=self.name,
+                                   resent=self.queue._count(d0, d1), ranges=MAX_RANGES,
+                                   message="more confirmed ranges than kept: the smallest is "
+                                           "forgotten and its readings are sent again")
+        result = (self.acked, self.done)
+        self.acked, self.done = keep
+        return result
+
+    def advance_to(self, cut: int) -> None:
+        """Everything up to `cut` is settled (the caps dropped it): move past it."""
+        if cut <= self.acked:
+            return
+        self.acked = cut
+        self.done = [(max(a, cut + 1), b) for a, b in self.done if b > cut]
+        self._fold()
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The unconfirmed seq ranges up to the tail (what is still to deliver), oldest first."""
+        out: list[tuple[int, int]] = []
+        after = self.acked
+        tail = self.queue.tail
+        while after < tail:
+            a, b = self.next_span(after)
+            if a > tail:
+                break
+            b = tail if b is None else min(b, tail)
+            out.append((a, b))
+            after = b
+        return out
+
+    async def confirm(self, lo: int, hi: int) -> None:
+        """The cloud confirmed seqs [lo, hi] (durable, or kept in memory while the disk refuses)."""
         async with self._ack_lock:
-            if seq <= self.acked:
+            lo = max(lo, self.acked + 1)
+            if hi < lo:
                 return
             q = self.queue
-            newly = q._count(self.acked + 1, seq)
+            newly = self.unconfirmed(lo, hi)
+            acked, done = self._with(lo, hi)
+            state = (acked, json.dumps([list(r) for r in done], separators=(",", ":")))
             try:
                 if not (q.storage.ok and q._opened):
                     raise _Deferred
-                await q._on_writer(q._write_cursors_sync, {self.name: seq})
+                await q._on_writer(q._write_cursors_sync, {self.name: state})
             except _Deferred:
-                q._dirty[self.name] = seq  # written with the first write the disk takes
+                q._dirty[self.name] = state  # written with the first write the disk takes
                 q.storage.acks_pending = len(q._dirty)
             except (sqlite3.Error, OSError) as exc:
                 if classify(exc, q.path) is None:
                     raise
-                q._dirty[self.name] = max(seq, q._dirty.get(self.name, 0))
+                q._dirty[self.name] = state
                 q._fault(exc, "ack")
             else:
                 q._write_ok()
             # Confirmed deliveries count at once even if only memory holds them yet: the next
             # lease goes on after them, and they are written once the disk takes writes.
-            self.acked = seq
-            if q.metrics is not None:
+            self.acked, self.done = acked, done
+            if q.metrics is not None and newly:
                 q.metrics.readings_acked.labels(self.name).inc(newly)
+            for watch in self.watchers:
+                watch()
+
+    # -- lanes -------------------------------------------------------------------------------
+
+    def lanes(self, split: bool) -> list[Lane]:
+        """The lanes for a new connection: [all], or [live, backlog] with `split` (live first:
+        new readings never wait behind the backlog)."""
+        if not split:
+            self._default.rewind()
+            self._lanes = [self._default]
+            return [self._default]
+        live = Lane(self, "live", self.live_from, None)
+        backlog = Lane(self, "backlog", self.acked + 1, self.live_from - 1)
+        self._lanes = [self._default, live, backlog]
+        return [live, backlog]
+
+    def backlog_rows(self) -> int:
+        """Unconfirmed rows older than the current connection (everything, while offline)."""
+        if not self.connected:
+            return self.pending()
+        return self.unconfirmed(self.acked + 1, min(self.live_from - 1, self.queue.tail))
+
+    # -- the single-lane contract ------------------------------------------------------------
+
+    @property
+    def next_seq(self) -> int:
+        return self._default.pos
+
+    async def lease(self, max_items: int, max_bytes: int = 0, wait_s: float | None = None,
+                    linger_s: float = 0.0) -> Lease:
+        return await self._default.lease(max_items, max_bytes, wait_s, linger_s)
+
+    async def ack(self, seq: int) -> None:
+        """Everything up to `seq` is confirmed."""
+        lane = self._default
+        lane.acked_to = max(lane.acked_to, seq)
+        await self.confirm(self.acked + 1, seq)
 
     def rewind(self) -> None:
-        self.next_seq = self.acked
+        for lane in self._lanes:
+            lane.rewind()
 
     def quarantine(self, item: Item, reason: str, detail: str = "") -> None:
         self.quarantined[reason] = self.quarantined.get(reason, 0) + 1
@@ -1324,4 +1639,4 @@ class Outbox:
         self.connected = connected
 
     def pending(self) -> int:
-        return self.queue._count(self.acked + 1, self.queue.tail)
+        return self.unconfirmed(self.acked + 1, self.queue.tail)

@@ -149,7 +149,8 @@ class Gateway:
         ctx = UplinkContext(gateway_id=cfg.gateway.id, state_dir=cfg.state_dir,
                             outbox=self.queue.outbox(u.name),
                             submit_command=self.dispatcher.submit, devices=self._infos,
-                            metrics=self.metrics)
+                            metrics=self.metrics, live_first=u.live_first,
+                            backlog_rate=u.backlog_rate)
         uplink: Uplink = load_uplink(u.type)(u.name, u.options, ctx)
         self.uplinks[u.name] = uplink
         self.dispatcher.repliers[u.name] = uplink.reply
@@ -475,6 +476,12 @@ class Gateway:
         stats = await self.queue.backlog_stats()
         for name, s in stats.items():
             self.metrics.backlog_age.labels(name).set(s["oldest_age_s"])
+            self.metrics.backlog_ranges.labels(name).set(s.get("ranges", 0))
+            status = getattr(self.uplinks.get(name), "drain_status", None)
+            d = status() if callable(status) else {}
+            self.metrics.backlog_drain_rate.labels(name).set(d.get("rate_per_s") or 0.0)
+            eta = d.get("eta_s")
+            self.metrics.backlog_eta.labels(name).set(eta if eta is not None else -1)
 
     def _driver_events(self) -> list[tuple[str, str, int]]:
         return [(s.driver.name, key, value) for s in self.samplers

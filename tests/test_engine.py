@@ -138,12 +138,12 @@ async def test_window_keeps_order_and_acks_in_order(tmp_path: Path) -> None:
     acked: list[int] = []
     async with Rig(tmp_path, delay=lambda: rng.uniform(0, 0.003)) as rig:
         ob = rig.q.outbox("mem")
-        real_ack = ob.ack
+        real_confirm = ob.confirm
 
-        async def spy(seq: int) -> None:
-            acked.append(seq)
-            await real_ack(seq)
-        ob.ack = spy  # type: ignore[method-assign]
+        async def spy(lo: int, hi: int) -> None:  # every lane confirms through here
+            acked.append(hi)
+            await real_confirm(lo, hi)
+        ob.confirm = spy  # type: ignore[method-assign]
         for k in range(5):
             await rig.q.put(readings(200, k * 200))
         await rig.delivered(1000)

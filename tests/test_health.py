@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import socket
 import subprocess
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -70,9 +72,7 @@ def test_metrics_follow_the_conventions(running: tuple[Daemon, str]) -> None:
 
 
 def test_driver_counters_are_counters() -> None:
-    from prometheus_client import generate_latest
-
-    from gatewayd.metrics import Metrics
+    from gatewayd.metrics import Metrics, generate_latest
 
     m = Metrics()
     m.driver_events = lambda: [("meter", "crc_errors", 7)]
@@ -168,3 +168,95 @@ def test_readyz_503_when_every_device_and_every_uplink_fails(tmp_path: Path,
     code, body = _get(base + "/readyz")
     assert code == 503 and json.loads(body)["reasons"] == ["every device is failing (1)"]
     assert d.stop() == 0
+
+
+def _raw(port: int, request: bytes) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(request)
+    return s
+
+
+def _head(s: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers, and what came after the head so far."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    return int(lines[0].split()[1]), {k.lower(): v for k, _, v in (x.partition(": ") for x in lines[1:])}, rest
+
+
+def test_page_headers_head_and_no_aiohttp(running: tuple[Daemon, str]) -> None:
+    d, base = running
+    port = int(base.rsplit(":", 1)[1])
+    csp = "default-src 'self'; img-src 'self' data:"
+    for path, ctype in (("/", "text/html; charset=utf-8"), ("/assets/app.js", "text/javascript; charset=utf-8"),
+                        ("/assets/app.css", "text/css; charset=utf-8")):
+        with urllib.request.urlopen(base + path, timeout=10) as r:
+            assert r.headers["Content-Type"] == ctype and r.headers["Cache-Control"] == "no-cache"
+            assert r.headers["Content-Security-Policy"] == csp
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
+            size = len(r.read())
+        req = urllib.request.Request(base + path, method="HEAD")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert int(r.headers["Content-Length"]) == size and r.read() == b""
+    with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+        assert r.headers["Content-Type"].startswith("text/plain; version=")
+    for path in ("/assets/index.html", "/assets/nope.js", "/nope"):
+        code, body = _get(base + path)
+        assert code == 404 and json.loads(body)["code"] == 404
+    # one connection, several requests (keep-alive), then a malformed one: 400, closed
+    s = _raw(port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+    f = s.makefile("rb")
+    for _ in range(2):
+        assert f.readline().startswith(b"HTTP/1.1 200")
+        length = 0
+        while (line := f.readline()) != b"\r\n":
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        assert json.loads(f.read(length))
+    s.sendall(b"BROKEN\r\n\r\n")
+    assert f.readline().startswith(b"HTTP/1.1 400")
+    f.close()
+    s.close()
+    # the health server no longer loads aiohttp: none of its compiled parts are mapped
+    assert d.proc is not None
+    maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
+    assert "/aiohttp/" not in maps and "/multidict/" not in maps and "/yarl/" not in maps
+
+
+def test_event_streams_are_capped_and_freed_when_clients_go(running: tuple[Daemon, str]) -> None:
+    from gatewayd.web.view import MAX_CLIENTS
+
+    _, base = running
+    port = int(base.rsplit(":", 1)[1])
+    streams = []
+    for _ in range(MAX_CLIENTS):
+        s = _raw(port, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        code, headers, rest = _head(s)
+        assert code == 200 and headers["content-type"] == "text/event-stream"
+        assert headers["cache-control"] == "no-store"
+        while b"\n\n" not in rest:
+            rest += s.recv(65536)
+        assert rest.startswith(b"retry: 2000\nevent: snapshot\ndata: {")
+        streams.append(s)
+    extra = _raw(port, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+    code, _, rest = _head(extra)
+    assert code == 503 and b"too many status page clients" in rest
+    extra.close()
+    streams.pop().close()  # one client goes: its place is free again as soon as the server sees it
+    deadline = time.monotonic() + 10
+    while True:
+        s = _raw(port, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        code, _, _ = _head(s)
+        if code == 200 or time.monotonic() > deadline:
+            break
+        s.close()
+    assert code == 200
+    streams.append(s)
+    for s in streams:
+        s.close()
+    code, _ = _get(base + "/healthz")
+    assert code == 200

@@ -122,6 +122,8 @@ class UplinkContext:
     submit_command: Callable[[Command], None]
     devices: Mapping[str, DeviceInfo] = field(default_factory=dict)
     metrics: Any = None  # gatewayd.metrics.Metrics, or None in unit tests
+    live_first: bool = True  # the engine's two lanes (see gatewayd.uplinks.engine)
+    backlog_rate: float = 0.0  # the backlog lane's pace, in the uplink's backlog_unit; 0: none
 
 
 class Uplink(ABC):

@@ -61,7 +61,14 @@ Rules the engine keeps for every uplink:
 - Every metric series of the uplink exists from the start, at 0.
 - `on_batch_sent` callbacks get a `BatchSent` for each confirmed packet (status page, tests).
 
-A lane is one ordered stream of leases (`_Lane`); today each uplink has one.
+Live first (`split_lanes`, on unless the uplink or its config says otherwise): each session has
+two lanes. The live lane carries what was committed since the session began; the backlog lane
+carries everything older, oldest first, paced at `backlog_rate` (readings/s, or messages/s where
+`backlog_unit = "messages"`; 0 is unlimited). Each lane is in order per series and confirms in
+order; the queue records confirmations as ranges, so a restart resends nothing confirmed. The
+lanes share the uplink's window of sends in flight, and a waiting live send always goes first.
+The backlog's progress (rows, rate, ETA, % done) is in `status()["drain"]`, and logged every
+30 s while it drains.
 """
 
 from __future__ import annotations
@@ -139,6 +146,7 @@ class BatchSent:
     first_seq: int
     last_seq: int
     latency_s: float
+    backlog: bool = False  # sent by the backlog lane
 
 
 # -- the session a plug-in implements ---------------------------------------------------------
@@ -179,10 +187,132 @@ class _Lane:
     """One ordered stream of leases with its own in-flight window."""
 
     name: str
+    cursor: Any  # gatewayd.queue.Lane (or _WholeOutbox): lease / ack / rewind / available
+    backlog: bool = False
     last_full: bool = False
     leased_upto: int = 0  # last seq leased, and last seq acked, by this session
     acked_upto: int = 0
     inflight: deque[tuple[int, asyncio.Task[int] | None]] = field(default_factory=deque)
+
+
+class _WholeOutbox:
+    """An outbox without lanes (test stand-ins) as one lane."""
+
+    backlog = False
+    finished = False
+
+    def __init__(self, outbox: Any) -> None:
+        self.outbox = outbox
+
+    async def lease(self, *args: Any) -> Any:
+        return await self.outbox.lease(*args)
+
+    async def ack(self, seq: int) -> None:
+        await self.outbox.ack(seq)
+
+    def rewind(self) -> None:
+        self.outbox.rewind()
+
+    def available(self) -> int:
+        return int(self.outbox.pending())
+
+
+class _Gate:
+    """At most `slots` sends in flight across an uplink's lanes; a waiting live send goes first.
+    Waiters of one lane are served in order, so a lane's packets keep their order."""
+
+    def __init__(self, slots: int) -> None:
+        self.free = max(1, slots)
+        self._waiting: dict[bool, deque[asyncio.Future[None]]] = {False: deque(), True: deque()}
+
+    async def acquire(self, backlog: bool) -> None:
+        if self.free > 0 and not self._waiting[False] and not self._waiting[True]:
+            self.free -= 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[backlog].append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # granted, then cancelled: pass the slot on
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiting[backlog].remove(fut)
+            raise
+
+    def release(self) -> None:
+        for key in (False, True):
+            waiting = self._waiting[key]
+            while waiting:
+                fut = waiting.popleft()
+                if not fut.done():
+                    fut.set_result(None)
+                    return
+        self.free += 1
+
+
+class _Pacer:
+    """Spaces sends so that they stay under `rate` units a second (0: unlimited)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._next = 0.0
+
+    async def take(self, units: int) -> None:
+        if self.rate <= 0:
+            return
+        now = time.monotonic()
+        if self._next > now:
+            await asyncio.sleep(self._next - now)
+        self._next = max(self._next, now) + units / self.rate
+
+
+class Drain:
+    """Progress of an uplink's backlog: what is left, how fast it goes, when it will be done."""
+
+    RATE_WINDOW_S = 30.0
+
+    def __init__(self) -> None:
+        self.total = 0  # backlog rows when this drain began (plus any found later)
+        self.started = 0.0  # epoch seconds
+        self.active = False
+        self.done_rows = 0  # confirmed by the backlog lane in this drain
+        self._samples: deque[tuple[float, int]] = deque()
+
+    def begin(self, rows: int) -> None:
+        self.total, self.done_rows, self.active = rows, 0, rows > 0
+        self.started = time.time()
+        self._samples.clear()
+        self._samples.append((time.monotonic(), 0))
+
+    def sent(self, n: int) -> None:
+        self.done_rows += n
+        now = time.monotonic()
+        self._samples.append((now, self.done_rows))
+        while len(self._samples) > 2 and now - self._samples[1][0] > self.RATE_WINDOW_S:
+            self._samples.popleft()
+
+    def rate(self) -> float:
+        if len(self._samples) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._samples[0], self._samples[-1]
+        if self.active and time.monotonic() - t1 > self.RATE_WINDOW_S:
+            return 0.0  # nothing confirmed for a while (the cloud refuses, or is gone)
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def snapshot(self, remaining: int) -> dict[str, Any]:
+        rate = self.rate() if self.active else 0.0
+        total = max(self.total, remaining + self.done_rows)
+        return {
+            "draining": self.active and remaining > 0,
+            "rows": remaining,
+            "total": total if self.active else remaining,
+            "percent": round(100.0 * (1 - remaining / total), 1) if self.active and total else None,
+            "rate_per_s": round(rate, 1),
+            "eta_s": round(remaining / rate, 1) if rate > 0 and remaining else None,
+            "since": round(self.started, 3) if self.active else None,
+        }
 
 
 class DeliveryUplink(Uplink):
@@ -198,6 +328,9 @@ class DeliveryUplink(Uplink):
     stable_s: float = 30.0  # a session up this long resets the backoff
     results_max: int = 1000  # command results kept while disconnected
     reply_timeout_s: float = 30.0
+    split_lanes: bool = True  # live first: a live lane and a backlog lane per session
+    backlog_unit: str = "readings"  # what backlog_rate counts: "readings" or "messages"
+    drain_log_s: float = 30.0  # progress line while a backlog drains
 
     def __init__(self, name: str, config: Any, ctx: UplinkContext) -> None:
         super().__init__(name, config, ctx)
@@ -208,7 +341,12 @@ class DeliveryUplink(Uplink):
         self.on_batch_sent: list[Callable[[BatchSent], None]] = []
         self._results: deque[tuple[Any, CommandResult]] = deque()
         self._results_wanted = asyncio.Event()
-        self._lanes = [_Lane("default")]
+        self._lanes: list[_Lane] = []
+        self._gate = _Gate(self.window)
+        self.drain = Drain()
+        self.backlog_rate = float(getattr(ctx, "backlog_rate", 0.0) or 0.0)
+        if not getattr(ctx, "live_first", True):
+            self.split_lanes = False
         self._failures = 0  # consecutive failed attempts (for the warning/debug rule)
         self._backoff: Backoff | None = None
         self._state_changed = asyncio.Event()
@@ -317,11 +455,15 @@ class DeliveryUplink(Uplink):
         if self._failures:
             self.log.info("uplink_recovered", after_failures=self._failures)
         self._failures = 0
+        self._lanes = self._open_lanes()
+        self._gate = _Gate(self.window)
         async with asyncio.TaskGroup() as tg:
             # The first task that fails ends the session: the group cancels the others.
             tg.create_task(self._end_when_done(session.run()), name=f"session[{self.name}]")
             for lane in self._lanes:
                 tg.create_task(self._pump_lane(session, lane), name=f"pump[{self.name}:{lane.name}]")
+                if lane.backlog:
+                    tg.create_task(self._report_drain(lane), name=f"drain[{self.name}]")
             tg.create_task(self._command_stream(session), name=f"commands[{self.name}]")
             tg.create_task(self._result_flush(session), name=f"replies[{self.name}]")
 
@@ -332,18 +474,55 @@ class DeliveryUplink(Uplink):
 
     # -- delivery ---------------------------------------------------------------------------
 
-    async def _pump_lane(self, session: Session, lane: _Lane) -> None:
+    def _open_lanes(self) -> list[_Lane]:
         outbox = self.ctx.outbox
+        open_lanes = getattr(outbox, "lanes", None)  # the queue's Outbox; stand-ins may lack it
+        if open_lanes is None:
+            return [_Lane("default", _WholeOutbox(outbox))]
+        cursors = open_lanes(self.split_lanes)
+        lanes = [_Lane(c.kind, c, backlog=c.backlog) for c in cursors]
+        for lane in lanes:
+            if lane.backlog:
+                rows = lane.cursor.remaining()
+                self.drain.begin(rows)
+                if rows:
+                    self.log.info("backlog_drain_started", rows=rows,
+                                  backlog_rate=self.backlog_rate or None, unit=self.backlog_unit)
+        return lanes
+
+    async def _report_drain(self, lane: _Lane) -> None:
+        """A progress line every `drain_log_s` while the backlog drains."""
+        while self.drain.active:
+            await asyncio.sleep(self.drain_log_s)
+            if not self.drain.active:
+                return
+            snap = self.drain.snapshot(lane.cursor.remaining())
+            self.log.info("backlog_draining", percent=snap["percent"], rows=snap["rows"],
+                          total=snap["total"], rate_per_s=snap["rate_per_s"], eta_s=snap["eta_s"])
+
+    def drain_status(self) -> dict[str, Any]:
+        lane = next((ln for ln in self._lanes if ln.backlog), None)
+        outbox = self.ctx.outbox
+        if lane is not None and self.session is not None:
+            remaining = lane.cursor.remaining()
+        else:  # offline: all that waits is backlog
+            remaining = int(getattr(outbox, "backlog_rows", outbox.pending)())
+        return {**self.drain.snapshot(remaining), "backlog_rate": self.backlog_rate or None,
+                "unit": self.backlog_unit, "live_first": self.split_lanes}
+
+    async def _pump_lane(self, session: Session, lane: _Lane) -> None:
         retry = Backoff(self.backoff_base_s, self.backoff_cap_s,
                         floor_s=min(0.05, self.backoff_base_s))
+        pacer = _Pacer(self.backlog_rate if lane.backlog else 0.0)
         try:
             while True:
                 try:
-                    await self._pump_lane_once(session, lane, retry)
+                    if await self._pump_lane_once(session, lane, retry, pacer):
+                        return  # a bounded lane (the backlog) is done
                 except _Retry as exc:
                     # Go back to the first unconfirmed item, once the window is cleared.
                     await self._drain_lane(lane)
-                    outbox.rewind()
+                    lane.cursor.rewind()
                     delay = retry.next_delay()
                     self.count_error("retry")
                     (self.log.warning if retry.attempt == 1 else self.log.debug)(
@@ -352,26 +531,31 @@ class DeliveryUplink(Uplink):
         finally:
             await self._drain_lane(lane)
 
-    async def _pump_lane_once(self, session: Session, lane: _Lane, retry: Backoff) -> None:
-        outbox = self.ctx.outbox
+    async def _pump_lane_once(self, session: Session, lane: _Lane, retry: Backoff,
+                              pacer: _Pacer) -> bool:
+        """Lease, send, settle; returns True once a bounded lane has nothing left."""
+        cursor = lane.cursor
         while True:
             if lane.inflight:
                 head = lane.inflight[0][1]
                 if len(lane.inflight) >= self.window or head is None or head.done() or \
-                        outbox.pending() - (lane.leased_upto - lane.acked_upto) < self.batch:
+                        cursor.available() < self.batch:
                     # A full window, a confirmed head, or less than a full lease waiting: settle
                     # first (under a trickle this gathers data into fewer, fuller messages).
                     await self._settle_lane(lane, retry)
                     continue
-                lease = await outbox.lease(self.batch, self.max_bytes, 0.0, 0.0)
+                lease = await cursor.lease(self.batch, self.max_bytes, 0.0, 0.0)
                 if not lease.items:
                     await self._settle_lane(lane, retry)
                     continue
             else:
                 # Lease as soon as a commit lands; linger only while the load fills leases.
-                lease = await outbox.lease(self.batch, self.max_bytes, None,
+                lease = await cursor.lease(self.batch, self.max_bytes, None,
                                            self.linger_s if lane.last_full else 0.0)
                 if not lease.items:
+                    if cursor.finished:
+                        self._drain_done(lane)
+                        return True
                     continue
                 lane.acked_upto = lease.items[0].seq - 1
             lane.leased_upto = lease.last_seq
@@ -381,8 +565,10 @@ class DeliveryUplink(Uplink):
                 upto = lease.last_seq if i == len(packets) - 1 else packet.items[-1].seq
                 while len(lane.inflight) >= self.window:
                     await self._settle_lane(lane, retry)
+                await pacer.take(len(packet.items) if self.backlog_unit == "readings" else 1)
                 task = asyncio.get_running_loop().create_task(
-                    self._deliver_packet(session, packet), name=f"send[{self.name}:{lane.name}]")
+                    self._deliver_packet(session, packet, lane.backlog),
+                    name=f"send[{self.name}:{lane.name}]")
                 lane.inflight.append((upto, task))
             if not packets:  # nothing to send (all skipped): ack in turn
                 lane.inflight.append((lease.last_seq, None))
@@ -403,7 +589,7 @@ class DeliveryUplink(Uplink):
                 upto = lane.acked_upto = seq
         finally:
             if upto is not None:
-                await self.ctx.outbox.ack(upto)
+                await lane.cursor.ack(upto)
                 retry.reset()
 
     @staticmethod
@@ -414,25 +600,41 @@ class DeliveryUplink(Uplink):
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _deliver_packet(self, session: Session, packet: Packet) -> int:
+    def _drain_done(self, lane: _Lane) -> None:
+        if self.drain.active:
+            self.drain.active = False
+            self.log.info("backlog_drained", rows=self.drain.done_rows,
+                          took_s=round(time.time() - self.drain.started, 1))
+
+    async def _send(self, session: Session, packet: Packet, backlog: bool
+                    ) -> Verdict | Sequence[Verdict]:
+        await self._gate.acquire(backlog)
+        try:
+            return await session.send(packet)
+        finally:
+            self._gate.release()
+
+    async def _deliver_packet(self, session: Session, packet: Packet, backlog: bool = False) -> int:
         """Send one packet until every item is accepted or quarantined; returns the count sent."""
         started = time.perf_counter()
-        verdicts = await session.send(packet)
+        verdicts = await self._send(session, packet, backlog)
         items = packet.items
         if isinstance(verdicts, Verdict):
             if verdicts.accepted:
-                return self._count_sent(packet, len(items), started)
+                return self._count_sent(packet, len(items), started, backlog)
             if verdicts.kind == "retry":
                 raise _Retry(verdicts.detail or verdicts.reason or "the cloud asked to retry")
             if len(items) == 1:
                 self.quarantine(items[0], verdicts)
+                if backlog:
+                    self.drain.sent(1)
                 return 0
             # One refusal for several items: bisect to isolate the poison.
             mid = len(items) // 2
             n = 0
             for half in (items[:mid], items[mid:]):
                 for sub in session.pack(half):
-                    n += await self._deliver_packet(session, sub)
+                    n += await self._deliver_packet(session, sub, backlog)
             return n
         if len(verdicts) != len(items):
             raise _Retry(f"{len(verdicts)} verdicts for {len(items)} items")
@@ -446,15 +648,19 @@ class DeliveryUplink(Uplink):
                 ok += 1
             else:
                 self.quarantine(it, v)
-        return self._count_sent(packet, ok, started)
+        if backlog:
+            self.drain.sent(len(items) - ok)  # quarantined: settled, part of the progress
+        return self._count_sent(packet, ok, started, backlog)
 
-    def _count_sent(self, packet: Packet, count: int, started: float) -> int:
+    def _count_sent(self, packet: Packet, count: int, started: float, backlog: bool = False) -> int:
         self.messages += 1
         self.sent += count
+        if backlog:
+            self.drain.sent(count)
         if self.ctx.metrics is not None and count:
             self.ctx.metrics.readings_sent.labels(self.name).inc(count)
         ev = BatchSent(self.name, count, packet.items[0].seq, packet.items[-1].seq,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, backlog)
         for cb in self.on_batch_sent:
             cb(ev)
         return count
@@ -506,6 +712,9 @@ class DeliveryUplink(Uplink):
         for outcome in ("ok", "duplicate", "busy", "malformed", "result_dropped"):
             m.commands.labels(self.name, outcome)
         m.backlog_rows.labels(self.name)
+        m.backlog_drain_rate.labels(self.name)
+        m.backlog_eta.labels(self.name).set(-1)
+        m.backlog_ranges.labels(self.name)
         m.uplink_state(self.name, str(self.state))
 
     def _metric_commands(self, outcome: str) -> None:
@@ -527,7 +736,7 @@ class DeliveryUplink(Uplink):
         return {**super().status(), "quarantined": sum(self.quarantined.values()),
                 "quarantined_by_reason": dict(self.quarantined),
                 "results_buffered": len(self._results), "results_dropped": self.results_dropped,
-                "connect_attempts": dict(self.attempts)}
+                "connect_attempts": dict(self.attempts), "drain": self.drain_status()}
 
 
 def _kind(exc: BaseException) -> str:

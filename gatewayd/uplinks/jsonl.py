@@ -43,6 +43,7 @@ class JsonlUplink(DeliveryUplink):
     """Writes each leased batch, then acks it. A write error is retried with backoff."""
 
     Config = JsonlConfig
+    split_lanes = False  # an archive keeps queue order: one lane
 
     def __init__(self, name: str, config: JsonlConfig, ctx: UplinkContext) -> None:
         super().__init__(name, config, ctx)

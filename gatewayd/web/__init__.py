@@ -6,8 +6,7 @@ from __future__ import annotations
 from importlib import resources
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
+from gatewayd.httpd import HTTPError, Request, Response, Router
 from gatewayd.web.recent import Recent
 from gatewayd.web.view import View
 
@@ -24,29 +23,27 @@ def _asset(name: str) -> bytes:
     return resources.files(__package__).joinpath("static", name).read_bytes()
 
 
-def register(app: web.Application, gateway: Gateway, allow_commands: bool) -> View:
-    """Add the page's routes to the health server's app."""
+def register(router: Router, gateway: Gateway, allow_commands: bool) -> View:
+    """Add the page's routes to the health server's router."""
     view = View(gateway, allow_commands)
     files = {name: _asset(name) for name in ASSETS}
-    headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
-               "Content-Security-Policy": "default-src 'self'; img-src 'self' data:"}
+    headers = [("Cache-Control", "no-cache"),
+               ("Content-Security-Policy", "default-src 'self'; img-src 'self' data:")]
 
-    def serve(name: str) -> web.Response:
-        return web.Response(body=files[name], content_type=ASSETS[name], charset="utf-8",
-                            headers=headers)
+    def serve(name: str) -> Response:
+        return Response(files[name], content_type=f"{ASSETS[name]}; charset=utf-8", headers=headers)
 
-    async def index(_request: web.Request) -> web.Response:
+    async def index(_request: Request) -> Response:
         return serve("index.html")
 
-    async def asset(request: web.Request) -> web.Response:
-        name = request.match_info["name"]
+    async def asset(request: Request) -> Response:
+        name = request.match["name"]
         if name not in files or name == "index.html":
-            raise web.HTTPNotFound()
+            raise HTTPError(404)
         return serve(name)
 
-    app.router.add_get("/", index)
-    app.router.add_get("/assets/{name}", asset)
-    app.router.add_get("/view.json", view.handle_json)
-    app.router.add_get("/events", view.handle_events)
-    app.on_shutdown.append(view.close)
+    router.add("GET", "/", index)
+    router.add("GET", "/assets/{name}", asset)
+    router.add("GET", "/view.json", view.handle_json)
+    router.add("GET", "/events", view.handle_events)
     return view

@@ -84,6 +84,19 @@ def _value(v: Any) -> str:
     return json.dumps(v) if isinstance(v, dict | list) else str(v)
 
 
+def _drain_line(name: str, b: dict[str, Any], bar: int = 30) -> str:
+    """`name  [#########.....]  62.5%  1,200 of 3,400 left  850/s  ETA 2s` while a backlog drains."""
+    d = b.get("drain") or {}
+    rows, pct = b.get("rows", 0), d.get("pct")
+    if not rows or pct is None or not d.get("peak"):
+        return ""
+    done = max(0, min(bar, round(bar * pct / 100)))
+    eta = d.get("eta_s")
+    return (f"{name} backlog  [{'#' * done}{'.' * (bar - done)}]  {pct:.1f}%  {rows:,} of "
+            f"{d['peak']:,} left  {d.get('rate_per_s', 0):,.0f}/s  "
+            f"ETA {_ago(eta) if eta is not None else '-'}")
+
+
 def _table(rows: list[list[str]], width: int) -> list[str]:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
@@ -114,6 +127,10 @@ def render(doc: dict[str, Any], width: int = 120, color: bool = False) -> str:
                      str(u.get("dropped", 0)),
                      u.get("last_error", "") if u["state"] != "connected" else ""])
     out += ["", *_table(rows, width)]
+    for name, u in sorted(doc.get("uplinks", {}).items()):
+        line = _drain_line(name, u.get("backlog", {}))
+        if line:
+            out.append(line)
     acts = doc.get("actuators", {})
     if acts:
         rows = [["ACTUATOR", "LAST COMMAND", "RESULT", "LATENCY"]]

@@ -17,8 +17,8 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from aiohttp import web
 
+from gatewayd.httpd import BodyWriter, Request, Response, json_response
 from gatewayd.web.recent import BUCKET_S, SLOTS
 
 if TYPE_CHECKING:
@@ -107,6 +107,17 @@ class View:
 
     # -- the document --------------------------------------------------------------------------
 
+    def _drain_of(self, name: str, uplink: Any, rows: int, mono: float) -> dict[str, Any]:
+        """The engine's own drain progress (since the connection began) where the uplink has it,
+        else the page's estimate from the backlog's size over time."""
+        status = getattr(uplink, "drain_status", None)
+        if callable(status):
+            d = status()
+            if d.get("draining"):
+                return {"peak": d["total"], "pct": d["percent"], "rate_per_s": d["rate_per_s"],
+                        "eta_s": round(d["eta_s"]) if d.get("eta_s") is not None else None}
+        return self._drain.setdefault(name, _Drain()).update(rows, mono)
+
     async def _backlog_stats(self) -> dict[str, dict[str, Any]]:
         q = self.gateway.queue
         now = time.monotonic()
@@ -151,7 +162,7 @@ class View:
                 "dropped": sum((ob.dropped if ob is not None else {}).values()),
                 "backlog": {"rows": rows, "bytes": b.get("bytes", 0),
                             "oldest_ts_ms": int(now_ms - age * 1000) if rows and age else None,
-                            "drain": self._drain.setdefault(name, _Drain()).update(rows, mono)}}
+                            "drain": self._drain_of(name, u, rows, mono)}}
         actuators = {}
         for name, a in gw.actuators.items():
             actuators[name] = {"driver": type(a).__name__, "error": gw.actuator_errors.get(name, ""),
@@ -181,39 +192,40 @@ class View:
 
     # -- HTTP ----------------------------------------------------------------------------------
 
-    async def handle_json(self, request: web.Request) -> web.Response:
+    async def handle_json(self, request: Request) -> Response:
         history = request.query.get("history", "1") != "0"
-        return web.json_response(await self.build(history), dumps=_dumps)
+        return json_response(await self.build(history), dumps=_dumps)
 
-    async def handle_events(self, request: web.Request) -> web.StreamResponse:
+    async def handle_events(self, request: Request) -> Response:
         if len(self._clients) >= MAX_CLIENTS or self._closed:
-            return web.json_response({"ok": False, "message": "too many status page clients"},
-                                     status=503)
-        resp = web.StreamResponse(headers={
-            "Content-Type": "text/event-stream", "Cache-Control": "no-store",
-            "X-Accel-Buffering": "no"})
-        await resp.prepare(request)
+            return json_response({"ok": False, "message": "too many status page clients"},
+                                 status=503)
+        return Response(content_type="text/event-stream", stream=self._stream, headers=[
+            ("Cache-Control", "no-store"), ("X-Accel-Buffering", "no")])
+
+    async def _stream(self, out: BodyWriter) -> None:
+        """One client's stream: a snapshot, then the ticker's updates, until it ends or the
+        client goes away (the server then cancels this) or falls behind."""
         inbox: asyncio.Queue[str | None] = asyncio.Queue(CLIENT_BACKLOG)
         self._clients.add(inbox)
         try:
             snapshot = _dumps(await self.build(history=True))
-            await resp.write(f"retry: 2000\nevent: snapshot\ndata: {snapshot}\n\n".encode())
+            await out.write(f"retry: 2000\nevent: snapshot\ndata: {snapshot}\n\n".encode())
             if self._ticker is None or self._ticker.done():
                 self._ticker = asyncio.create_task(self._tick(), name="status-page")
             while True:
                 try:
                     msg = await asyncio.wait_for(inbox.get(), KEEPALIVE_S)
                 except TimeoutError:
-                    await resp.write(b": keepalive\n\n")
+                    await out.write(b": keepalive\n\n")
                     continue
                 if msg is None:  # closing, or this client fell behind
                     break
-                await resp.write(msg.encode())
-        except (ConnectionError, asyncio.CancelledError):
-            pass
+                await out.write(msg.encode())
+        except ConnectionError:
+            pass  # gone, or too slow to take one write: it reconnects
         finally:
             self._clients.discard(inbox)
-        return resp
 
     async def _tick(self) -> None:
         """Build one update per tick while anyone listens; send it only if it changed."""
@@ -244,7 +256,7 @@ class View:
                         inbox.get_nowait()
                         inbox.put_nowait(None)
 
-    async def close(self, _app: Any = None) -> None:
+    async def close(self) -> None:
         """On shutdown: end every stream so the server can close at once."""
         self._closed = True
         for inbox in list(self._clients):

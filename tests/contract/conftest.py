@@ -101,12 +101,12 @@ class Harness:
 
     def start_uplink(self, **kw: Any) -> DeliveryUplink:
         outbox = self.queue.outbox("up")
-        real_ack = outbox.ack
+        real_confirm = outbox.confirm
 
-        async def ack(seq: int) -> None:
-            self.acks.append(seq)
-            await real_ack(seq)
-        outbox.ack = ack  # type: ignore[method-assign]
+        async def confirm(lo: int, hi: int) -> None:  # every lane confirms through here
+            self.acks.append(hi)
+            await real_confirm(lo, hi)
+        outbox.confirm = confirm  # type: ignore[method-assign]
         ctx = UplinkContext("gw-contract", self.tmp, outbox, self.dispatcher.submit,
                             {"relay": DeviceInfo("relay", "log", "actuator")}, self.metrics)
         self.up = self.make(ctx, **kw)

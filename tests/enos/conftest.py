@@ -66,27 +66,22 @@ class WatchedOutbox:
 
     def __init__(self, outbox: Any) -> None:
         self._outbox = outbox
-        self.changed = asyncio.Condition()
+        self._changed = asyncio.Event()
+        outbox.watchers.append(self._changed.set)  # every confirmation, from any lane
         self.quarantined: list[tuple[int, str, str]] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._outbox, name)
-
-    async def _notify(self) -> None:
-        async with self.changed:
-            self.changed.notify_all()
-
-    async def ack(self, seq: int) -> None:
-        await self._outbox.ack(seq)
-        await self._notify()
 
     def quarantine(self, item: Any, reason: str, detail: str = "") -> None:
         self._outbox.quarantine(item, reason, detail)
         self.quarantined.append((item.seq, reason, detail))
 
     async def wait_acked(self, seq: int, timeout_s: float = 10.0) -> None:
-        async with asyncio.timeout(timeout_s), self.changed:
-            await self.changed.wait_for(lambda: self._outbox.acked >= seq)
+        async with asyncio.timeout(timeout_s):
+            while self._outbox.acked < seq:
+                self._changed.clear()
+                await self._changed.wait()
 
 
 class Rig:
@@ -125,12 +120,14 @@ class Rig:
             await asyncio.gather(*self._tasks, return_exceptions=True)
             await self.queue.close()
 
-    def start_uplink(self, config: EnosConfig | None = None, **overrides: Any) -> EnosUplink:
+    def start_uplink(self, config: EnosConfig | None = None, *, backlog_rate: float = 0.0,
+                     live_first: bool = True, **overrides: Any) -> EnosUplink:
         cfg = config or make_config(self.sim, **overrides)
         self.outbox = WatchedOutbox(self.queue.outbox("enos"))
         ctx = UplinkContext("gw-test", self.tmp_path, self.outbox,  # type: ignore[arg-type]
                             self.dispatcher.submit,
-                            {"relay": DeviceInfo("relay", "log", "actuator")})
+                            {"relay": DeviceInfo("relay", "log", "actuator")},
+                            live_first=live_first, backlog_rate=backlog_rate)
         self.uplink = EnosUplink("enos", cfg, ctx)
         self.dispatcher.repliers["enos"] = self.uplink.reply
         self._uplink_task = asyncio.create_task(self.uplink.run(), name="test-enos-uplink")

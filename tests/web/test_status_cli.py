@@ -45,3 +45,18 @@ def test_status_unreachable_daemon_exits_2() -> None:
     r = status("--url", f"http://127.0.0.1:{free_port()}")
     assert r.returncode == 2
     assert "cannot reach" in r.stderr
+
+
+def test_a_draining_backlog_shows_as_a_progress_bar() -> None:
+    from gatewayd.web.term import render
+
+    up = {"type": "enos", "state": "connected", "since": 0, "last_error": "", "sent": 10,
+          "dropped": 0, "backlog": {"rows": 250, "bytes": 0, "oldest_ts_ms": None,
+                                    "drain": {"peak": 1000, "pct": 75.0, "rate_per_s": 50.0,
+                                              "eta_s": 5}}}
+    idle = {**up, "backlog": {"rows": 0, "bytes": 0, "oldest_ts_ms": None,
+                              "drain": {"peak": 0, "pct": 100.0, "rate_per_s": 0.0, "eta_s": None}}}
+    doc = {"gateway": "gw", "devices": {}, "uplinks": {"cloud": up, "archive": idle}}
+    lines = [line for line in render(doc).splitlines() if "backlog  [" in line]
+    assert lines == ["cloud backlog  [" + "#" * 22 + "." * 8 + "]  75.0%  250 of 1,000 left  "
+                     "50/s  ETA 5s"]

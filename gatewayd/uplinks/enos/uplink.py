@@ -71,6 +71,7 @@ class EnosUplink(DeliveryUplink):
     """Delivers readings to EnOS and takes commands from it. See the module docstring."""
 
     Config = EnosConfig
+    backlog_unit = "messages"  # the hub limits messages per device and second
     throttle = _HUB_THROTTLE
 
     def __init__(self, name: str, config: EnosConfig, ctx: UplinkContext) -> None:

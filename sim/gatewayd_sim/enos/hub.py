@@ -41,6 +41,7 @@ class Accepted:
     ts_ms: int
     how: str  # "post" or "resume"
     conn_id: int
+    rx: float = field(default_factory=time.monotonic)  # when the hub accepted it (monotonic)
 
 
 @dataclass(frozen=True, slots=True)
