@@ -4,10 +4,13 @@ Scenarios (each ~12 s, the real `gatewayd.sampler.Sampler` driving the real driv
   i2c     10 emulated buses x (2 BME280, 2 SHT3x, 1 ADS1115 with 2 points) = 50 devices
   modbus  5 RS-485 lines (ptys) x 10 units, 4 registers in 2 points each = 50 devices; the
           pymodbus slaves run in a child process, so their CPU is not counted
+  line    the TB-GW harness's shape (--scenario line): one line, 20 units x 20 uint16 holding
+          registers (one 20-register read per poll), at --rate Hz per device (default 10):
+          the sampler and Modbus path's CPU per poll, without the queue and the uplink
 Printed: achieved reads/s against the 500/s target, CPU-seconds per 1k reads (process total,
 and for I2C without the chip models' own CPU), read latency p50/p99, peak RSS.
 
-Run: /work/venv/bin/python bench/bench_drivers.py [--seconds N]
+Run: .venv/bin/python bench/bench_drivers.py [--seconds N] [--scenario all|i2c|modbus|line]
 """
 
 from __future__ import annotations
@@ -69,13 +72,15 @@ class Sink:
         return False  # an in-memory counter is never behind
 
 
-async def measure(name: str, devices: list[Driver], seconds: float, model_cpu: Any = None) -> dict[str, Any]:
+async def measure(name: str, devices: list[Driver], seconds: float, model_cpu: Any = None,
+                  rate_hz: float = RATE_HZ) -> dict[str, Any]:
     sink = Sink()
     latencies: list[float] = []
-    samplers = [Sampler(Timed(d, latencies), 1 / RATE_HZ, 2.0, 0.05, 1.0, sink) for d in devices]
+    samplers = [Sampler(Timed(d, latencies), 1 / rate_hz, 2.0, 0.05, 1.0, sink) for d in devices]
     tasks = [asyncio.create_task(s.run(), name=f"sampler[{s.driver.name}]") for s in samplers]
     await asyncio.sleep(2.0)  # warm-up: opens, first reads, caches
     reads0, cpu0, wall0 = sink.reads, time.process_time(), time.monotonic()
+    readings0 = sink.readings
     model0 = model_cpu() if model_cpu else 0.0
     lat0 = len(latencies)
     await asyncio.sleep(seconds)
@@ -87,10 +92,11 @@ async def measure(name: str, devices: list[Driver], seconds: float, model_cpu: A
     lat = sorted(latencies[lat0:])
     failing = sum(1 for s in samplers if s.status.state != "ok")
     result = {
-        "scenario": name, "devices": len(devices), "target_reads_s": len(devices) * RATE_HZ,
+        "scenario": name, "devices": len(devices), "target_reads_s": len(devices) * rate_hz,
         "reads_s": round(reads / wall, 1),
         "cpu_s_per_1k_reads": round(cpu / reads * 1000, 3),
         "cpu_ms_per_read": round(cpu / reads * 1000, 3),
+        "cpu_us_per_reading": round(cpu / max(1, sink.readings - readings0) * 1e6, 2),
         "cpu_pct_of_one_core": round(cpu / wall * 100, 1),
         "latency_p50_ms": round(statistics.median(lat) * 1000, 2),
         "latency_p99_ms": round(lat[int(len(lat) * 0.99) - 1] * 1000, 2),
@@ -157,20 +163,58 @@ async def modbus_scenario(seconds: float) -> dict[str, Any]:
         await asyncio.wait_for(child.wait(), 20)
 
 
+async def line_scenario(seconds: float, rate_hz: float) -> dict[str, Any]:
+    root = ROOT
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CHILD.replace("range(1, 11)", "range(1, 21)"), "1",
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)})
+    assert child.stdout is not None and child.stdin is not None
+    path = (await child.stdout.readline()).decode().split()[0]
+    buses = BusManager()
+    points = {f"r{i}": ModbusPoint(address=i) for i in range(20)}
+    devices: list[Driver] = [
+        ModbusDriver(f"unit-{u:03d}", ModbusConfig(port=path, baudrate=115200, unit=u,
+                                                   points=points), buses)
+        for u in range(1, 21)]
+    try:
+        return await measure("line", devices, seconds, rate_hz=rate_hz)
+    finally:
+        await buses.close()
+        child.stdin.close()
+        await asyncio.wait_for(child.wait(), 20)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=12.0)
+    parser.add_argument("--scenario", choices=["all", "i2c", "modbus", "line"], default="all",
+                        help="all: i2c and modbus (the default); line: the TB-GW harness's shape")
+    parser.add_argument("--rate", type=float, default=RATE_HZ, help="polls/s per device (line)")
     args = parser.parse_args()
     import logging
 
     import structlog
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
-    results = [await i2c_scenario(args.seconds), await modbus_scenario(args.seconds)]
+    if args.scenario == "line":
+        r = await line_scenario(args.seconds, args.rate)
+        print(json.dumps(r))
+        print(f"# one line, 20 units x 20 registers at {args.rate:g} Hz: {r['reads_s']} polls/s, "
+              f"{r['cpu_ms_per_read'] * 1000:.0f} us CPU per poll, {r['cpu_us_per_reading']} us "
+              f"per reading, {r['cpu_pct_of_one_core']} % of a core (sampler + Modbus, no queue)")
+        return
+    results = []
+    if args.scenario in ("all", "i2c"):
+        results.append(await i2c_scenario(args.seconds))
+    if args.scenario in ("all", "modbus"):
+        results.append(await modbus_scenario(args.seconds))
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for r in results:
         r["peak_rss_mb"] = round(rss_mb, 1)
         print(json.dumps(r))
+    if args.scenario != "all":
+        return
     print(f"# CPU per read (50 emulated devices at 10 Hz): I2C {results[0]['cpu_ms_per_read']} ms "
           f"({results[0]['cpu_ms_per_read_without_chip_models']} ms without the chip models), "
           f"Modbus RTU {results[1]['cpu_ms_per_read']} ms")

@@ -9,6 +9,7 @@ Printed: each one's CPU as % of one core (user + system over the window), RSS, a
 gatewayd / bare (target <= 1.2).
 
 Run: .venv/bin/python bench/bench_idle.py [--devices 20] [--seconds 60] [--rounds 1]
+     [--py-spy FILE]   (record gatewayd in the last round's window; prints the top frames)
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
-def measure(devices: int, seconds: float, warmup: float) -> dict[str, float]:
+def measure(devices: int, seconds: float, warmup: float,
+            spy: Path | None = None) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = write_config(Path(tmp), devices, "1s", 0)
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -71,9 +73,17 @@ def measure(devices: int, seconds: float, warmup: float) -> dict[str, float]:
             time.sleep(warmup)  # a benchmark's warm-up (imports, queue open), not synchronization
             if gw.poll() is not None:
                 raise SystemExit(f"gatewayd exited with {gw.returncode}")
+            recorder = None
+            if spy is not None:  # samples with --nonblocking: gatewayd is never stopped
+                recorder = subprocess.Popen(
+                    [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(gw.pid),
+                     "-d", str(int(seconds)), "-r", "200", "--nonblocking", "-f", "raw",
+                     "-o", str(spy)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             g0, b0, t0 = proc_cpu_s(gw.pid), proc_cpu_s(bare.pid), time.perf_counter()
             time.sleep(seconds)
             g1, b1, t1 = proc_cpu_s(gw.pid), proc_cpu_s(bare.pid), time.perf_counter()
+            if recorder is not None:
+                recorder.wait(60)
             out = {"devices": devices, "wall_s": round(t1 - t0, 2),
                    "gatewayd_cpu_pct": round((g1 - g0) / (t1 - t0) * 100, 3),
                    "bare_cpu_pct": round((b1 - b0) / (t1 - t0) * 100, 3),
@@ -95,8 +105,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--warmup", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--py-spy", type=Path, help="record gatewayd in the last round (raw stacks)")
     args = ap.parse_args()
-    results = [measure(args.devices, args.seconds, args.warmup) for _ in range(args.rounds)]
+    results = [measure(args.devices, args.seconds, args.warmup,
+                       args.py_spy if i == args.rounds - 1 else None)
+               for i in range(args.rounds)]
     for r in results:
         print(json.dumps(r))
     g = sum(r["gatewayd_cpu_pct"] for r in results) / len(results)
@@ -105,6 +118,10 @@ def main() -> None:
           f"{g:.2f} % of a core, bare asyncio with {args.devices} one-second timers {b:.2f} %, "
           f"ratio {g / b:.2f} (target <= 1.2); RSS {results[-1]['gatewayd_rss_mb']} vs "
           f"{results[-1]['bare_rss_mb']} MB")
+    if args.py_spy is not None and args.py_spy.exists():
+        from tbgw_run import summarize_pyspy
+
+        summarize_pyspy(args.py_spy)
 
 
 if __name__ == "__main__":

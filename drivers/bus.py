@@ -313,6 +313,7 @@ class BusManager:
         self._i2c: dict[str, I2CBus] = {}
         self._serial: dict[str, SerialPort] = {}
         self._modbus: dict[str, ModbusLine] = {}
+        self.generation = 0  # bumped by close(): cached buses are stale
         self._i2c_retries = i2c_retries
 
     def i2c(self, spec: str) -> I2CBus:
@@ -368,7 +369,8 @@ class BusManager:
         return line
 
     async def close(self) -> None:
-        """Close every bus; never raises."""
+        """Close every bus; never raises. Users that cached a bus look it up again."""
+        self.generation += 1
         for bus in self._i2c.values():
             await bus.close()
         for port in [*self._serial.values(), *(m.port for m in self._modbus.values())]:

@@ -258,9 +258,13 @@ class ModbusLine:
         self._framer = FramerRTU(DecodePDU(is_server=False))
         self._decoder = DecodePDU(is_server=False)
         self._frames: dict[tuple[int, int, int, int], bytes] = {}  # read requests, built once
+        self._ends: dict[tuple[int, int], Callable[[bytearray], int]] = {}  # frame-end tests
 
     def unit_stats(self, unit: int) -> UnitStats:
-        return self.stats.setdefault(unit, UnitStats())
+        stats = self.stats.get(unit)
+        if stats is None:
+            stats = self.stats[unit] = UnitStats()
+        return stats
 
     def silence_s(self) -> float:
         """t3.5: 3.5 character times between frames; the spec fixes 1.75 ms above 19200 baud."""
@@ -342,8 +346,10 @@ class ModbusLine:
 
     async def _receive_frame(self, unit: int, fc: int, timeout_s: float, device: str) -> bytes:
         """One answer frame for (unit, fc), leading garbage skipped, its CRC checked."""
-        frame = await self.port.read_frame(_frame_end(unit, fc), timeout_s, device,
-                                           f"response from unit {unit}")
+        end = self._ends.get((unit, fc))
+        if end is None:
+            end = self._ends[(unit, fc)] = _frame_end(unit, fc)
+        frame = await self.port.read_frame(end, timeout_s, device, f"response from unit {unit}")
         if crc16(frame[:-2]) != int.from_bytes(frame[-2:], "little"):
             raise _CrcError(frame)
         return frame
@@ -445,6 +451,25 @@ def decode_block(block: Block, data: Sequence[Any]) -> dict[str, Any]:
     return out
 
 
+_PLAIN, _SIGNED, _GENERAL = 0, 1, 2
+
+
+def _block_decoder(block: Block) -> tuple[tuple[str, int, int, ModbusPoint], ...]:
+    """(name, index, kind, point) per point of `block`: the common points (a 16-bit register
+    in big-endian byte order, unscaled; a bit) are decoded inline, the rest by `decode_value`.
+    The values are the same as `decode_block`'s."""
+    out = []
+    for name, p in block.points:
+        kind = _GENERAL
+        if p.is_bit:
+            kind = _PLAIN  # ModbusLine.read gives bools already
+        elif (p.width == 1 and p.byte_order == "big" and p.type in ("uint16", "int16")
+              and p.scale == 1.0 and p.offset == 0.0 and p.decimals is None):
+            kind = _PLAIN if p.type == "uint16" else _SIGNED
+        out.append((name, p.address - block.address, kind, p))
+    return tuple(out)
+
+
 # --- driver and actuator ------------------------------------------------------------------------
 
 
@@ -474,8 +499,17 @@ class _ModbusBase:
     buses: Buses
     name: str
 
+    _line_cached: ModbusLine | None = None
+    _line_gen: object = None
+
     def _line(self) -> ModbusLine:
-        line: ModbusLine = self.buses.modbus(self.config.port, **self.config.serial_settings())
+        # Looked up (and its settings checked against the line's) once, not every poll; again
+        # after the bus manager closed its lines (`generation` changes).
+        gen = getattr(self.buses, "generation", None)
+        line = self._line_cached
+        if line is None or gen != self._line_gen:
+            line = self.buses.modbus(self.config.port, **self.config.serial_settings())
+            self._line_cached, self._line_gen = line, gen
         return line
 
     def stats(self) -> dict[str, int]:
@@ -497,6 +531,8 @@ class ModbusDriver(_ModbusBase, Driver):
     def __init__(self, name: str, config: ModbusConfig, buses: Buses) -> None:
         Driver.__init__(self, name, config, buses)
         self.blocks = plan_reads(config.points, config.max_gap, config.max_registers)
+        # Per block, per point: (name, index in the answer, how to decode it), worked out once.
+        self._decoders = [_block_decoder(b) for b in self.blocks]
 
     async def read(self) -> list[Reading]:
         # One turn on the line for the whole poll: the port's lock is FIFO, so when a port is
@@ -510,7 +546,7 @@ class ModbusDriver(_ModbusBase, Driver):
         c = self.config
         out: list[Reading] = []
         refused: ModbusExceptionError | None = None
-        for block in self.blocks:
+        for block, decoder in zip(self.blocks, self._decoders, strict=True):
             try:
                 data = await line.read(c.unit, block.fc, block.address, block.count,
                                        device=self.name, timeout_s=c.request_timeout,
@@ -523,13 +559,24 @@ class ModbusDriver(_ModbusBase, Driver):
                 out += [Reading(self.name, n, None, ts, Quality.BAD) for n, _ in block.points]
                 continue
             ts = now_ms()
-            try:
-                values = decode_block(block, data)
-            except ValueError as exc:
-                raise DriverError(self.name, f"modbus unit {self.config.unit}: {exc}") from exc
-            for n, v in values.items():
-                out.append(Reading(self.name, n, v, ts) if v is not None
-                           else Reading(self.name, n, None, ts, Quality.BAD))
+            if len(data) < block.count:
+                raise DriverError(self.name, f"modbus unit {self.config.unit}: response has "
+                                             f"{len(data)} values, expected {block.count}")
+            name = self.name
+            for n, i, kind, p in decoder:
+                v: Any
+                if kind == _PLAIN:  # uint16 as read, or a bit
+                    v = data[i]
+                elif kind == _SIGNED:
+                    v = data[i]
+                    if v & 0x8000:
+                        v -= 0x10000
+                else:
+                    v = decode_value(data[i:i + p.width], p)
+                    if v is None:
+                        out.append(Reading(name, n, None, ts, Quality.BAD))
+                        continue
+                out.append(Reading(name, n, v, ts))
         if refused is not None and all(r.quality == Quality.BAD for r in out):
             raise refused  # nothing readable: the device is failing, not just one register
         return out

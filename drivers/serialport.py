@@ -86,20 +86,30 @@ class SerialLinkConfig:
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.buffer = bytearray()
-        self.changed = asyncio.Event()
+        self.waiter: asyncio.Future[bool | None] | None = None  # the reader waiting (one)
         self.lost = False
         self.error: BaseException | None = None
         self.rx_at = 0.0  # time.monotonic() when the last byte was seen
 
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
     def data_received(self, data: bytes) -> None:
         self.rx_at = time.monotonic()
         self.buffer += data
-        self.changed.set()
+        self._wake()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self.error = exc
-        self.changed.set()
+        self._wake()
+
+
+def _expire(fut: asyncio.Future[bool | None]) -> None:
+    if not fut.done():
+        fut.set_result(True)
 
 
 class _FdTransport:
@@ -432,21 +442,31 @@ class SerialPort:
         await self.ensure_open(device)
         p = self._protocol
         assert p is not None
-        try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    n = ready(p.buffer)
-                    if n:
-                        out = bytes(p.buffer[:n])
-                        del p.buffer[:n]
-                        return out
-                    if p.lost:
-                        raise self._lost(device)
-                    p.changed.clear()
-                    await p.changed.wait()
-        except TimeoutError as exc:
-            raise ReadTimeoutError(
-                device, f"serial port {self.url}: no {what} within {timeout_s:g}s") from exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        expired = False
+        while True:
+            n = ready(p.buffer)
+            if n:
+                out = bytes(p.buffer[:n])
+                del p.buffer[:n]
+                return out
+            if p.lost:
+                raise self._lost(device)
+            if expired:
+                raise ReadTimeoutError(device, f"serial port {self.url}: no {what} within "
+                                               f"{timeout_s:g}s")
+            # One future per wait for bytes (the port's lock admits one reader), resolved by
+            # data_received (None) or at the deadline by the timer (True): no Timeout object
+            # per read.
+            fut: asyncio.Future[bool | None] = loop.create_future()
+            p.waiter = fut
+            timer = loop.call_at(deadline, _expire, fut)
+            try:
+                expired = bool(await fut)
+            finally:
+                timer.cancel()
+                p.waiter = None
 
     async def read_frame(self, ready: Callable[[bytearray], int], timeout_s: float, device: str,
                          what: str = "response") -> bytes:

@@ -82,6 +82,35 @@ async def test_coalescing_functions_gaps_and_limits(modbus_sim: ModbusSlaveSim, 
     assert drv.stats()["requests"] == 4
 
 
+async def test_inline_decoding_gives_decode_values_answers(modbus_sim: ModbusSlaveSim,
+                                                          buses: BusManager) -> None:
+    """The driver decodes plain 16-bit registers and bits inline (no per-point call); its
+    readings are the ones decode_value gives, value, type and quality, for every kind."""
+    regs = [0x8001, 65535, *words("f", math.nan), 0x0102, 7]
+    modbus_sim.set_values(1, "holding", 0, regs)
+    modbus_sim.set_values(1, "coil", 0, [True, False])
+    points = {
+        "u": ModbusPoint(address=0), "s": ModbusPoint(address=0, type="int16"),
+        "s1": ModbusPoint(address=1, type="int16"), "half": ModbusPoint(address=1, scale=0.5),
+        "nan": ModbusPoint(address=2, type="float32"),
+        "le": ModbusPoint(address=4, byte_order="little"),
+        "dec": ModbusPoint(address=5, decimals=0, offset=0.4),
+        "k0": ModbusPoint(address=0, function="coil", type="bool"),
+        "k1": ModbusPoint(address=1, function="coil", type="bool"),
+    }
+    drv = ModbusDriver("m", cfg(modbus_sim, points), buses)
+    got = {r.point: r for r in await drv.read()}
+    coils = [True, False]
+    for name, p in points.items():
+        raw = coils[p.address:p.address + 1] if p.is_bit else regs[p.address:p.address + p.width]
+        want = decode_value(raw, p)
+        r = got[name]
+        assert (r.value, type(r.value)) == (want, type(want)), name
+        assert r.quality == (Quality.BAD if want is None else Quality.GOOD), name
+    assert got["u"].value == 32769 and got["s"].value == -32767 and got["s1"].value == -1
+    assert got["le"].value == 0x0201 and got["k0"].value is True and got["nan"].value is None
+
+
 def test_plan_respects_register_limit() -> None:
     points = {f"p{i}": ModbusPoint(address=i * 2, type="uint32") for i in range(100)}
     blocks = plan_reads(points, max_registers=125)
