@@ -78,7 +78,7 @@ STORAGE_STATES: tuple[StorageState, ...] = ("ok", "disk_full", "read_only", "io_
 
 @dataclass(frozen=True, slots=True)
 class QueueConfig:
-    commit_window: Duration = 0.1  # upper bound on a reading's wait (the commit is adaptive)
+    commit_window: Duration = 0.02  # the longest a reading waits for its commit to start
     commit_max_rows: Annotated[int, Range(1, 1_000_000)] = 20_000  # commit early past this
     fsync: Literal["always", "normal", "off"] = "always"
     max_rows: Annotated[int, Range(1000, None)] = 10_000_000
@@ -289,6 +289,7 @@ class Queue:
         # cursors confirmed in memory but not yet written: name -> (acked, ranges as JSON)
         self._dirty: dict[str, tuple[int, str]] = {}
         self._have_pending = asyncio.Event()
+        self._full = asyncio.Event()  # the open batch reached commit_max_rows
         self._committed = asyncio.Condition()
         self._commit_lock = asyncio.Lock()  # one commit at a time: seq is assigned from `tail`
         self._outboxes: dict[str, Outbox] = {}
@@ -846,6 +847,8 @@ class Queue:
         self._pending.extend(readings)
         self._pending_futs.append(fut)
         self._pending_sizes.append(len(self._pending) - before)
+        if len(self._pending) >= self.config.commit_max_rows:
+            self._full.set()
         self._have_pending.set()
         return fut
 
@@ -873,14 +876,27 @@ class Queue:
             tg.create_task(self._gc_loop(), name="queue-gc")
 
     async def _commit_loop(self) -> None:
-        """Adaptive group commit, as databases do it: with the writer idle a submitted batch
-        commits at once; while a commit is in flight, new readings gather for the next one, so
-        a batch grows with the load and a reading waits about one commit, never a fixed window."""
+        """Adaptive group commit. A reading that arrives when no commit started within the last
+        `commit_window` (the writer is idle) commits at once. Under a stream, readings gather
+        until a window has passed since the last commit began (or the batch is full), and while
+        a commit is in flight they gather for the next one. So `commit_window` is the longest a
+        reading waits for its commit to start, never a fixed delay, and a burst of polls costs a
+        few commits (fsync, lease, message, confirmation) instead of one each."""
+        last = -math.inf
         while True:
             if self.storage.ok:
                 await self._have_pending.wait()
+                wait = last + self.config.commit_window - time.monotonic()
+                if wait > 0 and len(self._pending) < self.config.commit_max_rows:
+                    self._full.clear()
+                    try:
+                        async with asyncio.timeout(wait):
+                            await self._full.wait()
+                    except TimeoutError:
+                        pass
             else:
                 await asyncio.sleep(self.probe_s)  # degraded: probe the disk now and then
+            last = time.monotonic()
             await self._commit()
 
     async def _commit(self) -> None:
