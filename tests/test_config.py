@@ -57,7 +57,7 @@ def test_good_config_loads_typed(tmp_path: Path) -> None:
     assert cfg.devices[0].options.points["temp"].max == 20.0
     assert cfg.uplinks[0].options.path == "out.jsonl"
     assert cfg.commands[0].params["channel"].max == 7
-    assert cfg.queue.commit_window == 0.1
+    assert cfg.queue.commit_window == 0.02  # the default
 
 
 @pytest.mark.parametrize("value,seconds", [("10s", 10), ("500ms", 0.5), ("2m", 120), ("1h", 3600),

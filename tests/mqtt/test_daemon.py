@@ -89,7 +89,9 @@ async def test_wildcard_publishes_cost_no_cpu_and_log_once(tmp_path: Path,
         cpu = _cpu_s(d.proc.pid) - before  # type: ignore[union-attr]
         sent = len(broker.published)
         assert await asyncio.to_thread(d.stop) == 0
-    assert cpu < 0.5, f"daemon used {cpu:.2f} s CPU in 10 s"
+    # The bug burned a whole core (about 10 s here); a quarter of one leaves room for a loaded
+    # machine (0.51 s was seen at load 3 for a daemon that also samples and delivers).
+    assert cpu < 2.5, f"daemon used {cpu:.2f} s CPU in 10 s"
     drops = [e for e in d.events if e.get("event") == "mqtt_message_dropped"]
     assert len(drops) == 1 and drops[0]["cause"] == "invalid_topic"
     assert sent >= 20  # readings kept flowing meanwhile
