@@ -283,6 +283,7 @@ class Queue:
         self._series_by_id: dict[int, tuple[str, str]] = {}
         self._pending: list[Reading] = []
         self._pending_futs: list[asyncio.Future[bool]] = []
+        self._pending_sizes: list[int] = []  # readings per submit, in order
         self._retry: list[Reading] = []  # readings the disk refused, held for the next commit
         self._inflight = 0  # held readings in a probe commit right now
         # cursors confirmed in memory but not yet written: name -> (acked, ranges as JSON)
@@ -841,8 +842,10 @@ class Queue:
             self._hold(list(readings))
             fut.set_result(False)
             return fut
+        before = len(self._pending)
         self._pending.extend(readings)
         self._pending_futs.append(fut)
+        self._pending_sizes.append(len(self._pending) - before)
         self._have_pending.set()
         return fut
 
@@ -860,6 +863,8 @@ class Queue:
         Always takes the commit lock, so a commit already in flight has landed on return.
         """
         await self._commit()
+        while self._pending and self.storage.ok:  # past commit_max_rows: in several commits
+            await self._commit()
 
     async def run(self) -> None:
         """The group-commit and GC loops. Runs until cancelled."""
@@ -891,12 +896,27 @@ class Queue:
 
     async def _commit_locked(self) -> None:
         futs = self._pending_futs
+        if self.storage.ok and not self._retry and len(self._pending) > self.config.commit_max_rows:
+            # Past commit_max_rows, whole submits up to the cap go now and the rest right after:
+            # a producer waiting on its oldest submit sees it land without waiting for all.
+            k, n = 0, 0
+            for size in self._pending_sizes:
+                if k and n + size > self.config.commit_max_rows:
+                    break
+                k, n = k + 1, n + size
+            batch, futs = self._pending[:n], futs[:k]
+            self._pending, self._pending_futs = self._pending[n:], self._pending_futs[k:]
+            self._pending_sizes = self._pending_sizes[k:]
+            self._have_pending.set()  # the rest commits next, at once
+            await self._commit_batch(batch, futs)
+            return
         if self.storage.ok:
             batch, rest = self._retry + self._pending, []
         else:  # a probe: what is held, a small slice first
             self._hold(self._pending)
             batch, rest = self._retry[:_PROBE_ROWS], self._retry[_PROBE_ROWS:]
         self._retry, self._pending, self._pending_futs = rest, [], []
+        self._pending_sizes = []
         self._have_pending.clear()
         degraded = not self.storage.ok
         if degraded:
