@@ -215,13 +215,17 @@ def _decode(val: Any, vt: int) -> Any:
 def _load_ranges(text: Any, acked: int) -> list[tuple[int, int]]:
     """Confirmed ranges from their JSON column: sorted, merged, above `acked`; bad text is []."""
     try:
-        raw = json.loads(text or "[]")
-        pairs = sorted((int(a), int(b)) for a, b in raw)
+        pairs = [(int(a), int(b)) for a, b in json.loads(text or "[]")]
     except (TypeError, ValueError):
         log.warning("uplink_ranges_unreadable", text=str(text)[:80])
         return []
+    return _merge_ranges(pairs, acked)
+
+
+def _merge_ranges(pairs: Iterable[tuple[int, int]], acked: int) -> list[tuple[int, int]]:
+    """Seq ranges sorted, overlapping or adjacent ones merged, the parts up to `acked` cut."""
     out: list[tuple[int, int]] = []
-    for a, b in pairs:
+    for a, b in sorted(pairs):
         a = max(a, acked + 1)
         if b < a:
             continue
@@ -230,6 +234,23 @@ def _load_ranges(text: Any, acked: int) -> list[tuple[int, int]]:
         else:
             out.append((a, b))
     return out
+
+
+def _fold_ranges(acked: int, done: list[tuple[int, int]], gaps: Sequence[tuple[int, int]]
+                 ) -> tuple[int, list[tuple[int, int]]]:
+    """Move the low-water mark `acked` over confirmed ranges (and state-loss gaps) that reach
+    it; `done` is sorted and merged, above `acked`. Returns the new mark and what stays above."""
+    i, moved = 0, True
+    while moved:
+        moved = False
+        if i < len(done) and done[i][0] <= acked + 1:
+            acked = max(acked, done[i][1])
+            i += 1
+            moved = True
+        for g0, g1 in gaps:
+            if g0 <= acked + 1 <= g1:
+                acked, moved = g1, True
+    return acked, [r for r in done[i:] if r[1] > acked]
 
 
 def _migrate_1(db: sqlite3.Connection) -> None:
@@ -1487,9 +1508,8 @@ class Outbox:
 
     def reset(self, acked: int, done: Sequence[tuple[int, int]] = ()) -> None:
         """Load the durable confirmations (at open, or after a degraded start)."""
-        self.acked = acked  # confirmed low-water mark (durable unless in queue._dirty)
-        self.done = _load_ranges(json.dumps([list(r) for r in done]), acked)
-        self._fold()
+        # the confirmed low-water mark (durable unless in queue._dirty) and the ranges above it
+        self.acked, self.done = _fold_ranges(acked, _merge_ranges(done, acked), self.queue._gaps)
         self._default = Lane(self, "all", self.acked + 1, None)
         self._lanes = [self._default]
 
@@ -1522,57 +1542,26 @@ class Outbox:
                 n -= q._count(a, b)
         return n
 
-    def _fold(self) -> None:
-        """Merge confirmed ranges that reach the low-water mark (or a state-loss gap) into it."""
-        gaps = self.queue._gaps
-        moved = True
-        while moved:
-            moved = False
-            if self.done and self.done[0][0] <= self.acked + 1:
-                self.acked = max(self.acked, self.done.pop(0)[1])
-                moved = True
-            for g0, g1 in gaps:
-                if g0 <= self.acked + 1 <= g1:
-                    self.acked = g1
-                    moved = True
-        while self.done and self.done[0][1] <= self.acked:
-            self.done.pop(0)
-
     def _with(self, lo: int, hi: int) -> tuple[int, list[tuple[int, int]]]:
         """(acked, done) after confirming [lo, hi], without changing this outbox."""
-        keep = (self.acked, self.done)
-        done = list(self.done)
-        a, b = lo, hi
-        out: list[tuple[int, int]] = []
-        for d0, d1 in done:
-            if d1 + 1 < a or d0 > b + 1:
-                out.append((d0, d1))
-            else:
-                a, b = min(a, d0), max(b, d1)
-        out.append((a, b))
-        out.sort()
-        self.done = out
-        self._fold()
-        while len(self.done) > MAX_RANGES:
+        acked, done = _fold_ranges(self.acked, _merge_ranges([*self.done, (lo, hi)], self.acked),
+                                   self.queue._gaps)
+        while len(done) > MAX_RANGES:
             # Bounded memory: forget the smallest confirmed range (its readings go again).
-            small = min(range(len(self.done)), key=lambda i: self.done[i][1] - self.done[i][0])
-            d0, d1 = self.done.pop(small)
+            small = min(range(len(done)), key=lambda i: done[i][1] - done[i][0])
+            d0, d1 = done.pop(small)
             self.forgotten += self.queue._count(d0, d1)
             self.queue._rl.warning("uplink_ranges_compacted", key=self.name, uplink=self.name,
                                    resent=self.queue._count(d0, d1), ranges=MAX_RANGES,
                                    message="more confirmed ranges than kept: the smallest is "
                                            "forgotten and its readings are sent again")
-        result = (self.acked, self.done)
-        self.acked, self.done = keep
-        return result
+        return acked, done
 
     def advance_to(self, cut: int) -> None:
         """Everything up to `cut` is settled (the caps dropped it): move past it."""
-        if cut <= self.acked:
-            return
-        self.acked = cut
-        self.done = [(max(a, cut + 1), b) for a, b in self.done if b > cut]
-        self._fold()
+        if cut > self.acked:
+            self.acked, self.done = _fold_ranges(cut, _merge_ranges(self.done, cut),
+                                                 self.queue._gaps)
 
     def ranges(self) -> list[tuple[int, int]]:
         """The unconfirmed seq ranges up to the tail (what is still to deliver), oldest first."""
