@@ -45,7 +45,6 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -55,6 +54,7 @@ import structlog
 from drivers.base import ByteSize, Duration, Range, Reading
 from gatewayd.errors import QueueSchemaError, UplinkUnavailableError
 from gatewayd.uplinks.base import Item, Lease
+from gatewayd.worker import Worker
 
 log = structlog.get_logger("gatewayd.queue")
 T = TypeVar("T")
@@ -67,6 +67,9 @@ _MAX_UPLINKS = 62  # bits in the `off` column
 _RESERVE = 100_000  # seqs reserved in the sidecar ahead of the tail (one fsync per this many)
 _PROBE_ROWS = 1000  # a degraded queue probes the disk with a commit this small
 _HOT_ROWS = 4096  # readings of the last commits kept in memory for live leases
+# A confirmation through the tail waits for the next commit's transaction (see Outbox.confirm)
+# at most this long before it is written alone.
+_CURSOR_LINGER_S = 2.0
 
 # SQLite primary result codes (the low byte of an extended code).
 _SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
@@ -296,8 +299,8 @@ class Queue:
         self._uplink_names = list(uplinks)
         self._starts = starts or {}
         self.metrics = metrics
-        self._w = ThreadPoolExecutor(1, thread_name_prefix="queue-writer")
-        self._r = ThreadPoolExecutor(1, thread_name_prefix="queue-reader")
+        self._w = Worker("queue-writer")
+        self._r = Worker("queue-reader")
         self._db: sqlite3.Connection | None = None  # writer thread only
         self._rdb: sqlite3.Connection | None = None  # reader thread only
         self._series: dict[tuple[str, str], int] = {}
@@ -309,6 +312,11 @@ class Queue:
         self._inflight = 0  # held readings in a probe commit right now
         # cursors confirmed in memory but not yet written: name -> (acked, ranges as JSON)
         self._dirty: dict[str, tuple[int, str]] = {}
+        # confirmations through the tail, written with the next commit (Outbox.confirm); at
+        # most one per uplink, never while the disk refuses writes (those go to _dirty)
+        self._lazy: dict[str, tuple[int, str]] = {}
+        self._lazy_timer: asyncio.TimerHandle | None = None
+        self._lazy_tasks: set[asyncio.Task[None]] = set()
         self._have_pending = asyncio.Event()
         self._full = asyncio.Event()  # the open batch reached commit_max_rows
         self._committed = asyncio.Condition()
@@ -338,10 +346,10 @@ class Queue:
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._w, fn, *args)
+        return await self._w.call(fn, *args)
 
     async def _on_reader(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._r, fn, *args)
+        return await self._r.call(fn, *args)
 
     @property
     def store_error(self) -> str:
@@ -687,7 +695,12 @@ class Queue:
         """Commit what is pending, then close the database. Idempotent."""
         if self._closed:
             return
-        if self._opened or self._retry or self._pending:
+        if self._lazy_timer is not None:
+            self._lazy_timer.cancel()
+            self._lazy_timer = None
+        if self._lazy_tasks:
+            await asyncio.wait(list(self._lazy_tasks))
+        if self._opened or self._retry or self._pending or self._lazy:
             await self.flush()
         self._closed = True
         for ob in self._outboxes.values():
@@ -701,8 +714,8 @@ class Queue:
         clean = not self._retry and not self._dirty and self._opened
         await self._on_reader(self._close_reader_sync)
         await self._on_writer(self._close_writer_sync, self.tail, acked, clean)
-        self._w.shutdown(wait=True)
-        self._r.shutdown(wait=True)
+        self._w.close()
+        self._r.close()
         log.info("queue_closed", tail=self.tail, rows=self.rows)
 
     def _close_reader_sync(self) -> None:
@@ -728,6 +741,7 @@ class Queue:
     def _fault(self, exc: BaseException, where: str, at_start: bool = False) -> None:
         """A write failed for a storage reason: degrade (one log line per condition change)."""
         state = classify(exc, self.path) or "io_error"
+        self._lazy_to_dirty()
         st = self.storage
         st.detail = str(exc)
         if state == st.state:
@@ -836,6 +850,7 @@ class Queue:
         ob.closed = True
         self._uplink_names = [n for n in self._uplink_names if n != name]
         self._dirty.pop(name, None)
+        self._lazy.pop(name, None)
         db = self._db
         if self._opened and db is not None:
             try:
@@ -966,7 +981,7 @@ class Queue:
                 self._update_storage_gauges()
 
     async def _commit_batch(self, batch: list[Reading], futs: list[asyncio.Future[bool]]) -> None:
-        if not batch and not self._dirty and self._opened:
+        if not batch and not self._dirty and not self._lazy and self._opened:
             for f in futs:
                 if not f.done():
                     f.set_result(True)
@@ -975,7 +990,7 @@ class Queue:
         for ob in self._outboxes.values():
             if not ob.connected:
                 offline |= 1 << ob.bit
-        dirty = dict(self._dirty)
+        dirty = self._cursor_writes()
         started = time.perf_counter()
         try:
             if not self._opened:
@@ -1151,7 +1166,7 @@ class Queue:
             if ob.acked < cut:
                 per_uplink[name] = ob.unconfirmed(max(ob.acked, self.head - 1) + 1, cut)
         first = self.head
-        dirty = dict(self._dirty)
+        dirty = self._cursor_writes()
         removed_bytes = await self._on_writer(self._delete_through_sync, cut, per_uplink, dirty)
         self._clean_dirty(dirty)
         self._write_ok()
@@ -1170,9 +1185,51 @@ class Queue:
         return n
 
     def _clean_dirty(self, written: dict[str, tuple[int, str]]) -> None:
-        for name, acked in written.items():
-            if self._dirty.get(name) == acked:
+        """`written` reached the disk: forget what it superseded."""
+        for name, state in written.items():
+            if self._dirty.get(name) == state:
                 del self._dirty[name]
+            if self._lazy.get(name) == state:
+                del self._lazy[name]
+
+    def _cursor_writes(self) -> dict[str, tuple[int, str]]:
+        """The cursor states a write to the database carries along (a name is never in both)."""
+        return {**self._lazy, **self._dirty} if self._lazy else dict(self._dirty)
+
+    def _lazy_to_dirty(self) -> None:
+        for name, state in self._lazy.items():
+            self._dirty.setdefault(name, state)
+        self._lazy.clear()
+
+    def _defer_cursor(self, name: str, state: tuple[int, str]) -> None:
+        """Keep a confirmation for the next commit's transaction (or the linger timer)."""
+        self._lazy[name] = state
+        if self._lazy_timer is None and not self._closed:
+            self._lazy_timer = asyncio.get_running_loop().call_later(
+                _CURSOR_LINGER_S, self._lazy_due)
+
+    def _lazy_due(self) -> None:
+        self._lazy_timer = None
+        if self._lazy and not self._closed:
+            task = asyncio.ensure_future(self._flush_lazy())
+            self._lazy_tasks.add(task)
+            task.add_done_callback(self._lazy_tasks.discard)
+
+    async def _flush_lazy(self) -> None:
+        """No commit came within the linger time: write the waiting confirmations alone."""
+        states = dict(self._lazy)
+        if not states or not (self.storage.ok and self._opened):
+            return
+        try:
+            await self._on_writer(self._write_cursors_sync, states)
+        except (sqlite3.Error, OSError) as exc:
+            if classify(exc, self.path) is None:
+                log.exception("queue_cursor_write_failed", uplinks=sorted(states))
+                return  # still waiting in _lazy: the next commit writes them
+            self._fault(exc, "ack")
+            return
+        self._clean_dirty(states)
+        self._write_ok()
 
     def _delete_through_sync(self, cut: int, per_uplink: dict[str, int],
                              dirty: dict[str, tuple[int, str]]) -> int:
@@ -1207,7 +1264,7 @@ class Queue:
         if done < self.head:
             return 0
         cut = min(done, self.head + _GC_CHUNK - 1)
-        dirty = dict(self._dirty)
+        dirty = self._cursor_writes()
         removed = await self._on_writer(self._delete_through_sync, cut, {}, dirty)
         self._clean_dirty(dirty)
         self._write_ok()
@@ -1587,11 +1644,24 @@ class Outbox:
             newly = self.unconfirmed(lo, hi)
             acked, done = self._with(lo, hi)
             state = (acked, json.dumps([list(r) for r in done], separators=(",", ":")))
+            lazy = q._lazy
             try:
                 if not (q.storage.ok and q._opened):
                     raise _Deferred
-                await q._on_writer(q._write_cursors_sync, {self.name: state})
+                if hi >= q.tail and self.name not in lazy and self.name not in q._dirty:
+                    # Through the tail: anything leased after this needs a commit first, and
+                    # that commit writes this cursor in its own transaction, for free. So
+                    # only a crash before the next commit (or the linger timer) can undo this
+                    # confirmation, and then just this one batch is sent again, with nothing
+                    # of this uplink in flight behind it. A power cut is no worse than before:
+                    # a cursor write alone never waited for an fsync either.
+                    q._defer_cursor(self.name, state)
+                else:
+                    lazy.pop(self.name, None)  # this write carries the waiting one along
+                    await q._on_writer(q._write_cursors_sync, {self.name: state})
+                    q._dirty.pop(self.name, None)  # superseded: never write the older state
             except _Deferred:
+                lazy.pop(self.name, None)
                 q._dirty[self.name] = state  # written with the first write the disk takes
                 q.storage.acks_pending = len(q._dirty)
             except (sqlite3.Error, OSError) as exc:
