@@ -262,3 +262,131 @@ async def test_concurrent_flushes_never_reuse_a_seq(tmp_path: Path) -> None:
         lease = await q.outbox("a").lease(10_000, wait_s=1)
         assert [i.seq for i in lease.items] == list(range(1, 2001))
         assert [i.reading.value for i in lease.items] == [float(v) for v in range(2000)]
+
+
+# -- confirmations through the tail ride on the next commit ----------------------------------
+
+
+def _cursor(db: Path, name: str) -> int:
+    con = sqlite3.connect(db)
+    try:
+        return con.execute("SELECT acked FROM cursors WHERE name=?", (name,)).fetchone()[0]
+    finally:
+        con.close()
+
+
+def _writer_jobs(q: Queue) -> list[str]:
+    """Record the name of every job the writer thread runs from now on."""
+    names: list[str] = []
+    call = q._w.call
+
+    def spy(fn, *args):  # type: ignore[no-untyped-def]
+        names.append(getattr(fn, "__name__", repr(fn)))
+        return call(fn, *args)
+
+    q._w.call = spy  # type: ignore[method-assign]
+    return names
+
+
+async def test_confirmation_through_the_tail_is_written_by_the_next_commit(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    async with opened(db, ["a"]) as q:
+        ob = q.outbox("a")
+        assert await q.put(readings(10))
+        jobs = _writer_jobs(q)
+        lease = await ob.lease(100, wait_s=1)
+        await ob.ack(lease.items[-1].seq)  # through the tail
+        assert ob.acked == 10 and ob.pending() == 0  # confirmed at once, in memory
+        assert jobs == []  # no write of its own
+        assert _cursor(db, "a") == 0
+        assert await q.put(readings(5, 10))
+        assert jobs == ["_commit_sync"]  # one transaction: the rows and the cursor
+        assert _cursor(db, "a") == 10
+        assert q._lazy == {}
+
+
+async def test_confirmation_below_the_tail_is_written_at_once(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    async with opened(db, ["a"]) as q:
+        ob = q.outbox("a")
+        assert await q.put(readings(10))
+        jobs = _writer_jobs(q)
+        await ob.lease(4, wait_s=1)
+        await ob.ack(4)  # a backlog, or a lease behind the tail: others may follow unwritten
+        assert jobs == ["_write_cursors_sync"]
+        assert _cursor(db, "a") == 4
+
+
+async def test_at_most_one_confirmation_waits_per_uplink(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    async with opened(db, ["a"]) as q:
+        ob = q.outbox("a")
+        assert await q.put(readings(10))
+        jobs = _writer_jobs(q)
+        await ob.confirm(6, 10)  # live first: the newest readings, through the tail
+        assert jobs == [] and "a" in q._lazy
+        await ob.confirm(1, 3)  # the backlog's first batch: written now, the waiting one with it
+        assert jobs == ["_write_cursors_sync"] and q._lazy == {}
+        con = sqlite3.connect(db)
+        assert con.execute("SELECT acked, ranges FROM cursors WHERE name='a'").fetchone() == \
+            (3, "[[6,10]]")
+        con.close()
+
+
+async def test_waiting_confirmation_is_written_alone_after_the_linger(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gatewayd.queue as queue_mod
+
+    monkeypatch.setattr(queue_mod, "_CURSOR_LINGER_S", 0.05)
+    db = tmp_path / "q.db"
+    async with opened(db, ["a"]) as q:
+        ob = q.outbox("a")
+        assert await q.put(readings(10))
+        jobs = _writer_jobs(q)
+        await ob.ack(10)
+        assert jobs == []
+        async with asyncio.timeout(5):
+            while not q._lazy_tasks and q._lazy:  # the timer starts the write
+                await asyncio.sleep(0.01)
+            await asyncio.gather(*q._lazy_tasks)
+        assert jobs == ["_write_cursors_sync"]  # the cheap write (no fsync), not a commit
+        assert _cursor(db, "a") == 10 and q._lazy == {}
+
+
+async def test_waiting_confirmation_is_written_at_close_and_survives_restart(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    async with opened(db, ["a"]) as q:
+        ob = q.outbox("a")
+        assert await q.put(readings(10))
+        await ob.ack(10)
+        assert _cursor(db, "a") == 0
+    assert _cursor(db, "a") == 10
+    async with opened(db, ["a"]) as q:
+        assert q.outbox("a").pending() == 0
+        lease = await q.outbox("a").lease(100, wait_s=0)
+        assert lease.items == []  # nothing confirmed is sent again after a clean stop
+
+
+async def test_crash_before_the_next_commit_resends_only_the_last_batch(tmp_path: Path) -> None:
+    """A crash (the process gone: no close, no flush) loses only the waiting confirmation."""
+    db = tmp_path / "q.db"
+    q = Queue(db, CFG, ["a"])
+    await q.open()
+    task = asyncio.create_task(q.run())
+    ob = q.outbox("a")
+    assert await q.put(readings(10))
+    await ob.ack(10)  # written at once? no: through the tail, so it waits
+    assert await q.put(readings(10, 10))
+    lease = await ob.lease(100, wait_s=1)
+    assert [i.seq for i in lease.items] == list(range(11, 21))
+    await ob.ack(20)  # waits for the next commit, which never comes
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    if q._lazy_timer is not None:
+        q._lazy_timer.cancel()
+    # Abandon it as a SIGKILL would: the threads stop, nothing is flushed, the file stays.
+    q._w.close()
+    q._r.close()
+    async with opened(db, ["a"]) as q2:
+        lease = await q2.outbox("a").lease(100, wait_s=0)
+        assert [i.seq for i in lease.items] == list(range(11, 21))  # that batch, nothing more

@@ -145,6 +145,35 @@ async def test_enospc_during_ack_keeps_the_ack_and_writes_it_later(tmpfs: Path) 
     con.close()
 
 
+async def test_enospc_on_the_commit_carrying_a_waiting_confirmation_keeps_it(tmpfs: Path) -> None:
+    """A confirmation through the tail waits for the next commit; when that commit hits ENOSPC
+    the confirmation is kept (counted as an ack pending) and written once the disk recovers."""
+    db = tmpfs / "queue.db"
+    async with opened(db, ["a"]) as q:
+        q.probe_s = 0.05
+        assert await q.put(readings(100))
+        ob = q.outbox("a")
+        await ob.ack(100)  # through the tail: waits for the next commit
+        assert q.storage.acks_pending == 0  # waiting is not a fault
+        truncate_wal(db)
+        filler = fill(tmpfs)
+        with capture_logs() as logs:
+            assert not await q.put(readings(10, 100))  # the commit fails: both held in memory
+            assert q.storage.state == "disk_full"
+            assert q.storage.acks_pending == 1 and q.storage.held == 10
+            assert ob.acked == 100 and ob.pending() == 0  # delivery goes on from memory
+            filler.unlink()
+            async with asyncio.timeout(10):
+                while not q.storage.ok or q.storage.acks_pending or q.storage.held:
+                    await q.wait_committed(q.tail, 0.05)
+        events = [e["event"] for e in logs]
+        assert events.count("queue_storage_degraded") == 1
+        con = sqlite3.connect(db)
+        assert con.execute("SELECT acked FROM cursors WHERE name='a'").fetchone()[0] == 100
+        assert con.execute("SELECT count(*) FROM readings").fetchone()[0] == 110
+        con.close()
+
+
 async def test_enospc_during_append_holds_bounded_buffer_and_counts_drops(tmpfs: Path) -> None:
     db = tmpfs / "queue.db"
     metrics = Metrics()
