@@ -317,6 +317,9 @@ class Queue:
         self._lazy: dict[str, tuple[int, str]] = {}
         self._lazy_timer: asyncio.TimerHandle | None = None
         self._lazy_tasks: set[asyncio.Task[None]] = set()
+        # a commit took its snapshot of the cursors and has not landed: a confirmation made now
+        # would miss it, and the readings it lands could be leased before the one after it
+        self._committing = False
         self._have_pending = asyncio.Event()
         self._full = asyncio.Event()  # the open batch reached commit_max_rows
         self._committed = asyncio.Condition()
@@ -992,6 +995,7 @@ class Queue:
                 offline |= 1 << ob.bit
         dirty = self._cursor_writes()
         started = time.perf_counter()
+        self._committing = True
         try:
             if not self._opened:
                 await self._reopen()
@@ -1007,6 +1011,8 @@ class Queue:
                 if not f.done():
                     f.set_result(False)
             return
+        finally:
+            self._committing = False  # (no await from here to the tail's advance below)
         self._clean_dirty(dirty)
         self._write_ok()
         if batch:
@@ -1648,12 +1654,16 @@ class Outbox:
             try:
                 if not (q.storage.ok and q._opened):
                     raise _Deferred
-                if hi >= q.tail and self.name not in lazy and self.name not in q._dirty:
+                if (hi >= q.tail and not q._committing and self.name not in lazy
+                        and self.name not in q._dirty):
                     # Through the tail: anything leased after this needs a commit first, and
                     # that commit writes this cursor in its own transaction, for free. So
                     # only a crash before the next commit (or the linger timer) can undo this
                     # confirmation, and then just this one batch is sent again, with nothing
-                    # of this uplink in flight behind it. A power cut is no worse than before:
+                    # of this uplink in flight behind it. (While a commit is in flight its
+                    # snapshot of the cursors is taken, and what it lands could be leased
+                    # before the next one: so then the write is made at once, as below.)
+                    # A power cut is no worse than before:
                     # a cursor write alone never waited for an fsync either.
                     q._defer_cursor(self.name, state)
                 else:

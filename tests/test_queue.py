@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -303,6 +304,33 @@ async def test_confirmation_through_the_tail_is_written_by_the_next_commit(tmp_p
         assert jobs == ["_commit_sync"]  # one transaction: the rows and the cursor
         assert _cursor(db, "a") == 10
         assert q._lazy == {}
+
+
+async def test_confirmation_while_a_commit_is_in_flight_is_written_at_once(tmp_path: Path) -> None:
+    """The commit in flight took its cursor snapshot already, and what it lands can be leased
+    before the next commit: a confirmation left waiting then would be resent with that lease."""
+    db = tmp_path / "q.db"
+    async with opened(db, ["a"]) as q:
+        ob = q.outbox("a")
+        assert await q.put(readings(10))
+        lease = await ob.lease(100, wait_s=1)
+        gate = threading.Event()
+        blocker = q._w.call(gate.wait, 10)  # the writer is busy: the next commit waits behind it
+        put = asyncio.create_task(q.put(readings(5, 10)))
+        while not q._committing:  # the commit took its snapshot and waits for the writer
+            await asyncio.sleep(0)
+        jobs = _writer_jobs(q)
+        ack = asyncio.create_task(ob.ack(lease.items[-1].seq))  # through the (old) tail
+        while not jobs:
+            await asyncio.sleep(0)
+        assert jobs == ["_write_cursors_sync"] and q._lazy == {}  # its own write, queued
+        gate.set()
+        assert await blocker is True
+        assert await put
+        await ack
+        assert _cursor(db, "a") == 10
+        lease2 = await ob.lease(100, wait_s=1)
+        assert [it.seq for it in lease2.items] == list(range(11, 16))
 
 
 async def test_confirmation_below_the_tail_is_written_at_once(tmp_path: Path) -> None:
