@@ -107,6 +107,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--py-spy", type=Path, help="record gatewayd in the last round (raw stacks)")
     args = ap.parse_args()
+    spy_bin = Path(sys.executable).parent / "py-spy"
+    if args.py_spy and not spy_bin.exists():
+        ap.error(f"--py-spy: {spy_bin} not found (install it: .venv/bin/pip install py-spy)")
     results = [measure(args.devices, args.seconds, args.warmup,
                        args.py_spy if i == args.rounds - 1 else None)
                for i in range(args.rounds)]

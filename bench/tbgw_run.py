@@ -150,6 +150,8 @@ def main() -> int:
     ap.add_argument("--no-lock", action="store_true", help="do not take /tmp/gatewayd-bench.lock")
     ap.add_argument("extra", nargs="*", help="more bench.py options (after --)")
     args = ap.parse_args()
+    if args.py_spy and not Path(args.py_spy_bin).exists():
+        ap.error(f"--py-spy: {args.py_spy_bin} not found (install it: .venv/bin/pip install py-spy)")
     cmd = [str(HARNESS / "run.sh"), args.gateway, args.preset, *args.extra]
     if not args.no_lock and not lock_held_by_ancestor(LOCK):
         cmd = ["flock", LOCK, *cmd]
