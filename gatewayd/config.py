@@ -50,11 +50,18 @@ class HealthSection:
     listen: str = "127.0.0.1:9847"
     allow_commands: bool = False  # POST /commands from the local network (bench, commissioning)
     auth: HealthAuth | None = None  # required when listen is not a loopback address
+    # host names (besides IP addresses, localhost and this machine's name) that a browser may
+    # use for POST requests; anything else is refused as DNS rebinding
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f'listen: expected "host:port", got {self.listen!r}')
+        for name in self.allowed_hosts:
+            if not name or any(c in name for c in ":/[] "):
+                raise ValueError(f"allowed_hosts: {name!r} is not a host name (no port,"
+                                 " scheme or path: a Host header's name part)")
 
     @property
     def host(self) -> str:

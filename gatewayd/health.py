@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ipaddress
 import json
+import socket
+import time
 import uuid
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -25,6 +29,7 @@ log = structlog.get_logger("gatewayd.health")
 
 COMMAND_MAX_BYTES = 64 * 1024  # a command is a few hundred bytes; more is an attack or a bug
 COMMAND_MAX_DEPTH = 16  # params nesting; a command map takes scalars
+LOG_EVERY_S = 60.0  # refused cross-site requests: one log line per this, at most
 
 
 def _depth_over(obj: Any, limit: int) -> bool:
@@ -57,6 +62,64 @@ def _basic_auth(user: str, password: str, handler: Handler) -> Handler:
     return check
 
 
+def _host_name(value: str) -> str:
+    """The host part of a Host header or an Origin's authority, lower-case, without the port."""
+    value = value.strip().lower()
+    if value.startswith("["):  # [v6]:port
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rpartition(":")[0] if value.count(":") == 1 else value
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _origin_guard(allowed: Iterable[str], handler: Handler) -> Handler:
+    """Refuse a state-changing request (anything but GET and HEAD) that a browser sent on
+    another site's behalf.
+
+    - DNS rebinding: a page on evil.example re-points its name at 127.0.0.1 and POSTs; the
+      browser then sends `Host: evil.example:9847`. Accepted Hosts: an IP address, localhost,
+      this machine's host name (and name.local), and `[health] allowed_hosts`.
+    - Cross-site requests: a form or fetch from another origin carries `Origin`; it must be
+      this Host. Clients that send no Origin (curl, scripts) are not browsers acting for a
+      page, and pass. GET and HEAD change nothing and pass, so scrapers by any name work.
+    """
+    host = socket.gethostname().lower()
+    names = {"localhost", host, host.partition(".")[0] + ".local", *(a.lower() for a in allowed)}
+    last_log = [-LOG_EVERY_S]
+
+    def refuse(request: Request, message: str) -> Response:
+        now = time.monotonic()
+        if now - last_log[0] >= LOG_EVERY_S:
+            last_log[0] = now
+            log.warning("health_request_refused", method=request.method, path=request.path,
+                        reason=message, host=request.headers.get("host", "")[:200],
+                        origin=request.headers.get("origin", "")[:200])
+        return error_response(403, message)
+
+    async def check(request: Request) -> Response:
+        if request.method not in ("GET", "HEAD"):
+            given = request.headers.get("host", "")
+            name = _host_name(given)
+            if given and not _is_ip(name) and name not in names:
+                return refuse(request, f"Host {name[:100]!r} is not a name of this gateway;"
+                                       " add it to [health] allowed_hosts to accept it")
+            origin = request.headers.get("origin")
+            if origin is not None:
+                scheme, sep, authority = origin.strip().lower().partition("://")
+                if not sep or scheme not in ("http", "https") or authority != given.strip().lower():
+                    return refuse(request, f"cross-origin request refused (Origin {origin[:100]!r}"
+                                           f" is not http://{given[:100]})")
+        return await handler(request)
+
+    return check
+
+
 class HealthServer:
     """Serves the gateway's health, metrics and status; optional local command hook."""
 
@@ -80,7 +143,8 @@ class HealthServer:
 
         self.view = status_page.register(router, self.gateway, self.config.allow_commands)
         auth = self.config.auth
-        return _basic_auth(auth.user, auth.password.reveal(), router) if auth else router
+        app = _basic_auth(auth.user, auth.password.reveal(), router) if auth else router
+        return _origin_guard(self.config.allowed_hosts, app)
 
     async def serve(self) -> None:
         """Serve until cancelled."""

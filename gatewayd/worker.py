@@ -72,7 +72,7 @@ class Worker:
             loop, fut, fn, args = job
             try:
                 result, exc = fn(*args), None
-            except BaseException as e:  # noqa: BLE001 - raised in the caller, as an executor does
+            except BaseException as e:  # raised in the caller, as an executor does
                 result, exc = None, e
             try:
                 loop.call_soon_threadsafe(_settle, fut, result, exc)
