@@ -8,7 +8,6 @@ import base64
 import ipaddress
 import json
 import socket
-import time
 import uuid
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
@@ -17,7 +16,15 @@ import structlog
 
 from gatewayd.config import HealthSection
 from gatewayd.dispatch import local_command
-from gatewayd.httpd import HTTPServer, Request, Response, Router, error_response, json_response
+from gatewayd.httpd import (
+    HTTPServer,
+    RateLimitedLog,
+    Request,
+    Response,
+    Router,
+    error_response,
+    json_response,
+)
 from gatewayd.metrics import CONTENT_TYPE_LATEST, generate_latest
 
 if TYPE_CHECKING:
@@ -29,7 +36,6 @@ log = structlog.get_logger("gatewayd.health")
 
 COMMAND_MAX_BYTES = 64 * 1024  # a command is a few hundred bytes; more is an attack or a bug
 COMMAND_MAX_DEPTH = 16  # params nesting; a command map takes scalars
-LOG_EVERY_S = 60.0  # refused cross-site requests: one log line per this, at most
 
 
 def _depth_over(obj: Any, limit: int) -> bool:
@@ -91,13 +97,10 @@ def _origin_guard(allowed: Iterable[str], handler: Handler) -> Handler:
     """
     host = socket.gethostname().lower()
     names = {"localhost", host, host.partition(".")[0] + ".local", *(a.lower() for a in allowed)}
-    last_log = [-LOG_EVERY_S]
+    refused = RateLimitedLog()  # one line a minute, with the count not logged
 
     def refuse(request: Request, message: str) -> Response:
-        now = time.monotonic()
-        if now - last_log[0] >= LOG_EVERY_S:
-            last_log[0] = now
-            log.warning("health_request_refused", method=request.method, path=request.path,
+        refused.warning("health_request_refused", method=request.method, path=request.path,
                         reason=message, host=request.headers.get("host", "")[:200],
                         origin=request.headers.get("origin", "")[:200])
         return error_response(403, message)

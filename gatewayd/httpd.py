@@ -161,7 +161,7 @@ class Router:
         return await handler(request)
 
 
-class _RateLimitedLog:
+class RateLimitedLog:
     """At most one warning per kind per LOG_EVERY_S, with the number not logged since."""
 
     def __init__(self) -> None:
@@ -459,7 +459,7 @@ class HTTPServer:
         self.idle_timeout_s = idle_timeout_s
         self.request_timeout_s = request_timeout_s
         self.write_timeout_s = write_timeout_s
-        self.bad = _RateLimitedLog()
+        self.bad = RateLimitedLog()
         self.closing = False
         self.port = 0
         self._server: asyncio.Server | None = None
