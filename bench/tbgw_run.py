@@ -11,6 +11,8 @@ network namespace (nsenter, when run as root), and then prints per unit:
   their spread (max - min) / mean: the fairness of the port's service;
 - gatewayd_device_missed_polls_total over the window against the harness's missed per unit
   (expected - served): the largest difference, which should be at most 1 (window edges).
+It also prints the CPU each of gatewayd's threads used in the window, user and kernel time apart
+(from /proc/PID/task: kernel time is epoll, timers, pty and disk I/O, which py-spy cannot see).
 With --py-spy it records the gateway for the window (`py-spy record --nonblocking`, raw
 collapsed stacks) and prints the top frames by own and by total samples.
 """
@@ -79,6 +81,40 @@ class Scraper:
         if self.proc.stdin:
             self.proc.stdin.close()
         self.proc.wait(timeout=10)
+
+
+def thread_times(pid: int) -> dict[int, tuple[str, int, int]]:
+    """tid -> (name, utime, stime) in clock ticks, for every thread of `pid`."""
+    out: dict[int, tuple[str, int, int]] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            stat = (t / "stat").read_text()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[int(t.name)] = (name, int(fields[11]), int(fields[12]))
+    return out
+
+
+def print_thread_times(t0: dict[int, tuple[str, int, int]], t1: dict[int, tuple[str, int, int]],
+                       seconds: float) -> None:
+    """The CPU each thread used between two `thread_times` readings, user and kernel apart."""
+    hz = os.sysconf("SC_CLK_TCK")
+    rows = []
+    for tid, (name, u1, s1) in t1.items():
+        _, u0, s0 = t0.get(tid, (name, 0, 0))
+        rows.append((tid, name, (u1 - u0) / hz, (s1 - s0) / hz))
+    user = sum(r[2] for r in rows)
+    kern = sum(r[3] for r in rows)
+    print(f"# CPU by thread over {seconds:.0f} s: user {100 * user / seconds:.2f} % "
+          f"kernel {100 * kern / seconds:.2f} % of a core")
+    for tid, name, u, k in sorted(rows, key=lambda r: -(r[2] + r[3])):
+        print(f"  tid {tid} {name:<16} user {100 * u / seconds:5.2f} %  kernel {100 * k / seconds:5.2f} %")
 
 
 def summarize_pyspy(path: Path, top: int = 25) -> None:
@@ -162,6 +198,8 @@ def main() -> int:
     run_dir: Path | None = None
     scraper: Scraper | None = None
     edges: list[tuple[float, dict[str, float]]] = []
+    threads: list[tuple[float, dict[int, tuple[str, int, int]]]] = []
+    gw_pid: int | None = None
     spy: subprocess.Popen[bytes] | None = None
     window_s = 60.0
     summary = ""
@@ -177,15 +215,20 @@ def main() -> int:
             port = int(re.search(r'listen = "127\.0\.0\.1:(\d+)"', toml).group(1))  # type: ignore[union-attr]
             if pid is not None:
                 scraper = Scraper(pid, port)
+                gw_pid = pid
         m = re.search(r"window (\d+(?:\.\d+)?)s", line)
         if m:
             window_s = float(m.group(1))
             if scraper is not None:
                 edges.append(scraper.scrape())
+                if gw_pid is not None:
+                    threads.append((time.monotonic(), thread_times(gw_pid)))
 
                 def at_end(s: Scraper = scraper, t0: float = edges[0][0], w: float = window_s) -> None:
                     time.sleep(max(0.0, t0 + w - time.time()))
                     edges.append(s.scrape())
+                    if gw_pid is not None:
+                        threads.append((time.monotonic(), thread_times(gw_pid)))
 
                 threading.Thread(target=at_end, daemon=True).start()
             if args.py_spy and run_dir is not None:
@@ -219,6 +262,8 @@ def main() -> int:
         first, last = slave[0][2] / 1000, slave[-1][2] / 1000
         t0 = first + (last - first - window_s) / 2
         t1, m0, m1 = t0 + window_s, {}, {}
+    if len(threads) == 2:
+        print_thread_times(threads[0][1], threads[1][1], threads[1][0] - threads[0][0])
     units = rec["units"]
     per_unit = collections.Counter(u for u, _, ms in slave if t0 * 1000 <= ms < t1 * 1000)
     counts = [per_unit.get(u, 0) for u in range(1, units + 1)]
