@@ -224,11 +224,12 @@ def main() -> int:
                 if gw_pid is not None:
                     threads.append((time.monotonic(), thread_times(gw_pid)))
 
-                def at_end(s: Scraper = scraper, t0: float = edges[0][0], w: float = window_s) -> None:
+                def at_end(s: Scraper = scraper, t0: float = edges[0][0], w: float = window_s,
+                           tpid: int | None = gw_pid) -> None:
                     time.sleep(max(0.0, t0 + w - time.time()))
                     edges.append(s.scrape())
-                    if gw_pid is not None:
-                        threads.append((time.monotonic(), thread_times(gw_pid)))
+                    if tpid is not None:
+                        threads.append((time.monotonic(), thread_times(tpid)))
 
                 threading.Thread(target=at_end, daemon=True).start()
             if args.py_spy and run_dir is not None:
