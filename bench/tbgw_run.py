@@ -12,7 +12,8 @@ network namespace (nsenter, when run as root), and then prints per unit:
 - gatewayd_device_missed_polls_total over the window against the harness's missed per unit
   (expected - served): the largest difference, which should be at most 1 (window edges).
 It also prints the CPU each of gatewayd's threads used in the window, user and kernel time apart
-(from /proc/PID/task: kernel time is epoll, timers, pty and disk I/O, which py-spy cannot see).
+(from /proc/PID/task: kernel time is epoll, timers, pty and disk I/O, which py-spy cannot see),
+its precise run time and its wake-ups per second (schedstat).
 With --py-spy it records the gateway for the window (`py-spy record --nonblocking`, raw
 collapsed stacks) and prints the top frames by own and by total samples.
 """
@@ -38,10 +39,17 @@ _SCRAPER = r"""
 import json, re, sys, urllib.request
 url = sys.argv[1]
 rx = re.compile(r'^gatewayd_device_missed_polls_total\{device="([^"]+)"\} ([0-9.e+]+)$', re.M)
+# whole-daemon counters: commits, and the uplink's packets (what a commit costs downstream)
+tx = re.compile(r'^(gatewayd_queue_commit_seconds_count|gatewayd_readings_sent_total|'
+                r'gatewayd_readings_queued_total)(?:\{[^}]*\})? ([0-9.e+]+)$', re.M)
 for _ in sys.stdin:
     try:
         text = urllib.request.urlopen(url, timeout=5).read().decode()
-        print(json.dumps({d: float(v) for d, v in rx.findall(text)}), flush=True)
+        totals = {}
+        for k, v in tx.findall(text):
+            totals[k] = totals.get(k, 0.0) + float(v)
+        print(json.dumps({"missed": {d: float(v) for d, v in rx.findall(text)},
+                          "totals": totals}), flush=True)
     except Exception as exc:
         print(json.dumps({"error": str(exc)}), flush=True)
 """
@@ -70,12 +78,14 @@ class Scraper:
             cmd = ["nsenter", "-t", str(pid), "-n", *cmd]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
-    def scrape(self) -> tuple[float, dict[str, float]]:
+    def scrape(self) -> tuple[float, dict[str, float], dict[str, float]]:
+        """(time, missed polls by device, whole-daemon totals)."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         t = time.time()
         self.proc.stdin.write("go\n")
         self.proc.stdin.flush()
-        return t, json.loads(self.proc.stdout.readline())
+        got = json.loads(self.proc.stdout.readline())
+        return t, got.get("missed", {}), got.get("totals", {})
 
     def close(self) -> None:
         if self.proc.stdin:
@@ -83,9 +93,10 @@ class Scraper:
         self.proc.wait(timeout=10)
 
 
-def thread_times(pid: int) -> dict[int, tuple[str, int, int]]:
-    """tid -> (name, utime, stime) in clock ticks, for every thread of `pid`."""
-    out: dict[int, tuple[str, int, int]] = {}
+def thread_times(pid: int) -> dict[int, tuple[str, int, int, int, int]]:
+    """tid -> (name, utime, stime, run_ns, slices) for every thread of `pid`: user and kernel
+    time in clock ticks (stat), precise run time and times scheduled in (schedstat)."""
+    out: dict[int, tuple[str, int, int, int, int]] = {}
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
@@ -93,28 +104,36 @@ def thread_times(pid: int) -> dict[int, tuple[str, int, int]]:
     for t in tasks:
         try:
             stat = (t / "stat").read_text()
+            sched = (t / "schedstat").read_text().split()
         except OSError:
             continue
         name = stat[stat.index("(") + 1:stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2:].split()
-        out[int(t.name)] = (name, int(fields[11]), int(fields[12]))
+        out[int(t.name)] = (name, int(fields[11]), int(fields[12]), int(sched[0]), int(sched[2]))
     return out
 
 
-def print_thread_times(t0: dict[int, tuple[str, int, int]], t1: dict[int, tuple[str, int, int]],
-                       seconds: float) -> None:
-    """The CPU each thread used between two `thread_times` readings, user and kernel apart."""
+def print_thread_times(t0: dict[int, tuple[str, int, int, int, int]],
+                       t1: dict[int, tuple[str, int, int, int, int]], seconds: float) -> None:
+    """The CPU each thread used between two `thread_times` readings: user and kernel apart (in
+    clock ticks, so coarse), its precise run time, and its wake-ups (times scheduled in) per
+    second, which on an idle core cost more than most of the work they do."""
     hz = os.sysconf("SC_CLK_TCK")
     rows = []
-    for tid, (name, u1, s1) in t1.items():
-        _, u0, s0 = t0.get(tid, (name, 0, 0))
-        rows.append((tid, name, (u1 - u0) / hz, (s1 - s0) / hz))
+    for tid, (name, u1, s1, r1, n1) in t1.items():
+        _, u0, s0, r0, n0 = t0.get(tid, (name, 0, 0, 0, 0))
+        rows.append((tid, name, (u1 - u0) / hz, (s1 - s0) / hz, (r1 - r0) / 1e9, n1 - n0))
     user = sum(r[2] for r in rows)
     kern = sum(r[3] for r in rows)
+    run = sum(r[4] for r in rows)
+    wakes = sum(r[5] for r in rows)
     print(f"# CPU by thread over {seconds:.0f} s: user {100 * user / seconds:.2f} % "
-          f"kernel {100 * kern / seconds:.2f} % of a core")
-    for tid, name, u, k in sorted(rows, key=lambda r: -(r[2] + r[3])):
-        print(f"  tid {tid} {name:<16} user {100 * u / seconds:5.2f} %  kernel {100 * k / seconds:5.2f} %")
+          f"kernel {100 * kern / seconds:.2f} % (ticks); run {100 * run / seconds:.2f} % "
+          f"(schedstat); {wakes / seconds:.0f} wake-ups/s")
+    for tid, name, u, k, r, n in sorted(rows, key=lambda r: -r[4]):
+        print(f"  tid {tid} {name:<16} user {100 * u / seconds:5.2f} %  kernel {100 * k / seconds:5.2f} %"
+              f"  run {100 * r / seconds:5.2f} %  {n / seconds:6.0f} wake-ups/s"
+              f"  {1e6 * r / n if n else 0:6.0f} us/wake-up")
 
 
 def summarize_pyspy(path: Path, top: int = 25) -> None:
@@ -197,8 +216,8 @@ def main() -> int:
     assert proc.stdout is not None
     run_dir: Path | None = None
     scraper: Scraper | None = None
-    edges: list[tuple[float, dict[str, float]]] = []
-    threads: list[tuple[float, dict[int, tuple[str, int, int]]]] = []
+    edges: list[tuple[float, dict[str, float], dict[str, float]]] = []
+    threads: list[tuple[float, dict[int, tuple[str, int, int, int, int]]]] = []
     gw_pid: int | None = None
     spy: subprocess.Popen[bytes] | None = None
     window_s = 60.0
@@ -256,7 +275,13 @@ def main() -> int:
     slave = json.loads((run_dir / "slave.json").read_text())["served"]
     rec = [json.loads(x) for x in (BASE / "results.jsonl").read_text().splitlines() if x.strip()][-1]
     if len(edges) == 2:
-        (t0, m0), (t1, m1) = edges
+        (t0, m0, c0), (t1, m1, c1) = edges
+        span = t1 - t0
+        commits = c1.get("gatewayd_queue_commit_seconds_count", 0) - c0.get(
+            "gatewayd_queue_commit_seconds_count", 0)
+        queued = c1.get("gatewayd_readings_queued_total", 0) - c0.get("gatewayd_readings_queued_total", 0)
+        print(f"# queue commits in the window: {commits / span:.1f}/s, "
+              f"{queued / commits if commits else 0:.0f} readings per commit")
     else:
         print("# no /metrics scrape (not gatewayd, or not root): fairness from the slave only")
         t0 = time.time()  # unknown: use the slave log's middle 60 s

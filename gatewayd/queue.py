@@ -322,6 +322,12 @@ class Queue:
         self._committing = False
         self._have_pending = asyncio.Event()
         self._full = asyncio.Event()  # the open batch reached commit_max_rows
+        self._pending_since = 0.0  # when the open batch's first reading arrived (monotonic)
+        # Polls under way (`poll_started` .. `poll_ended`): readings that will arrive shortly,
+        # which the next commit waits for (within commit_window), as a database's group commit
+        # waits for its siblings. `_polls_done` is set when none is left.
+        self.polls_in_flight = 0
+        self._polls_done: asyncio.Future[None] | None = None
         self._committed = asyncio.Condition()
         self._commit_lock = asyncio.Lock()  # one commit at a time: seq is assigned from `tail`
         self._outboxes: dict[str, Outbox] = {}
@@ -883,6 +889,8 @@ class Queue:
             fut.set_result(False)
             return fut
         before = len(self._pending)
+        if not before:
+            self._pending_since = time.monotonic()
         self._pending.extend(readings)
         self._pending_futs.append(fut)
         self._pending_sizes.append(len(self._pending) - before)
@@ -914,29 +922,73 @@ class Queue:
             tg.create_task(self._commit_loop(), name="queue-commit")
             tg.create_task(self._gc_loop(), name="queue-gc")
 
+    def poll_started(self) -> None:
+        """A producer began a poll whose readings it will `submit` (then `poll_ended`)."""
+        self.polls_in_flight += 1
+
+    def poll_ended(self) -> None:
+        """The poll `poll_started` announced submitted its readings, failed or was cancelled."""
+        self.polls_in_flight -= 1
+        if self.polls_in_flight <= 0:
+            self.polls_in_flight = 0
+            done = self._polls_done
+            if done is not None:
+                self._polls_done = None
+                if not done.done():
+                    done.set_result(None)
+
     async def _commit_loop(self) -> None:
-        """Adaptive group commit. A reading that arrives when no commit started within the last
-        `commit_window` (the writer is idle) commits at once. Under a stream, readings gather
-        until a window has passed since the last commit began (or the batch is full), and while
-        a commit is in flight they gather for the next one. So `commit_window` is the longest a
-        reading waits for its commit to start, never a fixed delay, and a burst of polls costs a
-        few commits (fsync, lease, message, confirmation) instead of one each."""
+        """Adaptive group commit.
+
+        A reading that arrives when the writer is idle commits at once, unless polls are under
+        way (`poll_started`): then the commit waits for them to submit, so a burst of polls on
+        a shared line (devices due in the same tick) costs one commit, one lease, one message
+        and one confirmation instead of one each. Under a stream, commits start at most once
+        per `commit_window`, and while a commit is in flight readings gather for the next one.
+        Whatever it waits for, no reading waits more than `commit_window` for its commit to
+        start (nor once the batch is full): the window is a bound, never a fixed delay.
+        """
         last = -math.inf
         while True:
             if self.storage.ok:
                 await self._have_pending.wait()
-                wait = last + self.config.commit_window - time.monotonic()
-                if wait > 0 and len(self._pending) < self.config.commit_max_rows:
-                    self._full.clear()
-                    try:
-                        async with asyncio.timeout(wait):
-                            await self._full.wait()
-                    except TimeoutError:
-                        pass
+                await self._gather(last)
             else:
                 await asyncio.sleep(self.probe_s)  # degraded: probe the disk now and then
             last = time.monotonic()
             await self._commit()
+
+    async def _gather(self, last: float) -> None:
+        """Wait until the open batch should commit (see `_commit_loop`)."""
+        window = self.config.commit_window
+        deadline = self._pending_since + window
+        cap = self.config.commit_max_rows
+        while len(self._pending) < cap:
+            now = time.monotonic()
+            if now >= deadline:
+                return
+            waiter: asyncio.Event | asyncio.Future[None]
+            if now < last + window:  # a stream: one commit start per window
+                until = min(last + window, deadline)
+                waiter = self._full
+                self._full.clear()
+            elif self.polls_in_flight > 0:  # siblings: readings that will arrive shortly
+                until = deadline
+                if self._polls_done is None or self._polls_done.done():
+                    self._polls_done = asyncio.get_running_loop().create_future()
+                waiter = self._polls_done
+            else:
+                return
+            try:
+                async with asyncio.timeout(until - now):
+                    if isinstance(waiter, asyncio.Event):
+                        await waiter.wait()
+                    else:
+                        await asyncio.shield(waiter)
+            except TimeoutError:
+                pass
+            if waiter is not self._full and self.polls_in_flight == 0:
+                return
 
     async def _commit(self) -> None:
         async with self._commit_lock:

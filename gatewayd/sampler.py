@@ -10,6 +10,10 @@ counted (`gatewayd_device_missed_polls_total`) and never made up in a burst. Dev
 serial port queue for it in order (its lock is FIFO), so an over-subscribed port gives each of
 them the same share of the polls it can make, and `PortLoads` says which port cannot keep up
 and what rate it sustains.
+
+A poll is under way for the queue (`poll_started` .. `poll_ended`) from the read's start (its
+wait for the port included) to the submit of its readings, or its failure or cancel: the group
+commit waits for polls under way (within `commit_window`), so a burst commits once.
 """
 
 from __future__ import annotations
@@ -170,6 +174,10 @@ def device_port(driver: Driver) -> str | None:
     return port if isinstance(port, str) and port else None
 
 
+def _nothing() -> None:
+    pass
+
+
 class Sampler:
     """Runs one device: open, then read every interval and submit readings to the queue."""
 
@@ -202,6 +210,10 @@ class Sampler:
         self._m_failures = metrics.device_failures.labels(driver.name) if metrics else None
         self._m_ok = metrics.device_ok.labels(driver.name) if metrics else None
         self._m_missed = metrics.device_missed_polls.labels(driver.name) if metrics else None
+        # The queue's group commit waits for polls under way (a burst on a shared line commits
+        # once); a queue without the hooks (a test's sink) is fine.
+        self._poll_started: Callable[[], None] = getattr(queue, "poll_started", _nothing)
+        self._poll_ended: Callable[[], None] = getattr(queue, "poll_ended", _nothing)
 
     def _set(self, state: str, error: str = "") -> None:
         st = self.status
@@ -237,6 +249,7 @@ class Sampler:
         next_at = time.monotonic() + self.rng.uniform(0, interval * self.jitter * 2)
         while True:
             # `next_at` is the slot being polled now.
+            in_poll = False  # between poll_started and poll_ended (the queue waits for it)
             try:
                 if need_open:
                     try:
@@ -246,10 +259,14 @@ class Sampler:
                         st.opened.set()
                     need_open = False
                 started = time.monotonic()
+                self._poll_started()
+                in_poll = True
                 async with asyncio.timeout(self.timeout_s):
                     readings = await self.driver.read()
                 took = time.monotonic() - started
             except (DriverError, TimeoutError) as exc:
+                if in_poll:
+                    self._poll_ended()
                 self._polled()
                 error = (f"read timed out after {self.timeout_s:g}s" if isinstance(exc, TimeoutError)
                          else str(exc))
@@ -266,20 +283,28 @@ class Sampler:
                 # say nothing of the port's load).
                 await asyncio.sleep(self.backoff.next_delay())
                 backed_off, took = True, 0.0
+            except BaseException:  # cancelled (stop, reload) or a driver's bug: not under way
+                if in_poll:
+                    self._poll_ended()
+                raise
             else:
                 backed_off = False
-                self._polled()
-                self.backoff.reset()
-                st.reads += 1
-                st.consecutive_failures = 0
-                st.last_read_ms = readings[-1].ts_ms if readings else st.last_read_ms
-                self._set("ok")
-                if readings:
-                    committed = self.queue.submit(readings)
-                    if self._m_sampled is not None:
-                        self._m_sampled.inc(len(readings))
-                    if self.queue.backpressure():
-                        await committed  # the disk is behind: sample slower rather than hoard memory
+                committed = None
+                try:
+                    self._polled()
+                    self.backoff.reset()
+                    st.reads += 1
+                    st.consecutive_failures = 0
+                    st.last_read_ms = readings[-1].ts_ms if readings else st.last_read_ms
+                    self._set("ok")
+                    if readings:
+                        committed = self.queue.submit(readings)
+                        if self._m_sampled is not None:
+                            self._m_sampled.inc(len(readings))
+                finally:
+                    self._poll_ended()
+                if committed is not None and self.queue.backpressure():
+                    await committed  # the disk is behind: sample slower rather than hoard memory
             next_at += interval
             now = time.monotonic()
             if next_at <= now:

@@ -418,3 +418,71 @@ async def test_crash_before_the_next_commit_resends_only_the_last_batch(tmp_path
     async with opened(db, ["a"]) as q2:
         lease = await q2.outbox("a").lease(100, wait_s=0)
         assert [i.seq for i in lease.items] == list(range(11, 21))  # that batch, nothing more
+
+
+def _count_commits(q: Queue) -> list[int]:
+    """Wrap the writer's commit: the returned list gets each commit's batch size."""
+    sizes: list[int] = []
+    real = q._commit_sync
+
+    def counted(batch: list[Reading], *args: object) -> object:
+        sizes.append(len(batch))
+        return real(batch, *args)  # type: ignore[arg-type]
+
+    q._commit_sync = counted  # type: ignore[method-assign]
+    return sizes
+
+
+async def test_a_commit_waits_for_the_polls_under_way_and_lands_them_together(tmp_path: Path) -> None:
+    # A burst on a shared line: three devices due in the same tick, polled one after another.
+    # The first one's readings must not commit alone while the others are still being read.
+    async with opened(tmp_path / "q.db", ["a"], replace(CFG, commit_window=30.0)) as q:
+        sizes = _count_commits(q)
+        for _ in range(3):
+            q.poll_started()
+        first = q.submit(readings(4))
+        q.poll_ended()
+        done, _ = await asyncio.wait([first], timeout=0.3)
+        assert not done and sizes == [], "committed alone while two polls were under way"
+        second = q.submit(readings(4, start=4))
+        q.poll_ended()
+        done, _ = await asyncio.wait([first], timeout=0.3)
+        assert not done and sizes == [], "committed while a poll was still under way"
+        third = q.submit(readings(4, start=8))
+        q.poll_ended()
+        assert await first and await second and await third
+        assert sizes == [12] and q.polls_in_flight == 0
+
+
+async def test_with_the_writer_idle_and_no_poll_under_way_a_reading_commits_at_once(tmp_path: Path) -> None:
+    async with opened(tmp_path / "q.db", ["a"], replace(CFG, commit_window=30.0)) as q:
+        sizes = _count_commits(q)
+        q.poll_started()
+        q.poll_ended()  # a poll that ended (failed) without readings leaves nothing to wait for
+        assert await asyncio.wait_for(q.submit(readings(2)), 10)  # well within the window
+        assert sizes == [2]
+
+
+async def test_a_poll_that_never_ends_delays_a_commit_by_the_window_at_most(tmp_path: Path) -> None:
+    async with opened(tmp_path / "q.db", ["a"], replace(CFG, commit_window=0.2)) as q:
+        sizes = _count_commits(q)
+        q.poll_started()  # a device hung mid-read (its own timeout is longer than the window)
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(q.submit(readings(3)), 10)
+        waited = time.monotonic() - t0
+        assert waited >= 0.19, f"committed after {waited:.3f}s: did not wait for the poll"
+        assert sizes == [3]
+        q.poll_ended()
+        assert q.polls_in_flight == 0
+
+
+async def test_a_full_batch_is_not_held_for_polls_under_way_past_the_window(tmp_path: Path) -> None:
+    # commit_max_rows: a batch that reached the cap commits once the window allows, whatever
+    # is under way; readings past the cap follow in the next commit.
+    async with opened(tmp_path / "q.db", ["a"], replace(CFG, commit_window=0.2, commit_max_rows=5)) as q:
+        sizes = _count_commits(q)
+        q.poll_started()
+        futs = [q.submit(readings(5)), q.submit(readings(5, start=5))]
+        assert all(await asyncio.wait_for(asyncio.gather(*futs), 10))
+        assert sum(sizes) == 10 and max(sizes) <= 5
+        q.poll_ended()

@@ -261,3 +261,57 @@ async def test_a_failing_device_backing_off_does_not_make_its_port_over_subscrib
     port = ports.status()["/dev/ttyTEST1"]
     assert port["over_subscribed"] is False and port["missed_polls"] == 0
     assert not [e for e in logs if e["event"] == "serial_port_oversubscribed"]
+
+
+class _Gate(Driver):
+    """Blocks in read until `release` is set; then gives one reading, fails, or raises a bug."""
+
+    def __init__(self, name: str, outcome: str) -> None:
+        super().__init__(name, None, None)  # type: ignore[arg-type]
+        self.outcome = outcome
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def read(self) -> list[Reading]:
+        self.entered.set()
+        await self.release.wait()
+        self.release.clear()
+        self.entered.clear()
+        if self.outcome == "fail":
+            raise DriverError(self.name, "no answer")
+        if self.outcome == "bug":
+            raise ZeroDivisionError("driver bug")
+        return [Reading(self.name, "x", 1.0, now_ms())]
+
+
+async def test_a_poll_is_under_way_for_the_queue_from_read_to_submit_on_every_path(tmp_path: Path) -> None:
+    # The queue's group commit waits for polls under way: a sampler that left one counted
+    # after a failure, a driver's bug or a cancel would delay every later commit by the window.
+    q = Queue(tmp_path / "q.db", QueueConfig(commit_window=0.01), ["a"])
+    await q.open()
+    qtask = asyncio.create_task(q.run())
+    try:
+        for outcome in ("ok", "fail", "bug", "cancel"):
+            drv = _Gate(f"dev-{outcome}", outcome)
+            s = Sampler(drv, 3600.0, 30.0, 0.0, 3600.0, q)
+            task = asyncio.create_task(s.run())
+            await asyncio.wait_for(drv.entered.wait(), 10)
+            assert q.polls_in_flight == 1, outcome
+            if outcome == "cancel":
+                task.cancel()
+            else:
+                drv.release.set()
+            if outcome == "ok":
+                await until(lambda s=s: s.status.reads == 1)
+                assert q.polls_in_flight == 0  # ended with the submit, not at the next slot
+                task.cancel()
+            elif outcome == "fail":
+                await until(lambda s=s: s.status.failures == 1)
+                assert q.polls_in_flight == 0
+                task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert q.polls_in_flight == 0, outcome
+    finally:
+        qtask.cancel()
+        await asyncio.gather(qtask, return_exceptions=True)
+        await q.close()
