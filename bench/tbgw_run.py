@@ -39,9 +39,9 @@ _SCRAPER = r"""
 import json, re, sys, urllib.request
 url = sys.argv[1]
 rx = re.compile(r'^gatewayd_device_missed_polls_total\{device="([^"]+)"\} ([0-9.e+]+)$', re.M)
-# whole-daemon counters: commits, and the uplink's packets (what a commit costs downstream)
-tx = re.compile(r'^(gatewayd_queue_commit_seconds_count|gatewayd_readings_sent_total|'
-                r'gatewayd_readings_queued_total)(?:\{[^}]*\})? ([0-9.e+]+)$', re.M)
+# whole-daemon counters: commits and the readings they wrote
+tx = re.compile(r'^(gatewayd_queue_commit_seconds_count|gatewayd_readings_queued_total)'
+                r'(?:\{[^}]*\})? ([0-9.e+]+)$', re.M)
 for _ in sys.stdin:
     try:
         text = urllib.request.urlopen(url, timeout=5).read().decode()

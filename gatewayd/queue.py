@@ -44,7 +44,7 @@ import sqlite3
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -946,7 +946,8 @@ class Queue:
         and one confirmation instead of one each. Under a stream, commits start at most once
         per `commit_window`, and while a commit is in flight readings gather for the next one.
         Whatever it waits for, no reading waits more than `commit_window` for its commit to
-        start (nor once the batch is full): the window is a bound, never a fixed delay.
+        start: the window is a bound, never a fixed delay. (A batch that reached
+        `commit_max_rows` ends a stream's wait at once, a wait for siblings at the window.)
         """
         last = -math.inf
         while True:
@@ -962,33 +963,27 @@ class Queue:
         """Wait until the open batch should commit (see `_commit_loop`)."""
         window = self.config.commit_window
         deadline = self._pending_since + window
-        cap = self.config.commit_max_rows
-        while len(self._pending) < cap:
+        while len(self._pending) < self.config.commit_max_rows:
             now = time.monotonic()
             if now >= deadline:
                 return
-            waiter: asyncio.Event | asyncio.Future[None]
-            if now < last + window:  # a stream: one commit start per window
+            waiting: Awaitable[Any]
+            if now < last + window:  # a stream: one commit start per window (or a full batch)
                 until = min(last + window, deadline)
-                waiter = self._full
                 self._full.clear()
+                waiting = self._full.wait()
             elif self.polls_in_flight > 0:  # siblings: readings that will arrive shortly
                 until = deadline
-                if self._polls_done is None or self._polls_done.done():
+                if self._polls_done is None:
                     self._polls_done = asyncio.get_running_loop().create_future()
-                waiter = self._polls_done
+                waiting = asyncio.shield(self._polls_done)  # shared: a timeout leaves it be
             else:
                 return
             try:
                 async with asyncio.timeout(until - now):
-                    if isinstance(waiter, asyncio.Event):
-                        await waiter.wait()
-                    else:
-                        await asyncio.shield(waiter)
+                    await waiting
             except TimeoutError:
                 pass
-            if waiter is not self._full and self.polls_in_flight == 0:
-                return
 
     async def _commit(self) -> None:
         async with self._commit_lock:
