@@ -17,8 +17,17 @@ install: $(STAMP)
 run: $(STAMP)
 	$(PY) bench/run.py
 
+# The suite runs on the event loop the daemon picks (uvloop where it is installed); the part
+# that drives the loop in-process (drivers, queue, sampler, engine, HTTP, the uplink contract)
+# runs again on asyncio's own loop, the daemon's fallback (gatewayd/loop.py).
+ASYNCIO_TESTS := tests/drivers tests/contract tests/test_queue.py tests/test_storage.py \
+	tests/test_sampler.py tests/test_engine.py tests/test_worker.py tests/test_httpd.py \
+	tests/test_health.py tests/test_service.py tests/test_live_first.py tests/test_jsonl.py \
+	tests/test_dispatch.py tests/test_loop.py
+
 test: $(STAMP)
 	$(PY) -m pytest -q
+	GATEWAYD_TEST_LOOP=asyncio $(PY) -m pytest -q -p no:cacheprovider $(ASYNCIO_TESTS)
 
 # System files for a Pi (as root): unit, sysusers, tmpfiles, example config; see systemd/install.sh.
 install-system:

@@ -5,8 +5,10 @@ Both run at the same time for the same window, so they share the machine's noise
             a jsonl uplink, health server off (the spine bench's idle case)
   bare      a Python process running asyncio with N tasks, each sleeping one second in a loop
             (random phases): the floor any asyncio daemon with N one-second timers pays
-Printed: each one's CPU as % of one core (user + system over the window), RSS, and the ratio
-gatewayd / bare (target <= 1.2).
+  bare uv   the same on uvloop, where it is installed: the floor on the loop gatewayd picks
+            (`[gateway] event_loop = "auto"`)
+Printed: each one's CPU as % of one core (user + system over the window), RSS, and the ratios
+gatewayd / bare (target <= 1.2) and gatewayd / bare uv.
 
 Run: .venv/bin/python bench/bench_idle.py [--devices 20] [--seconds 60] [--rounds 1]
      [--py-spy FILE]   (record gatewayd in the last round's window; prints the top frames)
@@ -15,6 +17,7 @@ Run: .venv/bin/python bench/bench_idle.py [--devices 20] [--seconds 60] [--round
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -36,7 +39,11 @@ async def timer():
         await asyncio.sleep(1.0)
 async def main(n):
     await asyncio.gather(*[timer() for _ in range(n)])
-asyncio.run(main(int(sys.argv[1])))
+if sys.argv[2:] == ["uvloop"]:
+    import uvloop
+    uvloop.run(main(int(sys.argv[1])))
+else:
+    asyncio.run(main(int(sys.argv[1])))
 """
 
 
@@ -69,6 +76,11 @@ def measure(devices: int, seconds: float, warmup: float,
         gw = subprocess.Popen([sys.executable, "-m", "gatewayd", "run", "-c", str(cfg)],
                               stdout=subprocess.DEVNULL, env=env)
         bare = subprocess.Popen([sys.executable, "-c", _BARE, str(devices)])
+        procs = [gw, bare]
+        bare_uv = None
+        if importlib.util.find_spec("uvloop") is not None:
+            bare_uv = subprocess.Popen([sys.executable, "-c", _BARE, str(devices), "uvloop"])
+            procs.append(bare_uv)
         try:
             time.sleep(warmup)  # a benchmark's warm-up (imports, queue open), not synchronization
             if gw.poll() is not None:
@@ -79,9 +91,11 @@ def measure(devices: int, seconds: float, warmup: float,
                     [str(Path(sys.executable).parent / "py-spy"), "record", "-p", str(gw.pid),
                      "-d", str(int(seconds)), "-r", "200", "--nonblocking", "-f", "raw",
                      "-o", str(spy)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            u0 = proc_cpu_s(bare_uv.pid) if bare_uv is not None else 0.0
             g0, b0, t0 = proc_cpu_s(gw.pid), proc_cpu_s(bare.pid), time.perf_counter()
             time.sleep(seconds)
             g1, b1, t1 = proc_cpu_s(gw.pid), proc_cpu_s(bare.pid), time.perf_counter()
+            u1 = proc_cpu_s(bare_uv.pid) if bare_uv is not None else 0.0
             if recorder is not None:
                 recorder.wait(60)
             out = {"devices": devices, "wall_s": round(t1 - t0, 2),
@@ -89,13 +103,17 @@ def measure(devices: int, seconds: float, warmup: float,
                    "bare_cpu_pct": round((b1 - b0) / (t1 - t0) * 100, 3),
                    "gatewayd_rss_mb": round(rss_mb(gw.pid), 1),
                    "bare_rss_mb": round(rss_mb(bare.pid), 1)}
+            if bare_uv is not None:
+                out["bare_uvloop_cpu_pct"] = round((u1 - u0) / (t1 - t0) * 100, 3)
         finally:
-            for p in (gw, bare):
+            for p in procs:
                 p.terminate()
-            for p in (gw, bare):
+            for p in procs:
                 p.wait(30)
     bare_pct = out["bare_cpu_pct"]
     out["ratio"] = round(out["gatewayd_cpu_pct"] / bare_pct, 2) if bare_pct else float("inf")
+    if out.get("bare_uvloop_cpu_pct"):
+        out["ratio_uvloop"] = round(out["gatewayd_cpu_pct"] / out["bare_uvloop_cpu_pct"], 2)
     return out
 
 
@@ -121,6 +139,10 @@ def main() -> None:
           f"{g:.2f} % of a core, bare asyncio with {args.devices} one-second timers {b:.2f} %, "
           f"ratio {g / b:.2f} (target <= 1.2); RSS {results[-1]['gatewayd_rss_mb']} vs "
           f"{results[-1]['bare_rss_mb']} MB")
+    uv = [r["bare_uvloop_cpu_pct"] for r in results if r.get("bare_uvloop_cpu_pct")]
+    if len(uv) == len(results):
+        u = sum(uv) / len(uv)
+        print(f"# bare uvloop with {args.devices} one-second timers {u:.2f} %, ratio {g / u:.2f}")
     if args.py_spy is not None and args.py_spy.exists():
         from tbgw_run import summarize_pyspy
 

@@ -13,6 +13,8 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from gatewayd.errors import ConfigError, QueueSchemaError
+from gatewayd.loop import LoopUnavailableError
+from gatewayd.loop import choose as choose_loop
 from gatewayd.version import VersionAction
 
 EX_OK, EX_SOFTWARE, EX_CANTCREAT, EX_CONFIG = 0, 70, 73, 78
@@ -127,6 +129,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config, read_secrets=not args.no_secrets)
     if cfg is None:
         return EX_CONFIG
+    try:
+        choose_loop(cfg.gateway.event_loop)
+    except LoopUnavailableError as exc:
+        print(f"gatewayd: {args.config}: {exc}", file=sys.stderr)
+        return EX_CONFIG
     if not args.quiet:
         plain = to_plain(cfg)
         plain["path"] = str(cfg.path)
@@ -144,8 +151,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
     if cfg is None:
         return EX_CONFIG
+    try:
+        _, loop_factory = choose_loop(cfg.gateway.event_loop)
+    except LoopUnavailableError as exc:
+        print(f"gatewayd: {args.config}: {exc}", file=sys.stderr)
+        return EX_CONFIG
     logs.setup(args.log_level or cfg.log.level, cfg.log.format)
-    return asyncio.run(_run(cfg))
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_run(cfg))
 
 
 async def _run(cfg: Any) -> int:

@@ -32,6 +32,7 @@ class GatewaySection:
     id: str
     state_dir: str = "/var/lib/gatewayd"
     stop_timeout: Duration = 10.0  # on SIGTERM: how long uplinks may flush before exit
+    event_loop: Literal["auto", "uvloop", "asyncio"] = "auto"  # gatewayd/loop.py; at start only
 
     def __post_init__(self) -> None:
         if not _NAME_RE.match(self.id):

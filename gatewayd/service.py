@@ -24,6 +24,7 @@ from gatewayd.config import ActuatorConfig, Config, DeviceConfig, UplinkConfig, 
 from gatewayd.dispatch import Dispatcher
 from gatewayd.errors import ConfigError
 from gatewayd.health import HealthServer
+from gatewayd.loop import loop_name
 from gatewayd.metrics import Metrics
 from gatewayd.notify import Notifier
 from gatewayd.queue import Queue
@@ -191,7 +192,8 @@ class Gateway:
                 self.notifier.notify(f"READY=1\nSTATUS=sampling {len(samplers)} devices, "
                                      f"{len(uplinks)} uplinks")
                 log.info("gateway_ready", version=__version__, gateway=cfg.gateway.id,
-                         devices=len(samplers), actuators=len(self.actuators),
+                         event_loop=loop_name(asyncio.get_running_loop()), devices=len(samplers),
+                         actuators=len(self.actuators),
                          uplinks=list(self.uplinks), state_dir=str(cfg.state_dir))
                 await self._serve(stop)
                 samplers = [self._tasks[f"sampler[{s.driver.name}]"] for s in self.samplers]
@@ -497,6 +499,7 @@ class Gateway:
         return {
             "gateway": self.config.gateway.id,
             "version": __version__,
+            "event_loop": loop_name(asyncio.get_running_loop()),
             "ready": self.ready.is_set(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "problems": self.problems(),

@@ -154,3 +154,13 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return []
     lines = path.read_bytes().splitlines()
     return [json.loads(x) for x in lines if x.strip()]
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+    """The loop async tests run on: the one the daemon would pick (`[gateway] event_loop =
+    "auto"`: uvloop where installed), or GATEWAYD_TEST_LOOP ("asyncio", "uvloop"). `make test`
+    runs the suite on the daemon's loop and the loop-sensitive part again on asyncio's own."""
+    from gatewayd.loop import choose
+
+    name, factory = choose(os.environ.get("GATEWAYD_TEST_LOOP", "auto"))
+    return {name: factory}

@@ -125,6 +125,8 @@ BROKEN = [
     ("devices not an array", GOOD.replace("[[devices]]", "[devices]").replace(
         '[[actuators]]', '[[actuators]]'), "devices: expected an array of tables"),
     ("bad gateway id", GOOD.replace('id = "gw-1"', 'id = ""'), "gateway: id: expected a name"),
+    ("unknown event loop", GOOD.replace('id = "gw-1"', 'id = "gw-1"\nevent_loop = "trio"'),
+     'gateway.event_loop: expected one of "auto", "uvloop", "asyncio", got "trio"'),
 ]
 
 

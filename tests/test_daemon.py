@@ -16,12 +16,15 @@ from typing import Any
 
 import pytest
 
+from gatewayd.loop import choose as choose_loop
+
 from .conftest import Daemon, free_port
 
 BATCH = 200
 
 
-def write_config(tmp_path: Path, *, health_port: int | None = None, extra: str = "") -> Path:
+def write_config(tmp_path: Path, *, health_port: int | None = None, extra: str = "",
+                 event_loop: str = "auto") -> Path:
     health = (f'[health]\nlisten = "127.0.0.1:{health_port}"\nallow_commands = true\n'
               if health_port else "[health]\nenabled = false\n")
     text = textwrap.dedent(f"""
@@ -29,6 +32,7 @@ def write_config(tmp_path: Path, *, health_port: int | None = None, extra: str =
         id = "test-gw"
         state_dir = "{tmp_path / 'state'}"
         stop_timeout = "5s"
+        event_loop = "{event_loop}"
 
         [queue]
         commit_window = "50ms"
@@ -157,11 +161,15 @@ def test_sigkill_loses_no_committed_reading(tmp_path: Path, daemons: list[Daemon
         assert before_restart <= flagged  # queued while offline: sent as backlog
 
 
-def test_sigterm_flushes_and_exits_zero(tmp_path: Path, daemons: list[Daemon]) -> None:
-    cfg = write_config(tmp_path)
+@pytest.mark.parametrize("event_loop", ["asyncio", "uvloop"])
+def test_sigterm_flushes_and_exits_zero(tmp_path: Path, daemons: list[Daemon], event_loop: str) -> None:
+    """On either event loop (uvloop is what "auto" picks where it is installed)."""
+    if event_loop == "uvloop":
+        pytest.importorskip("uvloop", reason="uvloop has no wheel for this platform")
+    cfg = write_config(tmp_path, event_loop=event_loop)
     d = Daemon(cfg, tmp_path / "daemon.log").start()
     daemons.append(d)
-    d.event("gateway_ready")
+    assert d.event("gateway_ready")["event_loop"] == event_loop
     for _ in range(5):
         d.event("queue_committed")
     t0 = time.monotonic()
@@ -239,6 +247,7 @@ def test_health_metrics_status_and_local_commands(tmp_path: Path, daemons: list[
     assert 'gatewayd_readings_sent_total{uplink="archive"}' in text
     code, body = _get(base + "/status")
     status = json.loads(body)
+    assert status["event_loop"] == choose_loop("auto")[0]  # uvloop where it is installed
     assert status["devices"]["broken"]["state"] == "failing"
     assert "simulated fault" in status["devices"]["broken"]["last_error"]
     assert status["devices"]["fast-a"]["state"] == "ok"
