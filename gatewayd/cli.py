@@ -13,7 +13,7 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from gatewayd.errors import ConfigError, QueueSchemaError
-from gatewayd.loop import LoopUnavailableError
+from gatewayd.loop import LoopFactory, LoopUnavailableError
 from gatewayd.loop import choose as choose_loop
 from gatewayd.version import VersionAction
 
@@ -123,16 +123,22 @@ def _load_config(path: str, read_secrets: bool = True) -> Any:
         return None
 
 
+def _loop_factory(args: argparse.Namespace, cfg: Any) -> LoopFactory | None:
+    """The configured event loop's factory, or None after saying why it cannot be had."""
+    try:
+        return choose_loop(cfg.gateway.event_loop)[1]
+    except LoopUnavailableError as exc:
+        print(f"gatewayd: {args.config}: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from gatewayd.schema import to_plain
 
     cfg = _load_config(args.config, read_secrets=not args.no_secrets)
     if cfg is None:
         return EX_CONFIG
-    try:
-        choose_loop(cfg.gateway.event_loop)
-    except LoopUnavailableError as exc:
-        print(f"gatewayd: {args.config}: {exc}", file=sys.stderr)
+    if _loop_factory(args, cfg) is None:
         return EX_CONFIG
     if not args.quiet:
         plain = to_plain(cfg)
@@ -151,10 +157,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config)
     if cfg is None:
         return EX_CONFIG
-    try:
-        _, loop_factory = choose_loop(cfg.gateway.event_loop)
-    except LoopUnavailableError as exc:
-        print(f"gatewayd: {args.config}: {exc}", file=sys.stderr)
+    loop_factory = _loop_factory(args, cfg)
+    if loop_factory is None:
         return EX_CONFIG
     logs.setup(args.log_level or cfg.log.level, cfg.log.format)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
