@@ -89,6 +89,7 @@ class Expander(Actuator):
         self.out_mask = sum(1 << c for c in self.outputs)
         self._lock = asyncio.Lock()
         self._shadow = 0  # last latch written, for chips whose latch cannot be read
+        self._inflight: asyncio.Future[int] | None = None  # the last change put on the bus
 
     # chip-specific, all run in the bus worker thread
     def _read_latch(self, raw: RawI2C, addr: int) -> int | None:
@@ -152,9 +153,25 @@ class Expander(Actuator):
         if self._dev is None:
             await self.open()
         assert self._dev is not None
-        latch = await self._dev.run(lambda raw: self._change(raw, wanted), "set outputs")
-        for ch in self.outputs:
-            self.on[ch] = bool(latch >> ch & 1) == self._level(True)
+        # the bus job completes in its worker thread even if this caller is cancelled (a command
+        # timeout, a stop): shielded, so the states it wrote are recorded all the same
+        self._inflight = job = asyncio.ensure_future(
+            self._dev.run(lambda raw: self._change(raw, wanted), "set outputs"))
+        job.add_done_callback(self._record)
+        await asyncio.shield(job)
+
+    async def _settled(self) -> None:
+        """Wait for a change an earlier, cancelled command left on the bus (its outcome was
+        that command's to report), so this one starts from the states it wrote."""
+        job, self._inflight = self._inflight, None
+        if job is not None and not job.done():
+            await asyncio.wait([job])
+
+    def _record(self, job: asyncio.Future[int]) -> None:
+        if not job.cancelled() and job.exception() is None:
+            latch = job.result()
+            for ch in self.outputs:
+                self.on[ch] = bool(latch >> ch & 1) == self._level(True)
 
     def _channel(self, params: Mapping[str, Any]) -> int:
         ch = params.get("channel")
@@ -164,6 +181,7 @@ class Expander(Actuator):
 
     async def apply(self, action: str, params: Mapping[str, Any]) -> dict[str, Any]:
         async with self._lock:
+            await self._settled()
             if action == "set":
                 ch = self._channel(params)
                 on = params.get("on")
@@ -176,11 +194,14 @@ class Expander(Actuator):
                 ms = params.get("ms")
                 if isinstance(ms, bool) or not isinstance(ms, int | float) or not 0 < ms <= _MAX_PULSE_MS:
                     raise ActionError(self.name, f"'ms' must be 1..{_MAX_PULSE_MS}, got {ms!r}")
-                await self._set({ch: True})
                 try:
+                    # the switch-on is inside: a cancel while its bus job runs (the job still
+                    # completes in the worker thread) must switch the output off again too
+                    await self._set({ch: True})
                     await asyncio.sleep(ms / 1000)
                 finally:
-                    # switch off even when the command times out or the daemon stops
+                    # switch off even when the command times out or the daemon stops; the bus
+                    # runs one job at a time, so this lands after an interrupted switch-on
                     await asyncio.shield(self._set({ch: False}))
                 return {"channel": ch, "pulsed_ms": ms, "on": self.on[ch]}
             if action == "get":

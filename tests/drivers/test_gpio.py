@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
 from drivers.base import ActionError
 from drivers.bus import BusManager
-from drivers.gpio import MCP23017, PCF8574, MCP23017Config, PCF8574Config
+from drivers.gpio import MCP23017, MCP_OLATA, PCF8574, MCP23017Config, PCF8574Config
 from gatewayd_sim.hw.chips import MCP23017Chip, PCF8574Chip
 from gatewayd_sim.hw.i2c import SimI2CBus
 
@@ -41,13 +42,67 @@ async def test_pulse_cancelled_still_switches_off(buses: BusManager, sim: SimI2C
     relay = MCP23017("r", MCP23017Config(bus=f"sim:{sim.name}"), buses)
     await relay.open()
     task = asyncio.create_task(relay.apply("pulse", {"channel": 9, "ms": 60_000}), name="pulse")
-    while not chip.olat:  # type: ignore[attr-defined]
+    while not relay.on.get(9):  # set once the switch-on is done: the task is in its sleep now
         await asyncio.sleep(0.001)
     assert chip.olat == 1 << 9  # type: ignore[attr-defined]
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
     assert chip.olat == 0  # type: ignore[attr-defined]
+    assert relay.on[9] is False
+
+
+class _HeldMCP23017(MCP23017Chip):
+    """Holds the worker thread inside the write that switches channel 9 on, until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = threading.Event()
+        self.release = threading.Event()
+        self.latches: list[int] = []
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if data[0] == MCP_OLATA and len(data) > 1:
+            self.latches.append(self.olat)
+        if data[0] == MCP_OLATA and self.olat & (1 << 9) and not self.release.is_set():
+            self.written.set()
+            assert self.release.wait(10), "never released"
+
+
+async def test_pulse_cancelled_while_switching_on_still_switches_off(
+        buses: BusManager, sim: SimI2CBus) -> None:
+    # a command timeout that lands while the switch-on is still on the bus: the job completes
+    # in the worker thread regardless, so the output must be switched off behind it
+    chip = sim.attach(0x20, _HeldMCP23017())
+    relay = MCP23017("r", MCP23017Config(bus=f"sim:{sim.name}"), buses)
+    await relay.open()
+    task = asyncio.create_task(relay.apply("pulse", {"channel": 9, "ms": 60_000}), name="pulse")
+    assert await asyncio.to_thread(chip.written.wait, 10)
+    task.cancel()
+    chip.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert chip.olat == 0
+    assert chip.latches[-2:] == [1 << 9, 0]
+    assert relay.state()["outputs"]["9"] is False
+
+
+async def test_set_cancelled_mid_write_records_what_the_chip_holds(
+        buses: BusManager, sim: SimI2CBus) -> None:
+    # the write completes in the worker thread after the caller gave up: `get` and the status
+    # must show the output as on, not the state from before the command
+    chip = sim.attach(0x20, _HeldMCP23017())
+    relay = MCP23017("r", MCP23017Config(bus=f"sim:{sim.name}"), buses)
+    await relay.open()
+    task = asyncio.create_task(relay.apply("set", {"channel": 9, "on": True}), name="set")
+    assert await asyncio.to_thread(chip.written.wait, 10)
+    task.cancel()
+    chip.release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert chip.olat == 1 << 9
+    assert await relay.apply("get", {}) == {"outputs": {str(c): c == 9 for c in range(16)}}
 
 
 async def test_mcp23017_directions_set_and_readback(buses: BusManager, sim: SimI2CBus) -> None:
