@@ -96,7 +96,9 @@ class DeviceCommon:
     interval: Duration = 10.0
     timeout: Duration = 5.0
     enabled: bool = True
-    jitter: Annotated[float, Range(0.0, 0.5)] = 0.05  # +/- fraction of the interval
+    # +/- fraction of the interval, drawn per poll. 0: the devices of one interval poll on the
+    # same tick of the grid every time, so they share their wake-ups and commits (sampler.py)
+    jitter: Annotated[float, Range(0.0, 0.5)] = 0.0
     backoff_max: Duration = 60.0  # longest wait between retries of a failing device
 
 
