@@ -122,8 +122,7 @@ class Expander(Actuator):
             self._setup(raw, dev.addr)
             return self._change(raw, initial or {}) if initial is not None else found
 
-        latch = await dev.run(start, "initial state")
-        self.on = {ch: bool(latch >> ch & 1) == self._level(True) for ch in self.outputs}
+        self._record_latch(await dev.run(start, "initial state"))
 
     def _change(self, raw: RawI2C, wanted: Mapping[int, bool]) -> int:
         """Read-modify-write the latch for `wanted` channel states, then verify. Worker thread."""
@@ -169,9 +168,11 @@ class Expander(Actuator):
 
     def _record(self, job: asyncio.Future[int]) -> None:
         if not job.cancelled() and job.exception() is None:
-            latch = job.result()
-            for ch in self.outputs:
-                self.on[ch] = bool(latch >> ch & 1) == self._level(True)
+            self._record_latch(job.result())
+
+    def _record_latch(self, latch: int) -> None:
+        """The output states a latch value means (active-low boards invert them)."""
+        self.on = {ch: bool(latch >> ch & 1) == self._level(True) for ch in self.outputs}
 
     def _channel(self, params: Mapping[str, Any]) -> int:
         ch = params.get("channel")
@@ -205,7 +206,7 @@ class Expander(Actuator):
                     await asyncio.shield(self._set({ch: False}))
                 return {"channel": ch, "pulsed_ms": ms, "on": self.on[ch]}
             if action == "get":
-                return {"outputs": {str(ch): on for ch, on in self.on.items()}}
+                return self.state()
         raise ActionError(self.name, f"unknown action {action!r} (expected set, pulse or get)")
 
     def state(self) -> dict[str, Any]:

@@ -341,10 +341,9 @@ async def test_devices_of_one_interval_poll_on_the_same_tick_without_jitter() ->
     # start just after a grid tick, so that all three starts fall within one tick
     await asyncio.sleep(tick - time.monotonic() % tick + 0.002)
     drivers = [Clocked(f"d{i}") for i in range(3)]
-    samplers, tasks = [], []
+    tasks = []
     for i, d in enumerate(drivers):
         s = Sampler(d, 1.0, 1.0, jitter, 5.0, object())
-        samplers.append(s)
         tasks.append(asyncio.create_task(s.run(), name=d.name))
         if i < 2:
             await asyncio.sleep(0.01)  # staggered starts, 10 ms apart

@@ -63,11 +63,11 @@ class _HeldMCP23017(MCP23017Chip):
 
     def write(self, data: bytes) -> None:
         super().write(data)
-        if data[0] == MCP_OLATA and len(data) > 1:
+        if data[0] == MCP_OLATA and len(data) > 1:  # a latch write, not a register pointer
             self.latches.append(self.olat)
-        if data[0] == MCP_OLATA and self.olat & (1 << 9) and not self.release.is_set():
-            self.written.set()
-            assert self.release.wait(10), "never released"
+            if self.olat & (1 << 9) and not self.release.is_set():
+                self.written.set()
+                assert self.release.wait(10), "never released"
 
 
 async def test_pulse_cancelled_while_switching_on_still_switches_off(
