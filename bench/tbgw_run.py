@@ -202,6 +202,9 @@ def main() -> int:
     ap.add_argument("preset")
     ap.add_argument("--py-spy", type=Path, help="record the gateway in the window (raw stacks)")
     ap.add_argument("--py-spy-bin", default=str(ROOT / ".venv" / "bin" / "py-spy"))
+    ap.add_argument("--py-spy-native", action="store_true",
+                    help="with --py-spy: sample C frames too (uvloop, _asyncio, sqlite3); "
+                         "pauses the gateway at each sample, so its CPU figures grow")
     ap.add_argument("--no-lock", action="store_true", help="do not take /tmp/gatewayd-bench.lock")
     ap.add_argument("extra", nargs="*", help="more bench.py options (after --)")
     args = ap.parse_args()
@@ -258,7 +261,10 @@ def main() -> int:
                     pid = int(out.stdout.split()[0]) if out.stdout.split() else None
                 if pid is not None:
                     spy = subprocess.Popen([args.py_spy_bin, "record", "-p", str(pid), "-d",
-                                            str(int(window_s) - 5), "-r", "200", "--nonblocking",
+                                            str(int(window_s) - 5), "-r", "200",
+                                            # --native needs the process paused per sample
+                                            *(["--native"] if args.py_spy_native
+                                              else ["--nonblocking"]),
                                             "-f", "raw", "-o", str(args.py_spy)],
                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if " delivered=" in line:
