@@ -69,8 +69,7 @@ def main() -> int:
         finally:
             for p in (slave, socat):
                 if p is not None:
-                    p.terminate()
-                    p.wait(timeout=10)
+                    stop(p)
     q = statistics.quantiles(rtts, n=100)
     p50 = q[49]
     cycle = p50 + SILENCE_S
@@ -79,6 +78,16 @@ def main() -> int:
     print(f"floor per poll with the t3.5 silence: {cycle * 1e3:.2f} ms -> at most "
           f"{60 / cycle:,.0f} polls in a 60 s window")
     return 0
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s: one stuck process must not leave the other running."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def measure(path: str, polls: int, units: int) -> list[float]:
