@@ -38,9 +38,13 @@ def unit_of(point: str) -> str:
 
 
 class PointHistory:
-    """One point: its last reading and a ring of bucketed values."""
+    """One point: its last reading and a ring of bucketed values.
 
-    __slots__ = ("buckets", "quality", "seq", "ts_ms", "unit", "value", "values")
+    The bucket the last reading fell in is open: its value is the last reading's, written to
+    the ring only when a reading lands in another bucket. A point read every second writes its
+    ring once per bucket (every 5 s), not at every reading; the series is the same."""
+
+    __slots__ = ("bucket", "buckets", "quality", "seq", "ts_ms", "unit", "value", "values")
 
     def __init__(self, unit: str) -> None:
         self.unit = unit
@@ -48,15 +52,24 @@ class PointHistory:
         self.ts_ms = 0
         self.quality = 0
         self.seq = 0  # Recent.seq when last updated: what changed since a client's last update
-        self.buckets = array("i", [-1]) * SLOTS  # bucket number held in each slot (-1: none)
+        self.bucket = -1  # the open bucket's number (the last reading's), -1 before any
+        self.buckets = array("i", [-1]) * SLOTS  # closed bucket number held in each slot (-1: none)
         self.values = array("d", [math.nan]) * SLOTS
 
     def add(self, value: Any, ts_ms: int, quality: int, seq: int) -> None:
-        self.value, self.ts_ms, self.quality, self.seq = value, ts_ms, quality, seq
         b = ts_ms // (BUCKET_S * 1000)
-        slot = b % SLOTS
-        self.buckets[slot] = b
-        self.values[slot] = numeric(value)
+        if b != self.bucket:
+            self._close()
+            self.bucket = b
+        self.value, self.ts_ms, self.quality, self.seq = value, ts_ms, quality, seq
+
+    def _close(self) -> None:
+        """Write the open bucket's last value to the ring."""
+        b = self.bucket
+        if b >= 0:
+            slot = b % SLOTS
+            self.buckets[slot] = b
+            self.values[slot] = numeric(self.value)
 
     def series(self, now_ms: int) -> dict[str, Any]:
         """The window ending now, compact: {"t0": first bucket's start (s), "step": BUCKET_S,
@@ -67,6 +80,9 @@ class PointHistory:
         last = now_ms // (BUCKET_S * 1000)
         first = last - SLOTS + 1
         held = {b: v for b, v in zip(self.buckets, self.values, strict=True) if b >= 0 and b >= first}
+        if first <= self.bucket:  # the open bucket, over the ring's older value in its slot
+            held.pop(self.bucket - SLOTS, None)
+            held[self.bucket] = numeric(self.value)
         if not held:
             return {"t0": last * BUCKET_S, "step": BUCKET_S, "v": ""}
         start = min(held)
@@ -102,21 +118,34 @@ class Recent:
 
     def __init__(self) -> None:
         self.points: dict[tuple[str, str], PointHistory] = {}
+        self._devices: dict[str, dict[str, PointHistory]] = {}  # the same, by device then point
         self.seq = 0
         self.dropped_points = 0  # points not recorded because MAX_POINTS was reached
 
     def record(self, readings: Iterable[Reading]) -> None:
-        points = self.points
-        for r in readings:
-            key = (r.device, r.point)
-            p = points.get(key)
-            if p is None:
-                if len(points) >= MAX_POINTS:
-                    self.dropped_points += 1
-                    continue
-                p = points[key] = PointHistory(unit_of(r.point))
-            self.seq += 1
-            p.add(r.value, r.ts_ms, int(r.quality), self.seq)
+        devices = self._devices
+        seq = self.seq
+        try:
+            for r in readings:
+                dev = devices.get(r.device)
+                p = dev.get(r.point) if dev is not None else None
+                if p is None:
+                    p = self._new_point(r.device, r.point)
+                    if p is None:
+                        continue
+                seq += 1
+                q = r.quality
+                p.add(r.value, r.ts_ms, q if q.__class__ is int else int(q), seq)
+        finally:  # every point updated so far is newer than the seq clients last saw
+            self.seq = seq
+
+    def _new_point(self, device: str, point: str) -> PointHistory | None:
+        if len(self.points) >= MAX_POINTS:
+            self.dropped_points += 1
+            return None
+        p = self.points[(device, point)] = PointHistory(unit_of(point))
+        self._devices.setdefault(device, {})[point] = p
+        return p
 
     def snapshot(self, history: bool = True, now_ms: int | None = None) -> dict[str, dict[str, Any]]:
         """{device: {point: {value, ts_ms, quality, unit, series?}}} for every point."""

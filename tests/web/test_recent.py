@@ -49,3 +49,43 @@ def test_bad_values_and_changes_since() -> None:
     assert r.changed_since(seq)["d"]["b"]["value"] is True
     r.record([Reading("d", "a", 5, 11_000)])  # two buckets on: the one between has no value
     assert r.snapshot(now_ms=12_000)["d"]["a"]["series"] == {"t0": 0, "step": BUCKET_S, "v": ",,5"}
+
+
+class _Reference:
+    """What the ring must hold: every reading written to its bucket's slot at once."""
+
+    def __init__(self) -> None:
+        self.slots: dict[int, tuple[int, float]] = {}  # slot -> (bucket, value)
+
+    def add(self, value: object, ts_ms: int) -> None:
+        b = ts_ms // (BUCKET_S * 1000)
+        v = float(value) if isinstance(value, int | float) and math.isfinite(float(value)) else math.nan
+        self.slots[b % SLOTS] = (b, v)
+
+    def series(self, now_ms: int) -> str:
+        first = now_ms // (BUCKET_S * 1000) - SLOTS + 1
+        held = {b: v for b, v in self.slots.values() if b >= first}
+        if not held:
+            return ""
+        return ",".join("" if math.isnan(held.get(b, math.nan)) else format(held[b], ".7g")
+                        for b in range(min(held), max(held) + 1))
+
+
+def test_open_bucket_matches_writing_every_reading() -> None:
+    """Only a reading that leaves its bucket writes the ring; the series is still exactly what
+    writing every reading would give: out of order, a ring's lap apart, ahead of the clock."""
+    import random
+
+    rnd = random.Random(7)
+    r, ref = Recent(), _Reference()
+    t0 = 1_800_000_000_000
+    ts = t0
+    for k in range(4000):
+        step = rnd.choice([700, 700, 700, -4000, 9000, SLOTS * BUCKET_S * 1000])
+        ts = max(t0, ts + step)
+        value = rnd.choice([1.5, None, math.nan, 3, True, -2.25])
+        r.record([Reading("d", "p", value, ts)])
+        ref.add(value, ts)
+        if k % 13 == 0:
+            now = ts + rnd.choice([0, -20_000, 3_000, 400_000])  # also a clock behind the data
+            assert r.snapshot(now_ms=now)["d"]["p"]["series"]["v"] == ref.series(now), k
