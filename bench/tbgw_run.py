@@ -1,7 +1,7 @@
 """Run the TB-GW harness (../shared/bench/tbgw) for one gateway and preset, and check gatewayd's
 own account of the run against the harness's.
 
-    .venv/bin/python bench/tbgw_run.py gatewayd stress [--py-spy out.txt] [--harness DIR]
+    .venv/bin/python bench/tbgw_run.py gatewayd stress [--py-spy out.txt] [--perf out.data]
 
 It runs `flock /tmp/gatewayd-bench.lock <harness>/run.sh GATEWAY PRESET` from this checkout and
 echoes the harness's summary line. For gatewayd it also, at the window's start and end (the
@@ -15,7 +15,11 @@ It also prints the CPU each of gatewayd's threads used in the window, user and k
 (from /proc/PID/task: kernel time is epoll, timers, pty and disk I/O, which py-spy cannot see),
 its precise run time and its wake-ups per second (schedstat).
 With --py-spy it records the gateway for the window (`py-spy record --nonblocking`, raw
-collapsed stacks) and prints the top frames by own and by total samples.
+collapsed stacks, --py-spy-rate samples per second) and prints the top frames by own and by
+total samples. py-spy counts a thread inside a system call (a pty write, an fsync) as busy and
+drops many samples at high rates, so its shares are relative, and only of Python frames.
+With --perf it records every thread with `perf record -e cpu-clock -g` (CPU time only, kernel
+and C libraries included) and prints the CPU by library and the kernel's by system call.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import collections
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -159,6 +164,39 @@ def summarize_pyspy(path: Path, top: int = 25) -> None:
         print(f"  {100 * n / samples:5.1f}%  {f}")
 
 
+def summarize_perf(path: Path, top: int = 12) -> None:
+    """The CPU split that py-spy cannot see: user code by library against the kernel, and the
+    kernel's share by system call (inclusive), from `perf record -e cpu-clock -g`."""
+    def report(*extra: str) -> list[tuple[float, str]]:
+        out = subprocess.run(["perf", "report", "-i", str(path), "--stdio", "-q", "-g", "none",
+                              *extra], capture_output=True, text=True, timeout=300).stdout
+        rows = []
+        for line in out.splitlines():
+            m = re.match(r"\s*([0-9.]+)%\s+(?:[0-9.]+%\s+)?(.+?)\s*$", line)
+            if m:
+                rows.append((float(m.group(1)), m.group(2)))
+        return rows
+
+    dsos = report("--no-children", "--sort", "dso")
+    print("# perf (cpu-clock, every thread of the gateway): own samples by library")
+    for pct, name in dsos[:top]:
+        print(f"  {pct:5.1f}%  {name}")
+    calls: dict[str, float] = {}
+    for pct, name in report("--children", "--sort", "sym"):
+        sym = name.split()[-1]
+        if "[k]" not in name:
+            continue
+        for prefix in ("__x64_sys_", "__do_sys_", "ksys_"):
+            if sym.startswith(prefix):
+                call = sym.removeprefix(prefix)
+                calls[call] = max(calls.get(call, 0.0), pct)
+        if sym == "__irq_exit_rcu":
+            calls["(interrupts, softirqs)"] = pct
+    print("# perf: kernel time by system call (inclusive)")
+    for call, pct in sorted(calls.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {pct:5.1f}%  {call}")
+
+
 LOCK = "/tmp/gatewayd-bench.lock"
 
 
@@ -205,9 +243,16 @@ def main() -> int:
     ap.add_argument("--py-spy-native", action="store_true",
                     help="with --py-spy: sample C frames too (uvloop, _asyncio, sqlite3); "
                          "pauses the gateway at each sample, so its CPU figures grow")
+    ap.add_argument("--py-spy-rate", type=int, default=200,
+                    help="with --py-spy: samples per second (default 200; more for a short window)")
+    ap.add_argument("--perf", type=Path,
+                    help="record every thread of the gateway in the window with `perf record -e "
+                         "cpu-clock -g` (kernel and C time too) and print the split")
     ap.add_argument("--no-lock", action="store_true", help="do not take /tmp/gatewayd-bench.lock")
     ap.add_argument("extra", nargs="*", help="more bench.py options (after --)")
     args = ap.parse_args()
+    if args.perf and not shutil.which("perf"):
+        ap.error("--perf: perf not found (apt-get install linux-perf)")
     if args.py_spy and not Path(args.py_spy_bin).exists():
         ap.error(f"--py-spy: {args.py_spy_bin} not found (install it: .venv/bin/pip install py-spy)")
     cmd = [str(HARNESS / "run.sh"), args.gateway, args.preset, *args.extra]
@@ -223,6 +268,7 @@ def main() -> int:
     threads: list[tuple[float, dict[int, tuple[str, int, int, int, int]]]] = []
     gw_pid: int | None = None
     spy: subprocess.Popen[bytes] | None = None
+    perf: subprocess.Popen[bytes] | None = None
     window_s = 60.0
     summary = ""
     for line in proc.stdout:
@@ -254,6 +300,11 @@ def main() -> int:
                         threads.append((time.monotonic(), thread_times(tpid)))
 
                 threading.Thread(target=at_end, daemon=True).start()
+            if args.perf and gw_pid is not None:
+                perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999",
+                                         "-g", "-p", str(gw_pid), "-o", str(args.perf), "--",
+                                         "sleep", str(int(window_s) - 5)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             if args.py_spy and run_dir is not None:
                 pid = gateway_pid(run_dir) if args.gateway == "gatewayd" else None
                 if pid is None:  # tbgw: the launched python
@@ -261,7 +312,7 @@ def main() -> int:
                     pid = int(out.stdout.split()[0]) if out.stdout.split() else None
                 if pid is not None:
                     spy = subprocess.Popen([args.py_spy_bin, "record", "-p", str(pid), "-d",
-                                            str(int(window_s) - 5), "-r", "200",
+                                            str(int(window_s) - 5), "-r", str(args.py_spy_rate),
                                             # --native needs the process paused per sample
                                             *(["--native"] if args.py_spy_native
                                               else ["--nonblocking"]),
@@ -274,6 +325,10 @@ def main() -> int:
         spy.wait(timeout=120)
         if args.py_spy and args.py_spy.exists():
             summarize_pyspy(args.py_spy)
+    if perf is not None:
+        perf.wait(timeout=120)
+        if args.perf.exists():
+            summarize_perf(args.perf)
     if scraper is not None:
         scraper.close()
     if rc or run_dir is None or not summary:
