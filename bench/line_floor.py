@@ -63,6 +63,8 @@ def main() -> int:
     ap.add_argument("--gatewayd", metavar="INTERVAL",
                     help="with --cpu: measure gatewayd (no uplink) polling at INTERVAL instead")
     args = ap.parse_args()
+    if args.gatewayd and not args.cpu:
+        ap.error("--gatewayd needs --cpu S (the seconds to measure)")
     if args.cpu:
         args.units = 20
     python = BASE / "venv-work" / "bin" / "python"
