@@ -56,15 +56,8 @@ class PointHistory:
         self.buckets = array("i", [-1]) * SLOTS  # closed bucket number held in each slot (-1: none)
         self.values = array("d", [math.nan]) * SLOTS
 
-    def add(self, value: Any, ts_ms: int, quality: int, seq: int) -> None:
-        b = ts_ms // (BUCKET_S * 1000)
-        if b != self.bucket:
-            self._close()
-            self.bucket = b
-        self.value, self.ts_ms, self.quality, self.seq = value, ts_ms, quality, seq
-
     def _close(self) -> None:
-        """Write the open bucket's last value to the ring."""
+        """Write the open bucket's last value to the ring (`Recent.record` moves it on)."""
         b = self.bucket
         if b >= 0:
             slot = b % SLOTS
@@ -123,19 +116,32 @@ class Recent:
         self.dropped_points = 0  # points not recorded because MAX_POINTS was reached
 
     def record(self, readings: Iterable[Reading]) -> None:
+        # A point's update is inlined (no method call): this runs for every reading made.
         devices = self._devices
         seq = self.seq
+        name: str | None = None
+        dev: dict[str, PointHistory] | None = None
+        span = BUCKET_S * 1000
         try:
             for r in readings:
-                dev = devices.get(r.device)
+                if r.device != name:  # a batch is one device's, as a rule
+                    name = r.device
+                    dev = devices.get(name)
                 p = dev.get(r.point) if dev is not None else None
                 if p is None:
                     p = self._new_point(r.device, r.point)
                     if p is None:
                         continue
+                    dev = devices[name]
                 seq += 1
+                ts = r.ts_ms
+                b = ts // span
+                if b != p.bucket:
+                    p._close()
+                    p.bucket = b
                 q = r.quality
-                p.add(r.value, r.ts_ms, q if q.__class__ is int else int(q), seq)
+                p.value, p.ts_ms, p.seq = r.value, ts, seq
+                p.quality = q if q.__class__ is int else int(q)
         finally:  # every point updated so far is newer than the seq clients last saw
             self.seq = seq
 

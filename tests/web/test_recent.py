@@ -73,19 +73,31 @@ class _Reference:
 
 def test_open_bucket_matches_writing_every_reading() -> None:
     """Only a reading that leaves its bucket writes the ring; the series is still exactly what
-    writing every reading would give: out of order, a ring's lap apart, ahead of the clock."""
+    writing every reading would give: out of order, a ring's lap apart, ahead of the clock, and
+    for batches that mix devices or bring a new one in their middle."""
     import random
 
     rnd = random.Random(7)
-    r, ref = Recent(), _Reference()
+    r = Recent()
+    refs: dict[tuple[str, str], _Reference] = {}
     t0 = 1_800_000_000_000
     ts = t0
+    total = 0
     for k in range(4000):
         step = rnd.choice([700, 700, 700, -4000, 9000, SLOTS * BUCKET_S * 1000])
         ts = max(t0, ts + step)
-        value = rnd.choice([1.5, None, math.nan, 3, True, -2.25])
-        r.record([Reading("d", "p", value, ts)])
-        ref.add(value, ts)
+        batch = []
+        for _ in range(rnd.choice([1, 1, 2, 3])):
+            key = (rnd.choice(["d", "d", "e", f"new{k}"]), rnd.choice(["p", "q"]))
+            value = rnd.choice([1.5, None, math.nan, 3, True, -2.25])
+            batch.append(Reading(key[0], key[1], value, ts))
+            refs.setdefault(key, _Reference()).add(value, ts)
+            ts += rnd.choice([0, 0, BUCKET_S * 1000])  # a batch may span buckets
+        r.record(batch)
+        total += len(batch)
         if k % 13 == 0:
             now = ts + rnd.choice([0, -20_000, 3_000, 400_000])  # also a clock behind the data
-            assert r.snapshot(now_ms=now)["d"]["p"]["series"]["v"] == ref.series(now), k
+            snap = r.snapshot(now_ms=now)
+            for (dev, pt), ref in refs.items():
+                assert snap[dev][pt]["series"]["v"] == ref.series(now), (k, dev, pt)
+    assert r.seq == total  # one seq per reading recorded
