@@ -212,7 +212,8 @@ class TimerFd:
 
 
 def measure_cpu(path: str, seconds: float, units: int) -> tuple[float, int, int, float]:
-    """(CPU seconds, polls, wake-ups, elapsed seconds) of `seconds` of bursts: every unit once a second."""
+    """(CPU seconds, polls, wake-ups, elapsed seconds) of `seconds` of bursts: every unit once a
+    second."""
     import resource
     import select as sel
 
@@ -233,23 +234,30 @@ def measure_cpu(path: str, seconds: float, units: int) -> tuple[float, int, int,
         tick = float(int(start) + 1)
         r0 = resource.getrusage(resource.RUSAGE_SELF)
         t0 = time.monotonic()
-        while tick < start + seconds + 1:
-            while time.monotonic() < tick:  # sleep to the second, as the samplers do
-                ep.poll(max(0.0, tick - time.monotonic()))
+        def ready(wanted: int) -> None:
+            """Block (epoll) until `wanted` is readable; no answer within 1 s ends the run."""
+            nonlocal wakes
+            give_up = time.monotonic() + 1.0
+            while True:
+                events = ep.poll(max(0.0, give_up - time.monotonic()))
                 wakes += 1
+                if any(f == wanted for f, _ in events):
+                    return
+                if time.monotonic() >= give_up:
+                    raise SystemExit(f"poll {polls}: nothing on fd {wanted} within 1 s")
+
+        while tick < start + seconds + 1:
+            time.sleep(max(0.0, tick - time.monotonic()))  # to the second, as the samplers do
+            wakes += 1
             for frame in frames:
                 if time.monotonic() < last_rx + SILENCE_S:  # what is left of the silence
                     timer.arm(last_rx + SILENCE_S)
-                    while not ep.poll(1.0):
-                        pass
-                    wakes += 1
+                    ready(timer.fd)
                     os.read(timer.fd, 8)
                 os.write(fd, frame)
                 got = 0
                 while got < ANSWER:
-                    if not any(f == fd for f, _ in ep.poll(1.0)):
-                        continue
-                    wakes += 1
+                    ready(fd)
                     got += len(os.read(fd, 256))
                 last_rx = time.monotonic()
                 polls += 1
