@@ -300,24 +300,25 @@ def main() -> int:
                         threads.append((time.monotonic(), thread_times(tpid)))
 
                 threading.Thread(target=at_end, daemon=True).start()
-            if args.perf and gw_pid is not None:
-                perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999",
-                                         "-g", "-p", str(gw_pid), "-o", str(args.perf), "--",
-                                         "sleep", str(int(window_s) - 5)],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            if args.py_spy and run_dir is not None:
+            pid: int | None = None  # the gateway process, for the profilers
+            if (args.perf or args.py_spy) and run_dir is not None:
                 pid = gateway_pid(run_dir) if args.gateway == "gatewayd" else None
                 if pid is None:  # tbgw: the launched python
                     out = subprocess.run(["pgrep", "-f", "launch.py"], capture_output=True, text=True)
                     pid = int(out.stdout.split()[0]) if out.stdout.split() else None
-                if pid is not None:
-                    spy = subprocess.Popen([args.py_spy_bin, "record", "-p", str(pid), "-d",
-                                            str(int(window_s) - 5), "-r", str(args.py_spy_rate),
-                                            # --native needs the process paused per sample
-                                            *(["--native"] if args.py_spy_native
-                                              else ["--nonblocking"]),
-                                            "-f", "raw", "-o", str(args.py_spy)],
-                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if args.perf and pid is not None:
+                perf = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "999",
+                                         "-g", "-p", str(pid), "-o", str(args.perf), "--",
+                                         "sleep", str(int(window_s) - 5)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if args.py_spy and pid is not None:
+                spy = subprocess.Popen([args.py_spy_bin, "record", "-p", str(pid), "-d",
+                                        str(int(window_s) - 5), "-r", str(args.py_spy_rate),
+                                        # --native needs the process paused per sample
+                                        *(["--native"] if args.py_spy_native
+                                          else ["--nonblocking"]),
+                                        "-f", "raw", "-o", str(args.py_spy)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if " delivered=" in line:
             summary = line.strip()
     rc = proc.wait()

@@ -17,6 +17,7 @@ from typing import Any
 from drivers.base import Reading
 
 BUCKET_S = 5
+_BUCKET_MS = BUCKET_S * 1000
 SLOTS = 120  # 10 minutes of 5 s buckets
 MAX_POINTS = 20_000  # a config with more points than this is not a gateway; stop recording new ones
 
@@ -70,12 +71,13 @@ class PointHistory:
 
         A string, not a list of floats: a snapshot of 1000 points x 120 buckets then costs the
         daemon about its own size in memory while it is sent, not a Python object per sample."""
-        last = now_ms // (BUCKET_S * 1000)
+        last = now_ms // _BUCKET_MS
         first = last - SLOTS + 1
         held = {b: v for b, v in zip(self.buckets, self.values, strict=True) if b >= 0 and b >= first}
-        if first <= self.bucket:  # the open bucket, over the ring's older value in its slot
-            held.pop(self.bucket - SLOTS, None)
-            held[self.bucket] = numeric(self.value)
+        if self.bucket >= 0:  # the open bucket owns its slot: what the ring holds there is gone
+            held.pop(self.buckets[self.bucket % SLOTS], None)
+            if self.bucket >= first:
+                held[self.bucket] = numeric(self.value)
         if not held:
             return {"t0": last * BUCKET_S, "step": BUCKET_S, "v": ""}
         start = min(held)
@@ -121,7 +123,6 @@ class Recent:
         seq = self.seq
         name: str | None = None
         dev: dict[str, PointHistory] | None = None
-        span = BUCKET_S * 1000
         try:
             for r in readings:
                 if r.device != name:  # a batch is one device's, as a rule
@@ -135,7 +136,7 @@ class Recent:
                     dev = devices[name]
                 seq += 1
                 ts = r.ts_ms
-                b = ts // span
+                b = ts // _BUCKET_MS
                 if b != p.bucket:
                     p._close()
                     p.bucket = b
