@@ -12,13 +12,20 @@ A simulator keeps one `Faults` and one `Changes`:
 Control routes (`add_fault_routes`): `GET /sim/faults` lists the active and known faults;
 `POST /sim/faults` takes one fault `{"name", "stage", "count", ...options}`, a list of them, or
 `{"<name>": true | false | {options}}`; `DELETE /sim/faults` clears them all.
+
+A simulator that goes offline and comes back on the same port keeps the port in a `PortHold`
+meanwhile (see there: a client retrying a free port on this host can otherwise take it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import signal
+import socket
+import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +35,85 @@ from aiohttp import web
 EXIT_OK = 0  # stopped by SIGINT/SIGTERM
 EXIT_LISTEN = 1  # cannot listen on the address
 EXIT_USAGE = 2  # bad arguments or registry
+
+
+class PortHold:
+    """Keeps a TCP port reserved while no server listens on it, as a cloud's address stays its own
+    through an outage.
+
+    A port nobody has bound is free for the kernel to hand out as the local port of an outgoing
+    connection. A client on this host retrying `127.0.0.1:port` through the outage (the gateway
+    under test) is then, once in some tens of thousands of attempts, given `port` itself: TCP's
+    simultaneous open connects the socket to itself, the client reads its own CONNECT back, and
+    the port stays taken, so the server cannot listen on it again (EADDRINUSE). A socket bound
+    to the port with SO_REUSEADDR and not listening prevents that and changes nothing a client
+    sees: a connection is still refused, as on a port nobody listens on. A listener that sets
+    SO_REUSEADDR too (asyncio, aiohttp, `socket.create_server` and mosquitto all do) can bind
+    and listen while the hold is in place, so coming back has no gap; going offline has one, from
+    closing the listener to `hold`, of a few microseconds for a server in this process.
+
+    `hold(port)` after the listener is closed, `release()` once a listener is up again."""
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
+        self._socks: dict[int, socket.socket] = {}
+        weakref.finalize(self, _close_all, self._socks)  # a hold never outlives its owner
+
+    @classmethod
+    def any_port(cls, host: str = "127.0.0.1") -> tuple[PortHold, int]:
+        """A hold on a free port the kernel picks, and the port: for a server that starts later
+        (another process), so the port cannot be taken before it listens."""
+        hold = cls(host)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        port = int(sock.getsockname()[1])
+        hold._socks[port] = sock
+        return hold, port
+
+    def hold(self, port: int) -> bool:
+        """Reserve `port` now; False while something still has it (a listener not yet closed)."""
+        if port in self._socks:
+            return True
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self.host, port))
+        except OSError as e:
+            sock.close()
+            if e.errno != errno.EADDRINUSE:
+                raise
+            return False
+        self._socks[port] = sock
+        return True
+
+    async def hold_soon(self, port: int, timeout_s: float = 2.0) -> bool:
+        """`hold`, retried while a listener this loop is closing still has the port (uvloop
+        closes it on a later iteration). False if it is still taken after `timeout_s`: the
+        server will then report the port in use when it listens again."""
+        deadline = time.monotonic() + timeout_s
+        while not self.hold(port):
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.005)  # polling a condition; the bind is the sync point
+        return True
+
+    def release(self, port: int | None = None) -> None:
+        """Let `port` (None: every held port) go, once a listener has it again or for good."""
+        for p in [port] if port is not None else list(self._socks):
+            sock = self._socks.pop(p, None)
+            if sock is not None:
+                sock.close()
+
+    @property
+    def held(self) -> list[int]:
+        return sorted(self._socks)
+
+
+def _close_all(socks: dict[int, socket.socket]) -> None:
+    for sock in socks.values():
+        sock.close()
+    socks.clear()
 
 
 @dataclass(slots=True)

@@ -43,7 +43,15 @@ from typing import Any
 import structlog
 from aiohttp import WSMsgType, web
 
-from gatewayd_sim.kit import EXIT_USAGE, Changes, Fault, Faults, add_fault_routes, serve
+from gatewayd_sim.kit import (
+    EXIT_USAGE,
+    Changes,
+    Fault,
+    Faults,
+    PortHold,
+    add_fault_routes,
+    serve,
+)
 
 log = structlog.get_logger("gatewayd_sim.mms")
 
@@ -367,6 +375,7 @@ class MmsSimulator:
         self._sockets: dict[str, web.WebSocketResponse] = {}
         self.changes = Changes()
         self._runner: web.AppRunner | None = None
+        self._hold = PortHold(host)  # the port stays ours while offline (see PortHold)
         self._ack_counter = 0
         if seed_defaults:
             for mt in default_message_types():
@@ -467,12 +476,29 @@ class MmsSimulator:
         site = web.TCPSite(self._runner, self.host, self.port)
         await site.start()
         self.port = int(self._runner.addresses[0][1])  # the real port when 0 was asked
+        self._hold.release()
         log.info("mms_sim_started", url=self.api_url)
 
     async def stop(self) -> None:
+        self._hold.release()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def go_offline(self) -> None:
+        """Stop listening and close every socket, as an outage would; stored rows are kept and
+        the port stays reserved for `go_online`."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+            if not await self._hold.hold_soon(self.port):
+                log.warning("mms_sim_port_not_held", port=self.port)
+        log.info("mms_sim_offline", port=self.port)
+
+    async def go_online(self) -> None:
+        """Listen again on the same port."""
+        if self._runner is None:
+            await self.start()
 
     async def __aenter__(self) -> MmsSimulator:
         await self.start()

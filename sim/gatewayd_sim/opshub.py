@@ -47,7 +47,15 @@ from typing import Any, Self
 import structlog
 from aiohttp import web
 
-from gatewayd_sim.kit import EXIT_USAGE, Changes, Fault, Faults, add_fault_routes, serve
+from gatewayd_sim.kit import (
+    EXIT_USAGE,
+    Changes,
+    Fault,
+    Faults,
+    PortHold,
+    add_fault_routes,
+    serve,
+)
 
 log = structlog.get_logger("gatewayd_sim.opshub")
 
@@ -171,6 +179,7 @@ class OpsHubSimulator:
         self.stats: Counter[str] = Counter()
         self.changes = Changes()
         self._runner: web.AppRunner | None = None
+        self._hold = PortHold(host)  # the port stays ours while offline (see PortHold)
         self._stopping = asyncio.Event()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -202,21 +211,39 @@ class OpsHubSimulator:
         await site.start()
         if self.port == 0:
             self.port = self._runner.addresses[0][1]
+        self._hold.release()
         log.info("opshub_sim_started", url=self.url)
 
     async def stop(self) -> None:
+        self._hold.release()
+        await self._close()
+
+    async def _close(self) -> None:
         if self._runner is not None:
             self._stopping.set()
             await self._runner.cleanup()
             self._runner = None
             log.info("opshub_sim_stopped", url=self.url)
 
+    async def go_offline(self) -> None:
+        """Stop listening, as an outage would: tokens and stored rows are kept, and the port
+        stays reserved for `go_online`."""
+        if self._runner is not None:
+            await self._close()
+            if not await self._hold.hold_soon(self.port):
+                log.warning("opshub_sim_port_not_held", port=self.port)
+
+    async def go_online(self) -> None:
+        """Listen again on the same port."""
+        if self._runner is None:
+            await self.start()
+
     async def restart(self) -> None:
         """Stop and start again on the same port, as a server reboot: tokens are lost, stored
         rows and queued commands are kept (they live in the server's database)."""
-        await self.stop()
+        await self.go_offline()
         self._sessions.clear()
-        await self.start()
+        await self.go_online()
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -340,10 +340,10 @@ class MmsHarness(Harness):
         await self.sim.stop()
 
     async def outage_begin(self) -> None:
-        await self.sim.stop()
+        await self.sim.go_offline()
 
     async def outage_end(self) -> None:
-        await self.sim.start()  # the same port; stored rows are kept
+        await self.sim.go_online()  # the same port; stored rows are kept
 
     def make(self, ctx: UplinkContext, **kw: Any) -> DeliveryUplink:
         from gatewayd.uplinks.mms import MessageMap, MmsConfig, MmsUplink
@@ -409,10 +409,10 @@ class OpsHubHarness(Harness):
         await self.sim.stop()
 
     async def outage_begin(self) -> None:
-        await self.sim.stop()
+        await self.sim.go_offline()
 
     async def outage_end(self) -> None:
-        await self.sim.start()
+        await self.sim.go_online()
 
     def make(self, ctx: UplinkContext, **kw: Any) -> DeliveryUplink:
         from gatewayd.uplinks.opshub import OpsHubConfig, OpsHubUplink

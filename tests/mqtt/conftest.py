@@ -15,7 +15,7 @@ from typing import Any
 import aiomqtt
 import pytest
 
-from tests.conftest import free_port
+from gatewayd_sim.kit import PortHold
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -26,7 +26,9 @@ class Mosquitto:
     def __init__(self, workdir: Path, users: dict[str, str] | None = None,
                  tls: tuple[Path, Path, Path] | None = None, persist: bool = False) -> None:
         self.dir = workdir
-        self.port = free_port()
+        # The port stays reserved whenever the broker is down (see PortHold): a client retrying
+        # it could otherwise connect to itself and keep it, and the broker could not come back.
+        self._hold, self.port = PortHold.any_port()
         self.users = users or {}
         self.tls = tls
         self.proc: subprocess.Popen[bytes] | None = None
@@ -58,6 +60,7 @@ class Mosquitto:
         while True:  # wait for the listener (a failure bound, not a sync sleep)
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                self._hold.release()  # mosquitto has it now
                 return
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -71,6 +74,8 @@ class Mosquitto:
             self.proc.wait(10)
         if self.proc is not None and self.proc.stderr:
             self.proc.stderr.close()
+        if self.proc is not None:
+            self._hold.hold(self.port)  # if it fails, start() says why mosquitto cannot listen
         self.proc = None
 
     def client(self, **kw: Any) -> aiomqtt.Client:

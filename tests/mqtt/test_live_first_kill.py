@@ -21,7 +21,8 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from tests.conftest import Daemon, free_port
+from gatewayd_sim.kit import PortHold
+from tests.conftest import Daemon
 from tests.mqtt.conftest import Mosquitto
 
 TRIALS = 12
@@ -35,7 +36,7 @@ class Relay:
 
     def __init__(self, target_port: int) -> None:
         self.target = target_port
-        self.port = free_port()
+        self._hold, self.port = PortHold.any_port()  # reserved while down (see PortHold)
         self.sock: socket.socket | None = None
         self._conns: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
@@ -74,6 +75,7 @@ class Relay:
     def up(self) -> None:
         if self.sock is None:
             self.sock = socket.create_server(("127.0.0.1", self.port), reuse_port=False)
+            self._hold.release()
             self._start(self._accept, self.sock)
 
     def down(self) -> None:
@@ -86,6 +88,8 @@ class Relay:
             except OSError:
                 pass
             s.close()
+        if sock is not None:
+            self._hold.hold(self.port)
         threads, self._threads = self._threads, []
         for t in threads:
             t.join(10)

@@ -16,7 +16,7 @@ from gatewayd_sim.enos import wire as P
 from gatewayd_sim.enos.hub import Accepted, CommandRecord, Hub, HubOptions
 from gatewayd_sim.enos.mqtt import MqttServer
 from gatewayd_sim.enos.registry import Key, Registry, StateFile
-from gatewayd_sim.kit import add_fault_routes
+from gatewayd_sim.kit import PortHold, add_fault_routes
 
 log = structlog.get_logger("gatewayd_sim.enos")
 
@@ -68,6 +68,7 @@ class EnosSimulator:
         self._conn_ids = itertools.count(1)  # connection ids stay unique across restarts
         self._http: web.AppRunner | None = None
         self._back_online: asyncio.Task[None] | None = None
+        self._hold = PortHold(host)  # the ports stay ours while offline (see PortHold)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -92,9 +93,11 @@ class EnosSimulator:
         if self.tls is not None:
             self.tls_port = await self._server.listen(self.host, self.tls_port or 0,
                                                       self.tls.context())
+        self._hold.release()
 
     async def stop(self) -> None:
         self._cancel_back_online()
+        self._hold.release()
         if self._server is not None:
             await self._server.close()
             self._server = None
@@ -112,6 +115,9 @@ class EnosSimulator:
         if self._server is not None:
             await self._server.close()
             self._server = None
+            for port in (self.port, self.tls_port):
+                if port and not await self._hold.hold_soon(port):
+                    log.warning("sim_port_not_held", port=port)
         log.info("sim_offline", port=self.port)
 
     async def offline_for(self, seconds: float) -> None:
