@@ -3,9 +3,9 @@ a TCP relay the test cuts to make outages. Each trial: the relay is down while t
 and queues a backlog; the relay comes up, the backlog lane drains (paced) beside the live lane;
 SIGKILL at a random moment. A final run with the sensor disabled delivers the rest.
 
-Then: nothing committed is missing at the broker, and what was sent again is at most what was in
-flight at the kills (one batch per lane: the mqtt uplink keeps one packet in flight): nothing
-confirmed, by either lane, is sent twice."""
+Then: nothing committed is missing at the broker, and what each run sent that went again later is
+at most what it had in flight at its kill (one batch per lane: the mqtt uplink keeps one packet
+in flight): nothing confirmed, by either lane, is sent twice."""
 
 from __future__ import annotations
 
@@ -232,21 +232,26 @@ def test_sigkill_while_both_lanes_run_loses_nothing_and_resends_only_what_was_in
     assert not missing, f"{len(missing)} committed readings never arrived: {sorted(missing)[:5]}"
     # What was sent again: readings in flight at a kill (published, maybe PUBACKed, not yet
     # confirmed in the database). A later run sends them again, possibly not the next one (that
-    # run may be killed before its backlog lane reaches them).
+    # run may be killed before its backlog lane reaches them). So each resend is laid at the
+    # door of the run that first sent the reading: what a run lost at its kill.
     seq_of = stored_seqs(tmp_path / "state" / "queue.db")
-    seen: set[tuple[str, int, float]] = set()
-    resent: list[list[int]] = []  # per run, the seqs it sent again
+    first_run: dict[tuple[str, int, float], int] = {}
+    lost: list[set[int]] = [set() for _ in range(TRIALS)]  # per killed run: sent again
     bounds = [*segments, len(col.messages)]
     for i in range(len(bounds) - 1):
-        run = col.messages[bounds[i]:bounds[i + 1]]
-        resent.append(sorted(seq_of[m] for m in run if m in seen))
-        seen.update(run)
-    total = sum(len(r) for r in resent)
-    # At most one batch per lane was in flight at each kill.
-    assert total <= 2 * BATCH * TRIALS, f"{total} readings sent again over {TRIALS} kills"
-    for r in resent:  # and what goes again comes in runs of at most one batch
-        for block in _runs(r):
-            assert block[1] - block[0] + 1 <= BATCH, f"a run of {block} was sent again"
+        for m in col.messages[bounds[i]:bounds[i + 1]]:
+            if first_run.setdefault(m, i) != i:
+                lost[first_run[m]].add(seq_of[m])
+    # At a kill each lane can lose one batch: the mqtt uplink keeps one packet in flight across
+    # both lanes, and the other lane may hold one PUBACKed batch whose confirmation is not yet
+    # on disk (a live confirmation through the tail waits for the next commit; a commit lands
+    # before a lane leases what it holds). Several kills' losses can lie side by side in seq
+    # order (a batch lost at one kill ends where one lost at an earlier kill, not yet resent,
+    # begins), so the bound is per kill, not per run of consecutive seqs.
+    for i, seqs in enumerate(lost):
+        assert len(seqs) <= 2 * BATCH, (
+            f"run {i} lost {len(seqs)} readings at its kill, more than a batch per lane: "
+            f"{_runs(sorted(seqs))}")
 
 
 def _runs(seqs: list[int]) -> list[list[int]]:
