@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from gatewayd_sim.kit import PortHold
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,10 +51,24 @@ def _no_leftover_threads() -> Iterator[None]:
     assert not left, f"test left threads running: {left}"
 
 
+_port_holds: list[PortHold] = []
+
+
+@pytest.fixture(autouse=True)
+def _release_free_ports() -> Iterator[None]:
+    yield
+    for hold in _port_holds:
+        hold.release()
+    _port_holds.clear()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port for a server the test starts (often another process), held until the test
+    ends (see PortHold): nothing polling it before the server listens can take it by connecting
+    to itself. The server must set SO_REUSEADDR to listen on it, as every one here does."""
+    hold, port = PortHold.any_port()
+    _port_holds.append(hold)
+    return port
 
 
 class Daemon:
