@@ -83,10 +83,14 @@ class _Value:
 
 
 class _CounterChild:
-    __slots__ = ("_value",)
+    __slots__ = ("_value", "pending")
 
     def __init__(self) -> None:
         self._value = _Value()
+        # Counted at scrape time on top of the value: what has already happened but is booked
+        # later (a device's slots missed while its poll is still under way). It must only grow
+        # into what is then booked, so the sum never steps back.
+        self.pending: Callable[[], float] | None = None
 
     def inc(self, amount: float = 1) -> None:
         if amount < 0:
@@ -187,7 +191,9 @@ class Counter(_Metric):
         return self._self._value  # type: ignore[no-any-return]
 
     def _samples(self, child: Any, labels: dict[str, str]) -> Iterator[Sample]:
-        yield Sample(self.name + "_total", labels, child._value.get())
+        pending = child.pending
+        yield Sample(self.name + "_total", labels,
+                     child._value.get() + (pending() if pending is not None else 0))
 
 
 class Gauge(_Metric):

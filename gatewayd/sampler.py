@@ -6,7 +6,9 @@ itself, so one broken sensor never delays another.
 Every device has a slot every interval. A poll that comes due while the previous one is still
 running (a slow read, or a wait for a shared port) is made as soon as that one ends (when the
 loop itself is behind, CPU-bound, at the next slot). Slots that pass entirely are missed,
-counted (`gatewayd_device_missed_polls_total`) and never made up in a burst. Devices on one
+counted (`gatewayd_device_missed_polls_total`) and never made up in a burst. The loop books
+them when the poll that overran them ends; until then a scrape or /status adds the ones already
+certain (`DeviceState.missed_pending`), so the count is current, not up to two slots behind. Devices on one
 serial port queue for it in order (its lock is FIFO), so an over-subscribed port gives each of
 them the same share of the polls it can make, and `PortLoads` says which port cannot keep up
 and what rate it sustains.
@@ -59,12 +61,34 @@ class DeviceState:
     achieved_hz: float | None = None  # polls per second over the last rate window
     port: str | None = None  # the serial port it shares, if any
     opened: asyncio.Event | None = None  # set after the first open attempt (ready signal)
+    # The slot (time.monotonic()) the running loop is polling, or waiting for; None when it is
+    # not running. With it the missed slots are known as they pass, not only when the poll
+    # that overran them ends.
+    slot: float | None = None
+    interval_s: float = 0.0
+
+    def missed_pending(self, now: float | None = None) -> int:
+        """Slots already missed that the loop has not yet counted: a poll (or back-off) for
+        `slot` that is still under way has let every later slot but the latest pass, and the
+        loop counts at least those when it ends (it then polls the latest due slot at once, or,
+        after a quick read, skips it too). So `missed_polls + missed_pending()` only grows and
+        is what has been missed by now, where `missed_polls` lags by up to two slots while a
+        port is over-subscribed."""
+        if self.slot is None or self.interval_s <= 0:
+            return 0
+        now = time.monotonic() if now is None else now
+        # the loop's own arithmetic (`next_at = slot + interval`), so never more than it counts
+        return max(0, int((now - (self.slot + self.interval_s)) // self.interval_s))
+
+    def missed_now(self, now: float | None = None) -> int:
+        """Slots missed by now: counted plus pending."""
+        return self.missed_polls + self.missed_pending(now)
 
     def as_dict(self, stats: dict[str, int] | None = None) -> dict[str, Any]:
         return {"driver": self.driver, "state": self.state, "since": round(self.since, 3),
                 "last_error": self.last_error, "reads": self.reads, "failures": self.failures,
                 "last_read": round(self.last_read_ms / 1000, 3) if self.last_read_ms else None,
-                "missed_polls": self.missed_polls,
+                "missed_polls": self.missed_now(),
                 "polls_per_s": {"configured": round(self.configured_hz, 3),
                                 "achieved": None if self.achieved_hz is None
                                 else round(self.achieved_hz, 3)},
@@ -204,7 +228,7 @@ class Sampler:
                                floor_s=min(0.1, interval_s), rng=self.rng)
         port = device_port(driver)
         self.status = DeviceState(driver.name, type(driver).__name__, since=time.time(),
-                                  configured_hz=1.0 / interval_s, port=port,
+                                  configured_hz=1.0 / interval_s, interval_s=interval_s, port=port,
                                   opened=asyncio.Event())
         self.port_load: PortLoad | None = None
         if ports is not None and port is not None:
@@ -217,6 +241,8 @@ class Sampler:
         self._m_failures = metrics.device_failures.labels(driver.name) if metrics else None
         self._m_ok = metrics.device_ok.labels(driver.name) if metrics else None
         self._m_missed = metrics.device_missed_polls.labels(driver.name) if metrics else None
+        if self._m_missed is not None:  # slots missed while a poll is still under way
+            self._m_missed.pending = self.status.missed_pending
         # The queue's group commit waits for polls under way (a burst on a shared line commits
         # once); a queue without the hooks (a test's sink) is fine.
         self._poll_started: Callable[[], None] = getattr(queue, "poll_started", _nothing)
@@ -247,6 +273,18 @@ class Sampler:
 
     async def run(self) -> None:
         """Sample until cancelled."""
+        try:
+            await self._run()
+        finally:
+            # Stopped (a reload, the shutdown): the slots that already passed without a poll
+            # are counted now, so the counter never steps back from what a scrape showed.
+            st = self.status
+            pending = st.missed_pending()
+            st.slot = None
+            if pending:
+                self._missed(pending, time.monotonic(), port_busy=False)
+
+    async def _run(self) -> None:
         st = self.status
         interval = self.interval_s
         spread = interval * self.jitter
@@ -254,6 +292,7 @@ class Sampler:
         # The first poll is made at once; with a jitter the slots start at a random offset in
         # the first interval (within the jitter), without one on the grid's next tick.
         next_at = time.monotonic() + self.rng.uniform(0, interval * self.jitter * 2)
+        st.slot = next_at
         while True:
             # `next_at` is the slot being polled now.
             in_poll = False  # between poll_started and poll_ended (the queue waits for it)
@@ -313,6 +352,7 @@ class Sampler:
                 if committed is not None and self.queue.backpressure():
                     await committed  # the disk is behind: sample slower rather than hoard memory
             next_at += interval
+            st.slot = next_at
             now = time.monotonic()
             if next_at <= now:
                 # Late. After a read that took an interval or more (a slow device, a wait for
@@ -326,6 +366,7 @@ class Sampler:
                     missed += 1
                 if missed:
                     next_at += missed * interval
+                    st.slot = next_at
                     self._missed(missed, now, port_busy=not backed_off)
                 if next_at <= now:
                     await asyncio.sleep(0)
