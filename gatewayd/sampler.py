@@ -8,10 +8,10 @@ running (a slow read, or a wait for a shared port) is made as soon as that one e
 loop itself is behind, CPU-bound, at the next slot). Slots that pass entirely are missed,
 counted (`gatewayd_device_missed_polls_total`) and never made up in a burst. The loop books
 them when the poll that overran them ends; until then a scrape or /status adds the ones already
-certain (`DeviceState.missed_pending`), so the count is current, not up to two slots behind. Devices on one
-serial port queue for it in order (its lock is FIFO), so an over-subscribed port gives each of
-them the same share of the polls it can make, and `PortLoads` says which port cannot keep up
-and what rate it sustains.
+certain (`DeviceState.missed_pending`), so the count is current, not up to two slots behind.
+Devices on one serial port queue for it in order (its lock is FIFO), so an over-subscribed port
+gives each of them the same share of the polls it can make, and `PortLoads` says which port
+cannot keep up and what rate it sustains.
 
 Polls are on a shared tick grid (a tenth of the interval, at most 100 ms): devices due on
 the same tick wake together and their readings land in one commit. `jitter` (default 0) moves
